@@ -1,0 +1,1 @@
+"""Flower ClientApp and on-device training, state and privacy ledger."""

@@ -1,0 +1,1 @@
+"""Shared foundation of fedrec: data, model, evaluation, centralized reference training."""

@@ -1,0 +1,1 @@
+"""fedrec data layer: schema, loaders, filters, splits, synthetic data."""

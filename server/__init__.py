@@ -1,0 +1,1 @@
+"""Flower ServerApp and server-side aggregation and accounting."""
