@@ -97,6 +97,17 @@ class Interactions:
             rating=None if self.rating is None else self.rating[index],
         )
 
+    @staticmethod
+    def concat(parts: list[Interactions]) -> Interactions:
+        """Rows of all parts, in order; ratings are kept only if every part has them."""
+        ratings = [p.rating for p in parts]
+        return Interactions(
+            user=np.concatenate([p.user for p in parts]),
+            item=np.concatenate([p.item for p in parts]),
+            timestamp=np.concatenate([p.timestamp for p in parts]),
+            rating=None if any(r is None for r in ratings) else np.concatenate(ratings),
+        )
+
     def time_order(self) -> np.ndarray:
         """Stable order by (timestamp, user, item): ties never depend on file order."""
         return np.lexsort((self.item, self.user, self.timestamp))

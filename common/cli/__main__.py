@@ -1,0 +1,3 @@
+from fedrec.common.cli import main
+
+main()

@@ -1,0 +1,344 @@
+"""Leave-out ranking evaluation shared by centralized training, the federated simulation and
+benchmarks.
+
+Protocol. Each test row (user u, item t) is ranked on its own against the whole catalogue minus
+u's history items. The test item itself is never excluded, even if it is in the history: with
+repeat consumption the row is still ranked over the catalogue minus the *other* history items.
+Other test items of the same user are not history and stay in the candidate set.
+
+Tie rule (one rule everywhere). Candidates are totally ordered by (score descending, item index
+ascending), the order of a stable sort of `-scores`, so
+
+    rank = 1 + #{candidates with a strictly greater score}
+             + #{candidates with an equal score and a lower item index}
+
+The top-K lists behind `coverage@K` use the same order, so a test item is in its row's top-K
+list exactly when its rank is <= K, and the sampled ranks use the same rule over the test item and
+its negatives. An untrained model that scores everything 0 thus ranks items by index.
+
+Sampled metrics draw `sampled_negatives` items uniformly without replacement from the items that
+are neither in u's history nor the test item. When fewer exist, all of them are used; with none
+the sampled rank is 1. A row's negatives depend only on `seed`, the row's position in `test`,
+`num_items` and the row's own history: not on the scorer, `batch_size` or other rows, so two
+models evaluated with the same seed face the same negatives.
+
+Cost (measured on a busy shared 2-core CPU, defaults ks=(10,) and 99 sampled negatives): 9,000
+rows x 7,000 items with a random low-rank scorer, 1.0-1.4 s (0.7-1.2 s without sampled metrics,
+1.5 s with ks=(10, 20, 50)); the built-in dataset's leave-last-out test (4,865 rows x 6,798
+items), 0.26 s with popularity and 0.5 s with a random scorer; the worst case, every score tied
+(an all-zero model), 1.9-2.5 s. Rows are processed `batch_size` at a time; peak memory is a few
+(batch_size, num_items) arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+
+from fedrec.common.data.history import UserHistories
+from fedrec.common.data.schema import Interactions
+from fedrec.common.types import Metrics
+
+# (B,) int64 dense user indices -> (B, num_items) float32 scores, higher = better; NaN is an
+# error. A scorer reads the users' histories itself if it needs them; evaluation uses the history
+# only for exclusion, and calls the scorer with sorted, distinct users.
+Scorer: TypeAlias = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Per-row ranks of one evaluation, for metrics over any subset of rows (groups, rounds)."""
+
+    full: np.ndarray  # (N,) int64, 1-based rank over the catalogue minus the history
+    sampled: np.ndarray | None  # (N,) int64, 1-based rank among test item + negatives; None if off
+    top_k_counts: dict[int, np.ndarray]  # K -> (num_items,) int64: top-K lists holding each item
+
+
+def rank_test_items(
+    scorer: Scorer,
+    *,
+    test: Interactions,
+    history: UserHistories,
+    num_items: int,
+    ks: Sequence[int] = (10,),
+    sampled_negatives: int = 99,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> Ranks:
+    """Rank every test row under the module's protocol; `sampled_negatives=0` skips sampling."""
+    ks = _check_ks(ks)
+    if sampled_negatives < 0:
+        raise ValueError(f"sampled_negatives must be >= 0, got {sampled_negatives}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    users = np.asarray(test.user, dtype=np.int64)
+    targets = np.asarray(test.item, dtype=np.int64)
+    n = len(users)
+    if n and (users.min() < 0 or users.max() >= history.num_users):
+        raise ValueError(f"test users must lie in [0, {history.num_users}) (the history's users)")
+    if n and (targets.min() < 0 or targets.max() >= num_items):
+        raise ValueError(f"test items must lie in [0, {num_items})")
+
+    full = np.empty(n, dtype=np.int64)
+    sampled = np.empty(n, dtype=np.int64) if sampled_negatives else None
+    counts = {k: np.zeros(num_items, dtype=np.int64) for k in ks}
+    rng = np.random.default_rng(seed)
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        t = targets[lo:hi]
+        rows = np.arange(hi - lo)
+        scores = _batch_scores(scorer, users[lo:hi], num_items)  # (B, I) float32, a private copy
+        excluded = _excluded_mask(history, users[lo:hi], t, num_items)  # (B, I) bool
+        target_scores = scores[rows, t]  # (B,)
+        scores[excluded] = -np.inf
+        full[lo:hi] = _ranks(scores, target_scores, t, excluded)
+        for k, batch_counts in _top_k_counts(scores, excluded, ks).items():
+            counts[k] += batch_counts
+        if sampled is not None:
+            negatives, valid = _sample_negatives(
+                rng, excluded, t, sampled_negatives, seed=seed, first_row=lo
+            )
+            neg_scores = scores[rows[:, None], negatives]  # (B, S)
+            ahead = (neg_scores > target_scores[:, None]) | (
+                (neg_scores == target_scores[:, None]) & (negatives < t[:, None])
+            )
+            sampled[lo:hi] = 1 + np.count_nonzero(ahead & valid, axis=1)
+    return Ranks(full=full, sampled=sampled, top_k_counts=counts)
+
+
+def metrics_from_ranks(
+    full: np.ndarray, *, ks: Sequence[int] = (10,), sampled: np.ndarray | None = None
+) -> Metrics:
+    """hr@K, ndcg@K, recall@K, mrr (and sampled_hr@K, sampled_ndcg@K) from 1-based ranks.
+
+    With one relevant item per row, hr@K = recall@K = P(rank <= K) and
+    ndcg@K = mean(1/log2(rank + 1) if rank <= K else 0). Zero rows give `users=0` and 0.0 for
+    every metric, so the keys are always the same and nothing divides by zero.
+    """
+    ks = _check_ks(ks)
+    full = np.asarray(full, dtype=np.int64)
+    out: Metrics = {"users": float(len(full))}
+    for k in ks:
+        out[f"hr@{k}"] = _hit_rate(full, k)
+        out[f"ndcg@{k}"] = _ndcg(full, k)
+        out[f"recall@{k}"] = _hit_rate(full, k)
+    out["mrr"] = float(np.mean(1.0 / full)) if len(full) else 0.0
+    if sampled is not None:
+        sampled = np.asarray(sampled, dtype=np.int64)
+        for k in ks:
+            out[f"sampled_hr@{k}"] = _hit_rate(sampled, k)
+            out[f"sampled_ndcg@{k}"] = _ndcg(sampled, k)
+    return out
+
+
+def coverage(top_k_counts: np.ndarray) -> float:
+    """Fraction of the catalogue that appears in at least one top-K list."""
+    return float(np.count_nonzero(top_k_counts) / len(top_k_counts)) if len(top_k_counts) else 0.0
+
+
+def evaluate(
+    scorer: Scorer,
+    *,
+    test: Interactions,
+    history: UserHistories,
+    num_items: int,
+    ks: Sequence[int] = (10,),
+    sampled_negatives: int = 99,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> Metrics:
+    """All metrics of the protocol: users, hr/ndcg/recall/coverage@K, mrr, sampled_hr/ndcg@K."""
+    ranks = rank_test_items(
+        scorer,
+        test=test,
+        history=history,
+        num_items=num_items,
+        ks=ks,
+        sampled_negatives=sampled_negatives,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    out = metrics_from_ranks(ranks.full, ks=ks, sampled=ranks.sampled)
+    for k, counts in ranks.top_k_counts.items():
+        out[f"coverage@{k}"] = coverage(counts)
+    return out
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty sequence of positive cutoffs, got {ks}")
+    return tuple(dict.fromkeys(ks))
+
+
+def _hit_rate(ranks: np.ndarray, k: int) -> float:
+    return float(np.mean(ranks <= k)) if len(ranks) else 0.0
+
+
+def _ndcg(ranks: np.ndarray, k: int) -> float:
+    if not len(ranks):
+        return 0.0
+    gains = np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+    return float(np.mean(gains))
+
+
+def _batch_scores(scorer: Scorer, users: np.ndarray, num_items: int) -> np.ndarray:
+    # Users with several test rows are scored once.
+    unique, inverse = np.unique(users, return_inverse=True)
+    scores = np.asarray(scorer(unique))
+    if scores.shape != (len(unique), num_items):
+        raise ValueError(
+            f"scorer returned shape {scores.shape}, expected {(len(unique), num_items)}"
+        )
+    scores = scores.astype(np.float32, copy=False)[inverse]  # fancy indexing copies
+    if np.isnan(scores).any():
+        raise ValueError("scorer returned NaN scores")
+    return scores
+
+
+def _excluded_mask(
+    history: UserHistories, users: np.ndarray, targets: np.ndarray, num_items: int
+) -> np.ndarray:
+    """(B, I) bool: each row's history items other than its own test item."""
+    starts = history.indptr[users]
+    lengths = history.indptr[users + 1] - starts
+    rows = np.repeat(np.arange(len(users)), lengths)
+    offsets = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    mask = np.zeros((len(users), num_items), dtype=bool)
+    mask[rows, history.items[np.repeat(starts, lengths) + offsets]] = True
+    mask[np.arange(len(users)), targets] = False
+    return mask
+
+
+def _ranks(
+    scores: np.ndarray, target_scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray
+) -> np.ndarray:
+    """Full ranks of a batch; excluded entries of `scores` are already -inf."""
+    t = target_scores[:, None]
+    # An excluded item (-inf) is never strictly greater, so only ties need the exclusion mask.
+    ranks = 1 + np.count_nonzero(scores > t, axis=1)
+    tied = np.flatnonzero(np.count_nonzero(scores == t, axis=1) > 1)  # the target ties itself
+    if len(tied):
+        lower = np.arange(scores.shape[1]) < targets[tied, None]
+        ahead = (scores[tied] == t[tied]) & lower & ~excluded[tied]
+        ranks[tied] += np.count_nonzero(ahead, axis=1)
+    return ranks
+
+
+def _top_k_counts(
+    scores: np.ndarray, excluded: np.ndarray, ks: tuple[int, ...]
+) -> dict[int, np.ndarray]:
+    """K -> (I,) int64: in how many of the batch's top-K lists each item appears.
+
+    Fast path: split the items into K_max interleaved groups; the smallest group maximum is a
+    lower bound on the K_max-th largest score, so the items at or above it ("survivors", a few
+    dozen for K_max=10 and 7,000 items) hold every top-K list, boundary ties included, and
+    sorting them alone is exact. Rows with many survivors (heavy ties) or a -inf bound take a
+    dense path.
+    """
+    b, num_items = scores.shape
+    k_max = min(max(ks), num_items)
+    groups = _interleaved_maxima(scores, k_max)  # (B, K_max)
+    bound = groups.min(axis=1)  # (B,)
+    survivors = scores >= bound[:, None]
+    found = np.count_nonzero(survivors, axis=1)
+    fast = (bound > -np.inf) & (found <= 16 * k_max + 64)
+    found[~fast] = 0
+    survivors[~fast] = False
+    out = {k: np.zeros(num_items, dtype=np.int64) for k in ks}
+    r, j = np.divmod(np.flatnonzero(survivors), num_items)  # item indices ascend within a row
+    if len(r):
+        pos = np.arange(len(r)) - np.repeat(np.cumsum(found) - found, found)
+        vals = np.full((b, int(found.max())), -np.inf, dtype=np.float32)
+        items = np.full(vals.shape, -1, dtype=np.int64)
+        vals[r, pos] = scores[r, j]
+        items[r, pos] = j
+        # A stable sort on -score keeps ascending item index among ties: the module's tie rule.
+        order = np.argsort(-vals, axis=1, kind="stable")
+        ranked = np.take_along_axis(items, order, axis=1)[fast]  # (F, max found)
+        for k in ks:
+            top = ranked[:, :k]
+            out[k] += np.bincount(top[top >= 0], minlength=num_items)
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        sub, candidate = scores[slow], ~excluded[slow]  # (R, I)
+        for k in ks:
+            size = min(k, num_items)
+            kth = np.partition(sub, num_items - size, axis=1)[:, num_items - size, None]
+            above = sub > kth
+            at = (sub == kth) & candidate  # at -inf, excluded items tie with the boundary
+            room = size - np.count_nonzero(above, axis=1, keepdims=True)
+            out[k] += np.count_nonzero(above | (at & (np.cumsum(at, axis=1) <= room)), axis=0)
+    return out
+
+
+def _interleaved_maxima(scores: np.ndarray, groups: int) -> np.ndarray:
+    """(B, G): max of the items j = g (mod G). Interleaved, so that items whose index
+    correlates with their score (say, ordered by first appearance) do not crowd one group; halving
+    folds, because numpy reduces a (B, n, G) middle axis slowly."""
+    n = scores.shape[1] // groups
+    cut = n * groups
+    x = scores[:, :cut] if n > 1 else scores[:, :cut].copy()  # never write into `scores`
+    while n > 1:
+        h = n // 2
+        folded = np.maximum(x[:, : h * groups], x[:, h * groups : 2 * h * groups])
+        if n % 2:
+            np.maximum(folded[:, :groups], x[:, 2 * h * groups :], out=folded[:, :groups])
+        x, n = folded, h
+    rest = scores[:, cut:]  # the last columns continue the residues 0, 1, ...
+    np.maximum(x[:, : rest.shape[1]], rest, out=x[:, : rest.shape[1]])
+    return x
+
+
+def _sample_negatives(
+    rng: np.random.Generator,
+    excluded: np.ndarray,
+    targets: np.ndarray,
+    size: int,
+    *,
+    seed: int,
+    first_row: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, S) negatives and a (B, S) validity mask: a uniform sample without replacement per row.
+
+    Each row draws 2S+16 items uniformly with replacement and keeps the first S distinct
+    candidates in draw order, which is sequential sampling without replacement. A row that finds
+    fewer than min(S, #candidates) redraws from its own generator seeded by (seed, row), which
+    keeps the result uniform (the first stage, given success, is exchangeable) and keeps the main
+    stream independent of histories and of `batch_size`.
+    """
+    b, num_items = excluded.shape
+    rows = np.arange(b)[:, None]
+    draws = rng.integers(0, num_items, size=(b, 2 * size + 16))  # (B, M)
+    order = np.argsort(draws, axis=1, kind="stable")
+    sorted_draws = np.take_along_axis(draws, order, axis=1)
+    repeat = np.zeros(draws.shape, dtype=bool)
+    np.put_along_axis(repeat, order[:, 1:], sorted_draws[:, 1:] == sorted_draws[:, :-1], axis=1)
+    ok = ~repeat & ~excluded[rows, draws] & (draws != targets[:, None])
+    taken = np.cumsum(ok, axis=1)
+    ok &= taken <= size
+    negatives = np.zeros((b, size), dtype=np.int64)
+    r, c = np.nonzero(ok)
+    negatives[r, taken[r, c] - 1] = draws[r, c]
+    found = np.minimum(taken[:, -1], size)
+    available = num_items - 1 - np.count_nonzero(excluded, axis=1)
+    for row in np.flatnonzero(found < np.minimum(available, size)):
+        candidates = np.flatnonzero(~excluded[row])
+        candidates = candidates[candidates != targets[row]]
+        own = np.random.default_rng([seed, first_row + int(row)])
+        found[row] = min(size, len(candidates))
+        negatives[row, : found[row]] = own.choice(candidates, size=found[row], replace=False)
+    return negatives, np.arange(size) < found[:, None]
+
+
+__all__ = [
+    "Ranks",
+    "Scorer",
+    "coverage",
+    "evaluate",
+    "metrics_from_ranks",
+    "rank_test_items",
+]

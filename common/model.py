@@ -1,0 +1,271 @@
+"""The recommendation model: a two-tower next-item model over public item features.
+
+Shape of the privacy argument (why the model looks like this). Clients train with per-interaction
+DP-SGD, whose guarantee needs each training example's gradient to depend on one privacy unit
+plus parameters and public data. So in TRAINING the model has no per-user representation
+computed from the raw history: an example is a (context item -> target item) pair (see
+`fedrec.common.examples`), scored against negatives sampled from the public catalogue. At
+INFERENCE on the device the user vector is a recency-weighted mean of the context vectors of the
+user's whole private history: recommendations never leave the device.
+
+Item tower (target side):  v_i = E_tgt[i] + W_tgt^T t_i + Y_tgt[year(i)]
+Item bias:                 b_i(t) = B[i] + B_Y[year(i)] + sum_k h_k(t) B_T[i, k]
+Context tower:             q_c = E_ctx[c] + W_ctx t_c + Y_ctx[year(c)]
+Score:                     s(c, i) = q_c . v_i + b_i
+where t_i is the frozen text embedding of item i's title and genres (public). E_* start at zero,
+so a brand-new item is represented by its text and release year alone (cold start). h_k are
+piecewise-linear "hat" functions over K knots spanning the training time: each example's own
+timestamp selects the bias it trains, and the model serves at the end of its training time, so
+the bias follows what is popular now (recency is the strongest signal in the built-in data).
+
+Every trainable module is an `nn.Embedding` or `nn.Linear` applied to batch-first inputs, which
+is what Opacus needs for exact per-sample gradient norms (ghost clipping). The target-side text
+projection is applied to the context vector instead of to every candidate's text
+(q . W^T t = (W q) . t), so Opacus sees a (B, S, d) input rather than (B, S, C, 384).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedrec.common.data.history import UserHistories
+
+
+class Scope(enum.Enum):
+    """Where a parameter lives. GLOBAL parameters are federated; LOCAL ones never leave a device."""
+
+    GLOBAL = "global"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64  # embedding size; 64 matched BPR-MF quality on the built-in data
+    text_dim: int = 64  # PCA of the public text embeddings: candidates stay cheap to gather
+    time_knots: int = 4  # time-varying item bias over the training span; 4 beat 8 and 12
+    user_embedding: bool = False  # a LOCAL per-user vector (only user-level DP covers it)
+    history_half_life: float = 3.0  # inference: weight of the k-th most recent item is 2^(-k/h)
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.text_dim < 1 or self.time_knots < 1:
+            raise ValueError("dim, text_dim and time_knots must be >= 1")
+
+
+YEAR_MIN, YEAR_MAX = 1990, 2014  # one bucket per year inside, one for older, one for unknown
+
+
+def year_bucket(years: np.ndarray) -> np.ndarray:
+    """0 = unknown, 1 = before YEAR_MIN, then one bucket per year, last = YEAR_MAX and later."""
+    years = np.asarray(years)
+    clipped = np.clip(years, YEAR_MIN - 1, YEAR_MAX) - (YEAR_MIN - 1) + 1
+    return np.where(years <= 0, 0, clipped).astype(np.int64)
+
+
+NUM_YEAR_BUCKETS = YEAR_MAX - YEAR_MIN + 3
+
+
+def reduce_text_features(features: np.ndarray, dim: int) -> np.ndarray:
+    """PCA of the (public) catalogue's text embeddings down to `dim`, scaled to unit row norm on average.
+
+    Fitted on the catalogue only, never on interactions, so it is public post-processing.
+    """
+    if dim >= features.shape[1]:
+        return features.astype(np.float32)
+    centered = features - features.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    reduced = centered @ vt[:dim].T
+    reduced /= reduced.std(axis=0, keepdims=True) + 1e-8
+    return (reduced / np.sqrt(dim)).astype(np.float32)
+
+
+class RecModel(nn.Module):
+    """Two-tower next-item model. See the module docstring for the equations.
+
+    All per-item target-side parameters live in ONE row per item of `item_table`
+    ([E_tgt | B | B_T], see `item_columns`): one Opacus norm computation per step instead of
+    three, and the natural unit for per-item-row aggregation on the server.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        text_features: np.ndarray,
+        years: np.ndarray | None = None,
+        num_local_users: int = 1,
+        time_range: tuple[int, int] = (0, 1),
+    ):
+        super().__init__()
+        self.config = config
+        num_items = text_features.shape[0]
+        self.num_items = num_items
+        text = reduce_text_features(text_features, config.text_dim)
+        buckets = year_bucket(np.zeros(num_items) if years is None else years)
+        start, end = time_range
+        knots = np.linspace(start, max(end, start + 1), config.time_knots, dtype=np.float64)
+        # Public, frozen item features: buffers, never parameters, never sent.
+        self.register_buffer("text", torch.from_numpy(text), persistent=False)
+        self.register_buffer("year", torch.from_numpy(buckets), persistent=False)
+        self.register_buffer("knots", torch.from_numpy(knots))
+
+        d, t, k = config.dim, text.shape[1], config.time_knots
+        self.ctx_text = nn.Linear(t, d, bias=False)
+        self.tgt_text = nn.Linear(d, t, bias=False)  # W_tgt applied to q (see module docstring)
+        self.ctx_id = nn.Embedding(num_items, d)
+        self.ctx_year = nn.Embedding(NUM_YEAR_BUCKETS, d)
+        self.item_table = nn.Embedding(num_items, d + 1 + k)
+        self.year_table = nn.Embedding(NUM_YEAR_BUCKETS, d + 1)  # [Y_tgt | B_Y]
+        # Zero id rows: an unseen item is its text and year alone (cold start); small random
+        # year vectors break the symmetry between the two towers.
+        for table in (self.ctx_id, self.item_table, self.year_table):
+            nn.init.zeros_(table.weight)
+        nn.init.normal_(self.ctx_year.weight, std=0.01)
+        if config.user_embedding:
+            self.user = nn.Embedding(num_local_users, d)
+            nn.init.zeros_(self.user.weight)
+
+    @property
+    def item_columns(self) -> dict[str, slice]:
+        d, k = self.config.dim, self.config.time_knots
+        return {
+            "vector": slice(0, d),
+            "bias": slice(d, d + 1),
+            "time_bias": slice(d + 1, d + 1 + k),
+        }
+
+    def knot_weights(self, time: torch.Tensor) -> torch.Tensor:
+        """(B,) timestamps -> (B, K) hat-function weights; times outside the span clamp to an end."""
+        k = self.knots
+        if len(k) == 1:
+            return torch.ones(len(time), 1)
+        t = time.to(k.dtype).clamp(k[0], k[-1])
+        step = (k[-1] - k[0]) / (len(k) - 1)
+        return (1 - ((t[:, None] - k[None, :]).abs() / step)).clamp(min=0).float()
+
+    @property
+    def serving_time(self) -> int:
+        """The model serves "now": the end of the time span it was trained on."""
+        return int(self.knots[-1])
+
+    # -- the declaration of what is federated ---------------------------------------------------
+    def parameter_scopes(self) -> dict[str, Scope]:
+        """Every trainable parameter's scope, declared as data (tested to cover all of them)."""
+        scopes = {name: Scope.GLOBAL for name in GLOBAL_PARAMETERS}
+        if self.config.user_embedding:
+            scopes["user.weight"] = Scope.LOCAL
+        return scopes
+
+    def parameter_names(self, scope: Scope) -> list[str]:
+        return [name for name, s in self.parameter_scopes().items() if s is scope]
+
+    # -- training forward -----------------------------------------------------------------------
+    def context_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """q for a tensor of item indices of any shape (...,) -> (..., d)."""
+        return (
+            self.ctx_text(self.text[items]) + self.ctx_id(items) + self.ctx_year(self.year[items])
+        )
+
+    def forward(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        negatives: torch.Tensor,
+        time: torch.Tensor,
+        user: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of a pair example in both directions against shared sampled negatives.
+
+        first, second: (B,) item indices of the pair; negatives: (B, N) catalogue samples;
+        time: (B,) the example's timestamp (selects the time-varying bias it trains);
+        user: (B,) local user indices, only with `user_embedding`.
+        Returns (B, 2, 1+N): slot 0 scores [second, negatives...] given first, slot 1 scores
+        [first, negatives...] given second; the true item is always column 0.
+        """
+        d = self.config.dim
+        q = self.context_vectors(torch.stack([first, second], dim=1))  # (B, 2, d)
+        if self.config.user_embedding:
+            if user is None:
+                raise ValueError("this model has a local user embedding: pass `user`")
+            q = q + self.user(user).unsqueeze(1)
+        candidates = torch.cat([second[:, None], first[:, None], negatives], dim=1)  # (B, C=2+N)
+        rows = self.item_table(candidates)  # (B, C, d+1+K)
+        years = self.year_table(self.year[candidates])  # (B, C, d+1)
+        vectors = rows[..., :d] + years[..., :d]  # (B, C, d)
+        time_bias = torch.einsum("bck,bk->bc", rows[..., d + 1 :], self.knot_weights(time))
+        bias = rows[..., d] + years[..., d] + time_bias  # (B, C)
+        logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, 2, C)
+        logits = logits + torch.einsum("bst,bct->bsc", self.tgt_text(q), self.text[candidates])
+        logits = logits + bias[:, None, :]
+        target = torch.stack([logits[:, 0, 0], logits[:, 1, 1]], dim=1)  # (B, 2)
+        return torch.cat([target[..., None], logits[:, :, 2:]], dim=-1)
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, d) target vectors and (I,) biases of the whole catalogue, at serving time."""
+        d = self.config.dim
+        table, years = self.item_table.weight, self.year_table.weight[self.year]
+        v = self.text @ self.tgt_text.weight + table[:, :d] + years[:, :d]
+        now = torch.tensor([self.serving_time], dtype=torch.int64)
+        b = table[:, d] + years[:, d] + table[:, d + 1 :] @ self.knot_weights(now)[0]
+        return v, b
+
+    @torch.no_grad()
+    def all_context_vectors(self) -> torch.Tensor:
+        return self.context_vectors(torch.arange(self.num_items, device=self.text.device))
+
+
+GLOBAL_PARAMETERS = (
+    "ctx_text.weight",
+    "tgt_text.weight",
+    "ctx_id.weight",
+    "ctx_year.weight",
+    "item_table.weight",
+    "year_table.weight",
+)
+
+
+def history_weights(lengths: np.ndarray, half_life: float) -> np.ndarray:
+    """Recency weights for concatenated histories: the k-th most recent item gets 2^(-k/h)."""
+    total = int(lengths.sum())
+    ends = np.repeat(np.cumsum(lengths), lengths)
+    age = ends - np.arange(total) - 1  # 0 for each user's most recent item
+    return np.power(2.0, -age / max(half_life, 1e-6)).astype(np.float32)
+
+
+class ModelScorer:
+    """Ranks the catalogue for users from their history: the on-device inference path.
+
+    user vector u = recency-weighted mean of q over the user's history (zero for a user with no
+    history, who then gets the model's popularity prior b); score = u . v + b.
+    """
+
+    def __init__(self, model: RecModel, history: UserHistories):
+        model.eval()
+        self.history = history
+        self.item_vecs, self.item_bias = (x.numpy() for x in model.item_vectors())
+        self.ctx_vecs = model.all_context_vectors().numpy()
+        self.half_life = model.config.history_half_life
+        self.user_vecs = model.user.weight.detach().numpy() if model.config.user_embedding else None
+
+    def user_vectors(self, users: np.ndarray) -> np.ndarray:
+        starts, ends = self.history.indptr[users], self.history.indptr[users + 1]
+        lengths = ends - starts
+        idx = np.concatenate([self.history.items[s:e] for s, e in zip(starts, ends, strict=True)])
+        weights = history_weights(lengths, self.half_life)
+        owner = np.repeat(np.arange(len(users)), lengths)
+        u = np.zeros((len(users), self.ctx_vecs.shape[1]), dtype=np.float32)
+        np.add.at(u, owner, self.ctx_vecs[idx.astype(np.int64)] * weights[:, None])
+        norm = np.zeros(len(users), dtype=np.float32)
+        np.add.at(norm, owner, weights)
+        u /= np.maximum(norm, 1e-12)[:, None]
+        if self.user_vecs is not None:  # one row on a device, one per user when centralized
+            u = u + (self.user_vecs[users] if len(self.user_vecs) > 1 else self.user_vecs[0])
+        return u
+
+    def __call__(self, users: np.ndarray) -> np.ndarray:
+        return self.user_vectors(users) @ self.item_vecs.T + self.item_bias[None, :]

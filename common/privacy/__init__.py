@@ -1,0 +1,1 @@
+"""Privacy accounting: pure functions over recorded mechanisms (no Flower, no training)."""
