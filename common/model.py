@@ -205,12 +205,13 @@ class RecModel(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def item_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(I, d) target vectors and (I,) biases of the whole catalogue, at serving time."""
+    def item_vectors(self, now: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, d) target vectors and (I,) biases of the whole catalogue at time `now`
+        (default: the serving time, the end of the training span)."""
         d = self.config.dim
         table, years = self.item_table.weight, self.year_table.weight[self.year]
         v = self.text @ self.tgt_text.weight + table[:, :d] + years[:, :d]
-        now = torch.tensor([self.serving_time], dtype=torch.int64)
+        now = torch.tensor([self.serving_time if now is None else now], dtype=torch.int64)
         b = table[:, d] + years[:, d] + table[:, d + 1 :] @ self.knot_weights(now)[0]
         return v, b
 
@@ -244,10 +245,10 @@ class ModelScorer:
     history, who then gets the model's popularity prior b); score = u . v + b.
     """
 
-    def __init__(self, model: RecModel, history: UserHistories):
+    def __init__(self, model: RecModel, history: UserHistories, now: int | None = None):
         model.eval()
         self.history = history
-        self.item_vecs, self.item_bias = (x.numpy() for x in model.item_vectors())
+        self.item_vecs, self.item_bias = (x.numpy() for x in model.item_vectors(now))
         self.ctx_vecs = model.all_context_vectors().numpy()
         self.half_life = model.config.history_half_life
         self.user_vecs = model.user.weight.detach().numpy() if model.config.user_embedding else None

@@ -1,0 +1,179 @@
+"""A device's persistent state: its interactions, its local model state, its privacy ledger.
+
+One folder per client (under the run's output dir in simulation, a path the device chooses in
+deployment):
+
+    store.sqlite   interactions: item id, timestamp, cohort, pair            (SQLite, WAL)
+    local.npz      local parameters and inference state, written atomically  (temp + rename)
+    ledger.jsonl   the hash-chained privacy ledger (fedrec.client.ledger)
+
+Pairs are fixed when interactions ARRIVE: a new interaction pairs with the oldest interaction of
+the device that is still unpaired, else it waits. Because a pair never changes afterwards,
+removing one interaction removes exactly one training example (its pair) and adding one adds at
+most one: DP-SGD's add/remove-one-example guarantee is then a per-interaction guarantee (see
+fedrec.common.examples). A cohort is the set of interactions that arrived together.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STORE_FILE = "store.sqlite"
+LOCAL_STATE_FILE = "local.npz"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS interactions (
+    id INTEGER PRIMARY KEY,
+    item TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    cohort TEXT NOT NULL,
+    pair INTEGER
+);
+CREATE INDEX IF NOT EXISTS interactions_cohort ON interactions(cohort);
+CREATE UNIQUE INDEX IF NOT EXISTS interactions_event ON interactions(item, timestamp);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store is unreadable or inconsistent. Names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class StoredInteractions:
+    """Column view of a device's interactions, ordered by (timestamp, id)."""
+
+    id: np.ndarray  # (N,) int64 row id (arrival order)
+    item: np.ndarray  # (N,) str external item id
+    timestamp: np.ndarray  # (N,) int64
+    cohort: np.ndarray  # (N,) str
+    pair: np.ndarray  # (N,) int64, -1 while unpaired
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+
+class ClientStore:
+    """Typed access to one device's folder. Every write is a transaction or an atomic rename."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / STORE_FILE
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path}: unreadable interaction store: {err}") from err
+        if check != "ok":
+            raise StoreError(f"{self.path}: interaction store failed its integrity check: {check}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ClientStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- interactions ---------------------------------------------------------------------------
+    def ingest(
+        self,
+        items: list[str],
+        timestamps: list[int],
+        cohort: str,
+        retired_cohorts: frozenset[str] = frozenset(),
+    ) -> int:
+        """Append a cohort of interactions (time-ordered inside), pairing them as they arrive.
+
+        Returns how many were new; an event already stored (same item and timestamp) is skipped,
+        so re-delivering a window after a crash is harmless. All or nothing (one transaction).
+        A waiting interaction of a retired cohort is never paired again (it cannot be trained).
+        """
+        if len(items) != len(timestamps):
+            raise ValueError(f"{len(items)} items but {len(timestamps)} timestamps")
+        order = sorted(range(len(items)), key=lambda i: (timestamps[i], items[i]))
+        added = 0
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            waiting = None
+            for wid, wcohort in self._db.execute(
+                "SELECT id, cohort FROM interactions WHERE pair IS NULL ORDER BY timestamp, id"
+            ).fetchall():
+                if wcohort not in retired_cohorts:
+                    waiting = wid
+                    break
+            for i in order:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO interactions(item, timestamp, cohort) VALUES (?, ?, ?)",
+                    (str(items[i]), int(timestamps[i]), cohort),
+                )
+                if cur.rowcount == 0:
+                    continue
+                added += 1
+                new_id = cur.lastrowid
+                if waiting is None:
+                    waiting = new_id
+                else:
+                    self._db.execute(
+                        "UPDATE interactions SET pair = ? WHERE id IN (?, ?)",
+                        (waiting, waiting, new_id),
+                    )
+                    waiting = None
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return added
+
+    def interactions(self) -> StoredInteractions:
+        rows = self._db.execute(
+            "SELECT id, item, timestamp, cohort, COALESCE(pair, -1) FROM interactions "
+            "ORDER BY timestamp, id"
+        ).fetchall()
+        if not rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return StoredInteractions(
+                empty, np.zeros(0, dtype=object), empty, np.zeros(0, dtype=object), empty
+            )
+        ids, items, ts, cohorts, pairs = zip(*rows, strict=True)
+        return StoredInteractions(
+            id=np.array(ids, dtype=np.int64),
+            item=np.array(items, dtype=object),
+            timestamp=np.array(ts, dtype=np.int64),
+            cohort=np.array(cohorts, dtype=object),
+            pair=np.array(pairs, dtype=np.int64),
+        )
+
+    def cohorts(self) -> list[str]:
+        return [
+            r[0]
+            for r in self._db.execute("SELECT DISTINCT cohort FROM interactions ORDER BY cohort")
+        ]
+
+    # -- local state ----------------------------------------------------------------------------
+    def load_local_state(self) -> dict[str, np.ndarray]:
+        path = self.folder / LOCAL_STATE_FILE
+        if not path.exists():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{path}: unreadable local state: {err}") from err
+
+    def save_local_state(self, state: dict[str, np.ndarray]) -> None:
+        """Atomic: a crash leaves the previous state or the new one, never a mix."""
+        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".npz.tmp", delete=False) as tmp:
+            np.savez(tmp, **state)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, self.folder / LOCAL_STATE_FILE)

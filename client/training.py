@@ -1,0 +1,304 @@
+"""One device's round: prequential evaluation, retirement, DP-SGD, ledger, local state.
+
+A plain function over plain data (no Flower): `local_round(global_params, store, ledger, ...)`.
+The order of effects is the privacy argument:
+  1. plan: cohorts whose ε would pass the budget after this round are retired (ledger entry)
+     BEFORE any step runs (Feldman & Zrnic 2021: a per-record filter that uses only that
+     record's own past loss is sound);
+  2. DP-SGD steps run in memory;
+  3. the ledger entry for those steps is appended and fsync'ed;
+  4. only then is local state saved and the update returned (and so sent).
+A crash can lose an update, never a ledger entry.
+
+Two ways to take the local steps (`LocalTrainConfig.fixed_point`):
+- fixed point (default): every step's noisy gradient is computed at the RECEIVED global
+  parameters and the update is their mean times -lr. Each step's query then depends only on
+  public values, so the sum over >= K_min devices of a step's noisy gradients is a Gaussian
+  mechanism with noise σ_dev·√K_min: the per-interaction guarantee against the server with
+  secure aggregation (DISTRIBUTED) holds, as do LOCAL and user-level DP.
+- sequential: classic local DP-SGD, each step at the parameters the previous one produced.
+  The device's own noise (LOCAL) and user-level DP hold; DISTRIBUTED does not (a step's query
+  depends on this device's earlier noise, which the sum does not reveal), and the run says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedrec.client.ledger import PrivacyLedger
+from fedrec.client.store import ClientStore, StoredInteractions
+from fedrec.common.data.history import UserHistories
+from fedrec.common.data.schema import Interactions
+from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
+from fedrec.common.model import ModelScorer, RecModel, Scope
+from fedrec.common.privacy.accounting import Guarantee, Mechanism
+from fedrec.common.privacy.dpsgd import (
+    GRAD_SAMPLE_MODE,
+    silence_known_opacus_warnings,
+    step_on_empty_batch,
+)
+from fedrec.common.types import Metrics
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    steps: int = 4  # DP-SGD steps per round
+    sample_rate: float = 0.5  # Poisson rate per step; fixed, so ledgers hold few distinct (q, σ)
+    lr: float = 0.5  # scale of the returned update (the server applies its own learning rate)
+    num_negatives: int = 100
+    clip_norm: float = 1.0  # per-example L2 clipping norm C
+    noise_multiplier: float = 1.0  # σ the device adds (already σ_aggregate/√K_min if distributed)
+    aggregate_noise_multiplier: float | None = None  # σ the sum of >= K_min devices carries
+    min_survivors: int | None = None  # K_min
+    delta: float = 1e-5
+    budget_epsilon: float = 8.0  # per interaction, for `budget_guarantee`
+    budget_guarantee: Guarantee | None = Guarantee.DISTRIBUTED  # None: DP-SGD off
+    fixed_point: bool = True
+    # Seeds sampling and noise for reproducible SIMULATIONS only. A real device must keep its
+    # noise secret from the server: None draws fresh OS entropy every round.
+    seed: int | None = None
+
+    @property
+    def private(self) -> bool:
+        return self.budget_guarantee is not None
+
+    def mechanism(self) -> Mechanism:
+        return Mechanism(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            clip_norm=self.clip_norm,
+            delta=self.delta,
+            aggregate_noise_multiplier=self.aggregate_noise_multiplier,
+            min_survivors=self.min_survivors,
+        )
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    params: Params | None  # the device's new global parameters; None when it declined
+    num_examples: int
+    metrics: Metrics
+    declined: str | None = None  # the reason, when nothing was trained
+
+
+def _examples(data: StoredInteractions, item_index: dict[str, int], trainable: set[str]):
+    """Complete pairs whose two interactions are both in trainable cohorts, oldest first."""
+    by_pair: dict[int, list[int]] = {}
+    for row, pair in enumerate(data.pair.tolist()):
+        if pair >= 0:
+            by_pair.setdefault(pair, []).append(row)
+    first, second, when, cohorts = [], [], [], {}
+    for rows in by_pair.values():
+        if len(rows) != 2 or not all(data.cohort[r] in trainable for r in rows):
+            continue
+        a, b = sorted(rows, key=lambda r: (data.timestamp[r], data.id[r]))
+        first.append(item_index[data.item[a]])
+        second.append(item_index[data.item[b]])
+        when.append(int(data.timestamp[b]))
+        for r in (a, b):
+            cohorts[data.cohort[r]] = cohorts.get(data.cohort[r], 0) + 1
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return as_tensor(first), as_tensor(second), as_tensor(when), cohorts
+
+
+def prequential_ranks(
+    model: RecModel, history_items: np.ndarray, new_items: np.ndarray, now: int | None = None
+) -> np.ndarray:
+    """1-based full-catalogue ranks of newly arrived items, scored BEFORE training on them,
+    from the history that preceded them (the history's items are excluded, ties by index)."""
+    if len(new_items) == 0:
+        return np.zeros(0, dtype=np.int64)
+    history = UserHistories.from_interactions(
+        Interactions(
+            user=np.zeros(len(history_items), dtype=np.int64),
+            item=history_items.astype(np.int64),
+            timestamp=np.arange(len(history_items), dtype=np.int64),
+        ),
+        num_users=1,
+    )
+    scores = ModelScorer(model, history, now=now)(np.array([0]))[0].astype(np.float64)
+    scores[history_items] = -np.inf
+    ranks = []
+    for item in new_items:
+        s = scores[item]
+        above = np.sum(scores > s) + np.sum((scores == s) & (np.arange(len(scores)) < item))
+        ranks.append(1 + int(above))
+    return np.array(ranks, dtype=np.int64)
+
+
+def local_round(
+    model: RecModel,
+    global_params: Params,
+    store: ClientStore,
+    ledger: PrivacyLedger,
+    item_index: dict[str, int],
+    *,
+    round: int,
+    new_cohort: str | None,
+    config: LocalTrainConfig,
+    now: int | None = None,
+) -> LocalResult:
+    """Run one round on one device. `model` is a reusable template; its global parameters are
+    overwritten with `global_params` and its local ones with the device's stored state."""
+    start = time.perf_counter()
+    _load(model, global_params, store.load_local_state())
+    data = store.interactions()
+    metrics: Metrics = {"interactions": float(len(data))}
+
+    # 1. prequential: rank what just arrived with the model as it was before training on it
+    if new_cohort is not None and len(data):
+        is_new = data.cohort == new_cohort
+        known = np.array([item_index[i] for i in data.item[~is_new]], dtype=np.int64)
+        fresh = np.array([item_index[i] for i in data.item[is_new]], dtype=np.int64)
+        ranks = prequential_ranks(model, known, fresh, now)
+        metrics["preq_count"] = float(len(ranks))
+        metrics["preq_hits@10"] = float(np.sum(ranks <= 10))
+        metrics["preq_ndcg@10"] = float(np.sum(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0)))
+
+    # 2. retire what would pass its budget, then build the trainable examples
+    cohorts = sorted(set(data.cohort.tolist()) - ledger.retired_cohorts())
+    mechanism = config.mechanism() if config.private else None
+    if mechanism is not None and cohorts:
+        trainable, to_retire = ledger.plan(
+            mechanism, cohorts, config.budget_epsilon, config.budget_guarantee, config.delta
+        )
+        if to_retire:
+            ledger.append_retire(
+                round,
+                sorted(to_retire),
+                reason=f"ε would exceed the budget {config.budget_epsilon:g} after this round",
+                epsilons=to_retire,
+                guarantee=config.budget_guarantee,
+                delta=config.delta,
+            )
+        metrics["retired_now"] = float(len(to_retire))
+        cohorts = trainable
+    first, second, when, present = _examples(data, item_index, set(cohorts))
+    metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
+    if len(first) == 0:
+        reason = "no trainable pair: every interaction is unpaired or retired"
+        return LocalResult(None, 0, metrics | {"declined": 1.0}, declined=reason)
+
+    # 3. local steps
+    generator = torch.Generator()
+    if config.seed is None:
+        generator.seed()  # non-deterministic: the server cannot reproduce the device's noise
+    else:
+        generator.manual_seed(config.seed * 1_000_003 + round)
+    new_params, loss = _train(model, first, second, when, config, generator)
+
+    # 4. the ledger first, then local state, then the update may leave
+    if mechanism is not None:
+        entry = ledger.append_train(round, mechanism, present)
+        eps = ledger.epsilons(config.budget_guarantee, config.delta)
+        metrics["max_interaction_epsilon"] = max(eps.values()) if eps else 0.0
+        metrics["ledger_seq"] = float(entry["seq"])
+    store.save_local_state(_local_state(model))
+    metrics |= {
+        "loss": loss,
+        "examples": float(len(first)),
+        "declined": 0.0,
+        "seconds": time.perf_counter() - start,
+    }
+    return LocalResult(new_params, len(first), metrics)
+
+
+def _load(model: RecModel, global_params: Params, local: Params) -> None:
+    names = model.parameter_names(Scope.GLOBAL)
+    missing = set(names) - set(global_params)
+    if missing:
+        raise ValueError(f"global parameters missing: {sorted(missing)}")
+    state = model.state_dict()
+    for name in names:
+        value = global_params[name]
+        if value.shape != tuple(state[name].shape):
+            raise ValueError(
+                f"global parameter {name}: shape {value.shape}, expected {tuple(state[name].shape)}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"global parameter {name}: {int(np.sum(~np.isfinite(value)))} non-finite values"
+            )
+        state[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    for name in model.parameter_names(Scope.LOCAL):
+        if name in local:
+            state[name] = torch.from_numpy(local[name])
+        else:
+            torch.nn.init.zeros_(state[name])
+    model.load_state_dict(state)
+
+
+def _local_state(model: RecModel) -> Params:
+    state = model.state_dict()
+    return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.LOCAL)}
+
+
+def _train(model, first, second, when, config: LocalTrainConfig, generator) -> tuple[Params, float]:
+    """DP-SGD (or plain SGD when not private) steps; returns the new global params and the mean loss."""
+    model.train()  # Opacus captures activations only in training mode
+    names = model.parameter_names(Scope.GLOBAL)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    n = len(first)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    criterion = PairSoftmaxLoss()
+    module = model
+    if config.private:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        silence_known_opacus_warnings()
+        module = GradSampleModuleFastGradientClipping(
+            model, max_grad_norm=config.clip_norm, use_ghost_clipping=GRAD_SAMPLE_MODE == "ghost"
+        )
+        optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=config.noise_multiplier,
+            max_grad_norm=config.clip_norm,
+            expected_batch_size=max(1, round(config.sample_rate * n)),
+            generator=generator,
+        )
+        criterion = DPLossFastGradientClipping(module, optimizer, criterion)
+    accumulated = {name: torch.zeros_like(p) for name, p in start.items()}
+    losses = []
+    for _ in range(config.steps):
+        # Poisson sampling: each example joins this step's batch independently with rate q.
+        take = torch.rand(n, generator=generator) < config.sample_rate
+        if config.private and not bool(take.any()):
+            step_on_empty_batch(optimizer)  # zero clipped sum, still noised and counted
+        else:
+            if not config.private and not bool(take.any()):
+                continue
+            a, b, t = first[take], second[take], when[take]
+            negatives, hits = sample_negatives(
+                a, b, model.num_items, config.num_negatives, generator
+            )
+            loss = criterion(module(a, b, negatives, t), hits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            losses.append(float(loss.item()))
+            optimizer.step()
+        if config.fixed_point:
+            # keep the step's (noisy) update, then return to the received parameters
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in accumulated:
+                        accumulated[name] += p - start[name]
+                        p.copy_(start[name])
+        optimizer.zero_grad(set_to_none=True)
+    if module is not model:
+        module.remove_hooks()  # the template model is reused by the next client
+    with torch.no_grad():
+        if config.fixed_point:
+            new = {n: (start[n] + accumulated[n] / config.steps).numpy() for n in names}
+        else:
+            new = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
+    return new, float(np.mean(losses)) if losses else math.nan

@@ -1,0 +1,188 @@
+"""A device's round: DP-SGD, the ledger written before anything leaves, retirement, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedrec.client.ledger import PrivacyLedger
+from fedrec.client.store import ClientStore
+from fedrec.client.training import LocalTrainConfig, local_round
+from fedrec.common.model import ModelConfig, RecModel, Scope
+from fedrec.common.privacy.accounting import Guarantee
+
+NUM_ITEMS = 40
+ITEM_IDS = [f"i{k}" for k in range(NUM_ITEMS)]
+INDEX = {item: k for k, item in enumerate(ITEM_IDS)}
+
+
+def template() -> RecModel:
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(NUM_ITEMS, 384)).astype(np.float32)
+    return RecModel(ModelConfig(dim=8, text_dim=8), text, None, time_range=(0, 100))
+
+
+def global_params(model: RecModel) -> dict[str, np.ndarray]:
+    state = model.state_dict()
+    return {n: state[n].numpy().copy() for n in model.parameter_names(Scope.GLOBAL)}
+
+
+CONFIG = LocalTrainConfig(
+    steps=3,
+    sample_rate=0.5,
+    num_negatives=5,
+    noise_multiplier=1.0,
+    aggregate_noise_multiplier=2.0,
+    min_survivors=4,
+    budget_epsilon=50.0,
+    seed=0,
+)
+
+
+def deliver(store: ClientStore, cohort: str, items: list[int], start: int, retired=frozenset()):
+    store.ingest(
+        [ITEM_IDS[i] for i in items], list(range(start, start + len(items))), cohort, retired
+    )
+
+
+def test_a_round_trains_writes_the_ledger_and_reports(tmp_path):
+    model = template()
+    params = global_params(model)
+    with ClientStore(tmp_path) as store, PrivacyLedger.open(tmp_path / "ledger.jsonl") as ledger:
+        deliver(store, "w0", [1, 2, 3, 4, 5], 0)
+        result = local_round(
+            model, params, store, ledger, INDEX, round=1, new_cohort="w0", config=CONFIG
+        )
+        assert result.declined is None and result.num_examples == 2  # 5 interactions -> 2 pairs
+        assert any(not np.array_equal(result.params[n], params[n]) for n in params)
+        train = [e for e in ledger.entries if e["kind"] == "train"]
+        assert len(train) == 1 and train[0]["cohorts"] == {"w0": 4}  # the unpaired one is not used
+        assert train[0]["mechanism"]["noise_multiplier"] == 1.0
+        assert 0 < result.metrics["max_interaction_epsilon"] < CONFIG.budget_epsilon
+        assert result.metrics["preq_count"] == 5
+
+
+def test_retirement_and_decline_when_the_budget_is_spent(tmp_path):
+    model = template()
+    config = LocalTrainConfig(**{**CONFIG.__dict__, "budget_epsilon": 3.0})
+    with ClientStore(tmp_path) as store, PrivacyLedger.open(tmp_path / "ledger.jsonl") as ledger:
+        deliver(store, "w0", [1, 2, 3, 4], 0)
+        rounds = []
+        for r in range(1, 30):
+            result = local_round(
+                model,
+                global_params(model),
+                store,
+                ledger,
+                INDEX,
+                round=r,
+                new_cohort=None,
+                config=config,
+            )
+            rounds.append(result)
+            if result.declined:
+                break
+        assert rounds[-1].declined and "retired" in rounds[-1].declined
+        assert "w0" in ledger.retired_cohorts()
+        eps = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)
+        assert eps["w0"] <= 3.0
+        # a new cohort has its own fresh budget: the device keeps learning
+        deliver(store, "w1", [7, 8], 100, ledger.retired_cohorts())
+        result = local_round(
+            model,
+            global_params(model),
+            store,
+            ledger,
+            INDEX,
+            round=99,
+            new_cohort="w1",
+            config=config,
+        )
+        assert result.declined is None
+        assert ledger.entries[-1]["cohorts"] == {"w1": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("item_table.weight", np.full((NUM_ITEMS, 13), np.nan, np.float32), "non-finite"),
+        ("ctx_id.weight", np.zeros((3, 8), np.float32), "shape"),
+    ],
+)
+def test_bad_global_parameters_are_rejected_before_anything_runs(tmp_path, name, value, message):
+    model = template()
+    params = global_params(model) | {name: value}
+    with ClientStore(tmp_path) as store, PrivacyLedger.open(tmp_path / "ledger.jsonl") as ledger:
+        deliver(store, "w0", [1, 2], 0)
+        with pytest.raises(ValueError, match=message):
+            local_round(
+                model, params, store, ledger, INDEX, round=1, new_cohort="w0", config=CONFIG
+            )
+        assert ledger.entries == ()
+
+
+def test_a_crash_after_the_ledger_write_loses_the_reply_not_the_entry(tmp_path, monkeypatch):
+    model = template()
+    with ClientStore(tmp_path) as store, PrivacyLedger.open(tmp_path / "ledger.jsonl") as ledger:
+        deliver(store, "w0", [1, 2, 3, 4], 0)
+
+        def crash(state):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(store, "save_local_state", crash)
+        with pytest.raises(OSError):
+            local_round(
+                model,
+                global_params(model),
+                store,
+                ledger,
+                INDEX,
+                round=1,
+                new_cohort=None,
+                config=CONFIG,
+            )
+        head = ledger.head_hash
+    with PrivacyLedger.open(tmp_path / "ledger.jsonl") as reopened:
+        assert reopened.head_hash == head and reopened.entries[-1]["kind"] == "train"
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    arrivals=st.lists(st.lists(st.integers(0, NUM_ITEMS - 1), max_size=4), min_size=1, max_size=6),
+    budget=st.floats(1.0, 6.0),
+)
+def test_lifelong_invariants(tmp_path_factory, arrivals, budget):
+    """ε never decreases, never exceeds the budget, a retired cohort is never trained again,
+    and a reopened ledger continues where it was."""
+    folder = tmp_path_factory.mktemp("device")
+    model = template()
+    config = LocalTrainConfig(**{**CONFIG.__dict__, "budget_epsilon": budget})
+    previous: dict[str, float] = {}
+    clock = 0
+    for r, items in enumerate(arrivals, start=1):
+        with ClientStore(folder) as store, PrivacyLedger.open(folder / "ledger.jsonl") as ledger:
+            deliver(store, f"w{r}", items, clock, ledger.retired_cohorts())
+            clock += 10
+            retired_before = ledger.retired_cohorts()
+            local_round(
+                model,
+                global_params(model),
+                store,
+                ledger,
+                INDEX,
+                round=r,
+                new_cohort=f"w{r}",
+                config=config,
+            )
+            eps = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)
+            for cohort, value in eps.items():
+                assert value <= budget + 1e-9
+                assert value >= previous.get(cohort, 0.0) - 1e-12
+            previous = eps
+            last = ledger.entries[-1] if ledger.entries else {"kind": None}
+            if last["kind"] == "train":
+                assert not set(last["cohorts"]) & retired_before
