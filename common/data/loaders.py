@@ -24,7 +24,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from itertools import repeat
 from pathlib import Path
@@ -519,7 +519,7 @@ def _parse_iso(values: np.ndarray, where: _Where) -> np.ndarray:
         except ValueError:
             where.fail(row, f"timestamp {text!r} is not an ISO 8601 date")
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         out[row] = math.floor(dt.timestamp())
     return out
 

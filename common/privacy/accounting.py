@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from enum import Enum
+from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -36,7 +36,7 @@ _ORDERS = np.asarray(ORDERS, dtype=np.float64)
 TRAIN, RETIRE, SURVIVORS = "train", "retire", "survivors"  # entry kinds as written in the ledger
 
 
-class Guarantee(str, Enum):
+class Guarantee(StrEnum):
     """Whose noise the ε counts on.
 
     LOCAL: only the device's own noise. Holds against anyone who sees the device's update.

@@ -1,0 +1,157 @@
+"""Every setting of a federated run, parsed in ONE place from a flat key=value mapping.
+
+The same flat mapping comes from three places, so there is one parser for all of them:
+`[tool.flwr.app.config]` defaults (Flower's run_config, kebab-case keys), an experiment TOML
+file under `simulations/`, and `fedrec simulate` options. Nothing past `SimulationConfig` reads
+string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrec.common.config import DataConfig, parse_key_values
+from fedrec.common.model import ModelConfig
+
+DP_PARTS = ("user", "distributed", "local")
+
+
+def parse_dp(text: str) -> frozenset[str]:
+    """'user+distributed' -> {'user', 'distributed'}; 'off' -> {}."""
+    text = text.strip().lower()
+    if text in ("off", "none", ""):
+        return frozenset()
+    parts = frozenset(p.strip() for p in text.replace(",", "+").split("+"))
+    unknown = parts - set(DP_PARTS)
+    if unknown:
+        raise ValueError(f"--dp: unknown parts {sorted(unknown)}; use off or a '+' of {DP_PARTS}")
+    if {"distributed", "local"} <= parts:
+        raise ValueError("--dp: choose distributed OR local calibration of the device noise")
+    return parts
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    rounds: int = 20
+    clients_per_round: int = 100  # expected; clients are Poisson-sampled at rate K/N
+    dp: frozenset[str] = frozenset({"user", "distributed"})
+    # per-interaction privacy (device DP-SGD)
+    epsilon: float = 8.0  # per-interaction budget (guarantee 2, or 3 when calibrated locally)
+    delta: float = 1e-5
+    aggregate_noise_multiplier: float = 1.0  # σ of the sum of >= K_min devices (distributed)
+    local_noise_multiplier: float = 1.0  # σ of one device when calibrated locally
+    min_survivors: int = 10  # K_min
+    clip_norm: float = 1.0  # per-example clipping norm of DP-SGD
+    # user-level privacy (server noise on clipped device updates)
+    user_epsilon: float = 8.0
+    update_clip_norm: float = 0.5
+    # local training
+    local_steps: int = 4
+    sample_rate: float = 0.5
+    local_lr: float = 0.5
+    num_negatives: int = 100
+    # server
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    out: Path = Path("runs/simulate")
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.clients_per_round < 1:
+            raise ValueError("rounds and clients-per-round must be >= 1")
+        if self.server_optimizer not in ("fedavg", "fedadam"):
+            raise ValueError(
+                f"server-optimizer must be fedavg or fedadam, not {self.server_optimizer!r}"
+            )
+        if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
+            raise ValueError("budgets must be > 0 and delta in (0, 1)")
+
+    @property
+    def device_noise_multiplier(self) -> float | None:
+        """σ each device adds in DP-SGD, or None when devices run plain SGD."""
+        if "distributed" in self.dp:
+            return self.aggregate_noise_multiplier / math.sqrt(self.min_survivors)
+        if "local" in self.dp:
+            return self.local_noise_multiplier
+        return None
+
+    def to_flat(self) -> dict[str, Any]:
+        """The kebab-case mapping Flower's run_config carries (scalars only)."""
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            key = f.name.replace("_", "-")
+            if f.name == "data":
+                flat |= {"dataset": value.dataset, "data-dir": value.path or ""}
+                flat["text-encoder"] = value.text_encoder
+                flat["synthetic"] = ",".join(f"{k}={v}" for k, v in value.synthetic.items())
+                flat["columns"] = ",".join(f"{k}={v}" for k, v in value.columns.items())
+            elif f.name == "model":
+                flat |= {
+                    f"model-{k.replace('_', '-')}": v for k, v in dataclasses.asdict(value).items()
+                }
+            elif f.name == "dp":
+                flat["dp"] = "+".join(sorted(value)) or "off"
+            elif isinstance(value, Path):
+                flat[key] = str(value)
+            else:
+                flat[key] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> SimulationConfig:
+        """Parse a kebab-case (or snake_case) flat mapping; unknown keys are errors."""
+        values = {str(k).replace("-", "_"): v for k, v in flat.items()}
+        dataset = str(values.pop("dataset", "builtin"))
+        encoder = str(values.pop("text_encoder", "") or "")
+        data = DataConfig(
+            dataset=dataset,
+            path=str(values.pop("data_dir", "")) or None,
+            columns=parse_key_values(str(values.pop("columns", "")), "columns"),
+            synthetic=parse_key_values(str(values.pop("synthetic", "")), "synthetic"),
+            text_encoder=encoder or ("hashing" if dataset == "synthetic" else "minilm"),
+        )
+        model_fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+        model_kwargs = {}
+        for key in list(values):
+            if key.startswith("model_") and key[6:] in model_fields:
+                model_kwargs[key[6:]] = values.pop(key)
+        defaults = cls()
+        kwargs: dict[str, Any] = {"data": data, "model": _coerce_into(ModelConfig, model_kwargs)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"data", "model"}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown simulation settings: {sorted(unknown)}")
+        for key, raw in values.items():
+            current = getattr(defaults, key)
+            if key == "dp":
+                kwargs[key] = parse_dp(str(raw))
+            elif isinstance(current, bool):
+                kwargs[key] = (
+                    raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+                )
+            elif isinstance(current, Path):
+                kwargs[key] = Path(str(raw))
+            else:
+                kwargs[key] = type(current)(raw)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: Path, overrides: dict[str, Any] | None = None) -> SimulationConfig:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+        flat = table.get("simulation", table)
+        return cls.from_flat({**flat, **(overrides or {})})
+
+
+def _coerce_into(cls, values: dict[str, Any]):
+    defaults = cls()
+    return cls(**{k: type(getattr(defaults, k))(v) for k, v in values.items()})

@@ -1,0 +1,96 @@
+"""The lifelong stream a simulation replays: which interactions reach which device, when.
+
+The data's timeline is cut into one window per round (equal interaction counts); round r
+delivers window r's interactions to their devices' stores, as one cohort per window. The
+per-user leave-last-out test (and validation) interactions of the foundation protocol (a) are
+held back from the stream, so the final evaluation is directly comparable with `fedrec train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from fedrec.common.config import DataConfig
+from fedrec.common.data.schema import Dataset, Interactions
+from fedrec.common.data.splits import Split
+from fedrec.common.protocols import ProtocolConfig, make_split
+
+
+@dataclass(frozen=True)
+class Delivery:
+    cohort: str  # "w0007": the window it arrived in
+    items: list[str]  # external item ids, time-ordered
+    timestamps: list[int]
+
+
+@dataclass(frozen=True)
+class Stream:
+    dataset: Dataset
+    split: Split  # protocol (a): test/valid held back from the stream
+    rows: Interactions  # every delivered interaction, time-ordered
+    window: np.ndarray  # (N,) window index of each row
+    window_end: np.ndarray  # (R,) last timestamp of each window
+    user_ptr: np.ndarray  # (U+1,) rows of user u are user_rows[user_ptr[u]:user_ptr[u+1]]
+    user_rows: np.ndarray  # row indices grouped by user, time-ordered inside
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.window_end)
+
+    def clients(self) -> np.ndarray:
+        """Users with at least one delivered interaction: the registered devices."""
+        return np.flatnonzero(np.diff(self.user_ptr) > 0)
+
+    def deliveries(self, user: int, after_round: int, up_to_round: int) -> list[Delivery]:
+        """The cohorts a device receives for windows in (after_round, up_to_round] (1-based)."""
+        rows = self.user_rows[self.user_ptr[user] : self.user_ptr[user + 1]]
+        w = self.window[rows]
+        out = []
+        ids = self.dataset.catalogue.item_ids
+        for window in np.unique(w[(w >= after_round) & (w < up_to_round)]):
+            mine = rows[w == window]
+            out.append(
+                Delivery(
+                    cohort=f"w{int(window) + 1:04d}",
+                    items=[str(ids[i]) for i in self.rows.item[mine]],
+                    timestamps=[int(t) for t in self.rows.timestamp[mine]],
+                )
+            )
+        return out
+
+
+def build_stream(dataset: Dataset, rounds: int) -> Stream:
+    split = make_split(dataset.interactions, ProtocolConfig("loo"))
+    counts = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
+    short = dataset.interactions.select(counts[dataset.interactions.user] < split_min_user())
+    delivered = Interactions.concat([split.train, short])
+    order = delivered.time_order()
+    rows = delivered.select(order)
+    bounds = np.linspace(0, len(rows), rounds + 1).round().astype(np.int64)
+    window = np.searchsorted(bounds, np.arange(len(rows)), side="right") - 1
+    window_end = np.array(
+        [rows.timestamp[max(b - 1, 0)] if b > 0 else rows.timestamp.min() for b in bounds[1:]]
+    )
+    by_user = np.lexsort((np.arange(len(rows)), rows.user))
+    user_ptr = np.zeros(dataset.num_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows.user, minlength=dataset.num_users), out=user_ptr[1:])
+    return Stream(dataset, split, rows, window, window_end.astype(np.int64), user_ptr, by_user)
+
+
+def split_min_user() -> int:
+    return ProtocolConfig("loo").min_user
+
+
+def load_stream(data: DataConfig, rounds: int) -> Stream:
+    """One copy per process: simulation workers serve many clients from it."""
+    return _load_stream(json.dumps(dataclasses.asdict(data), sort_keys=True), rounds)
+
+
+@lru_cache(maxsize=2)
+def _load_stream(data_json: str, rounds: int) -> Stream:
+    return build_stream(DataConfig(**json.loads(data_json)).load(), rounds)
