@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS interactions (
 );
 CREATE INDEX IF NOT EXISTS interactions_cohort ON interactions(cohort);
 CREATE UNIQUE INDEX IF NOT EXISTS interactions_event ON interactions(item, timestamp);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -158,6 +159,13 @@ class ClientStore:
             r[0]
             for r in self._db.execute("SELECT DISTINCT cohort FROM interactions ORDER BY cohort")
         ]
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     # -- local state ----------------------------------------------------------------------------
     def load_local_state(self) -> dict[str, np.ndarray]:

@@ -142,7 +142,7 @@ def local_round(
     item_index: dict[str, int],
     *,
     round: int,
-    new_cohort: str | None,
+    new_cohorts: frozenset[str],
     config: LocalTrainConfig,
     now: int | None = None,
 ) -> LocalResult:
@@ -154,8 +154,8 @@ def local_round(
     metrics: Metrics = {"interactions": float(len(data))}
 
     # 1. prequential: rank what just arrived with the model as it was before training on it
-    if new_cohort is not None and len(data):
-        is_new = data.cohort == new_cohort
+    if new_cohorts and len(data):
+        is_new = np.isin(data.cohort, list(new_cohorts))
         known = np.array([item_index[i] for i in data.item[~is_new]], dtype=np.int64)
         fresh = np.array([item_index[i] for i in data.item[is_new]], dtype=np.int64)
         ranks = prequential_ranks(model, known, fresh, now)

@@ -19,6 +19,8 @@ from fedrec.common.config import DataConfig, parse_key_values
 from fedrec.common.model import ModelConfig
 
 DP_PARTS = ("user", "distributed", "local")
+# Keys of run_config that steer the transport, not the run (set by the launcher).
+TRANSPORT_KEYS = frozenset({"expected-nodes"})
 
 
 def parse_dp(text: str) -> frozenset[str]:
@@ -109,7 +111,7 @@ class SimulationConfig:
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> SimulationConfig:
         """Parse a kebab-case (or snake_case) flat mapping; unknown keys are errors."""
-        values = {str(k).replace("-", "_"): v for k, v in flat.items()}
+        values = {str(k).replace("-", "_"): v for k, v in flat.items() if k not in TRANSPORT_KEYS}
         dataset = str(values.pop("dataset", "builtin"))
         encoder = str(values.pop("text_encoder", "") or "")
         data = DataConfig(

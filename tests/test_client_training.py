@@ -53,7 +53,14 @@ def test_a_round_trains_writes_the_ledger_and_reports(tmp_path):
     with ClientStore(tmp_path) as store, PrivacyLedger.open(tmp_path / "ledger.jsonl") as ledger:
         deliver(store, "w0", [1, 2, 3, 4, 5], 0)
         result = local_round(
-            model, params, store, ledger, INDEX, round=1, new_cohort="w0", config=CONFIG
+            model,
+            params,
+            store,
+            ledger,
+            INDEX,
+            round=1,
+            new_cohorts=frozenset({"w0"}),
+            config=CONFIG,
         )
         assert result.declined is None and result.num_examples == 2  # 5 interactions -> 2 pairs
         assert any(not np.array_equal(result.params[n], params[n]) for n in params)
@@ -78,7 +85,7 @@ def test_retirement_and_decline_when_the_budget_is_spent(tmp_path):
                 ledger,
                 INDEX,
                 round=r,
-                new_cohort=None,
+                new_cohorts=frozenset(),
                 config=config,
             )
             rounds.append(result)
@@ -97,7 +104,7 @@ def test_retirement_and_decline_when_the_budget_is_spent(tmp_path):
             ledger,
             INDEX,
             round=99,
-            new_cohort="w1",
+            new_cohorts=frozenset({"w1"}),
             config=config,
         )
         assert result.declined is None
@@ -118,7 +125,14 @@ def test_bad_global_parameters_are_rejected_before_anything_runs(tmp_path, name,
         deliver(store, "w0", [1, 2], 0)
         with pytest.raises(ValueError, match=message):
             local_round(
-                model, params, store, ledger, INDEX, round=1, new_cohort="w0", config=CONFIG
+                model,
+                params,
+                store,
+                ledger,
+                INDEX,
+                round=1,
+                new_cohorts=frozenset({"w0"}),
+                config=CONFIG,
             )
         assert ledger.entries == ()
 
@@ -140,7 +154,7 @@ def test_a_crash_after_the_ledger_write_loses_the_reply_not_the_entry(tmp_path, 
                 ledger,
                 INDEX,
                 round=1,
-                new_cohort=None,
+                new_cohorts=frozenset(),
                 config=CONFIG,
             )
         head = ledger.head_hash
@@ -175,7 +189,7 @@ def test_lifelong_invariants(tmp_path_factory, arrivals, budget):
                 ledger,
                 INDEX,
                 round=r,
-                new_cohort=f"w{r}",
+                new_cohorts=frozenset({f"w{r}"}),
                 config=config,
             )
             eps = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)

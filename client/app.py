@@ -1,0 +1,39 @@
+"""Flower ClientApp: unpack the message, run the device's round, pack the reply.
+
+In simulation the virtual SuperNodes are execution slots: the ServerApp names, in each
+message, which user's device the slot plays (`user` in the config record); every device's
+state lives in its own folder, so any slot can serve any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.federation import device_reply
+
+torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = SimulationConfig.from_flat(dict(context.run_config))
+    instructions = msg.content["config"]
+    user, round_ = int(instructions["user"]), int(instructions["round"])
+    params = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    reply = device_reply(config, user, round_, params)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"user": user, "num-examples": reply.num_examples, **reply.metrics}
+            ),
+            "status": ConfigRecord({"error": reply.error or ""}),
+        }
+    )
+    if reply.params is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in reply.params.items()})
+    return Message(content, reply_to=msg)

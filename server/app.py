@@ -1,0 +1,94 @@
+"""Flower ServerApp: sample devices, send them the model, hand their replies to FederatedRun.
+
+Everything that decides anything (sampling, validation, aggregation, accounting, checkpoints,
+the report) is plain code in `fedrec.simulations.federation` / `.report`; this file only moves
+messages. It raises on failure, so the run ends as failed (a `sys.exit` in a ServerApp thread
+would be reported as completed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.federation import DeviceReply, FederatedRun
+from fedrec.simulations.report import finalize
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = SimulationConfig.from_flat(dict(context.run_config))
+    run = FederatedRun(config)
+    slots = wait_for_nodes(grid, int(context.run_config.get("expected-nodes", 0)))
+    for round_ in run.pending_rounds():
+        if not run.budget_allows_next_round():
+            log.warning("user-level budget reached before round %d: stopping", round_)
+            break
+        start = time.perf_counter()
+        users = run.sample(round_)
+        replies = []
+        # one message per slot at a time: a slot's second message waits a polling pass
+        for wave in range(0, len(users), len(slots)):
+            batch = users[wave : wave + len(slots)]
+            messages = [
+                Message(
+                    RecordDict(
+                        {
+                            "arrays": ArrayRecord({k: Array(v) for k, v in run.params.items()}),
+                            "config": ConfigRecord({"user": int(u), "round": round_}),
+                        }
+                    ),
+                    dst_node_id=node,
+                    message_type="train",
+                )
+                for node, u in zip(slots, batch, strict=False)
+            ]
+            for user, reply in zip(batch, grid.send_and_receive(messages), strict=False):
+                replies.append(unpack(int(user), reply))
+        row = run.finish_round(round_, replies, time.perf_counter() - start)
+        print(f"[fedrec] round {round_}: {row}", flush=True)
+    finalize(run)
+
+
+def unpack(user: int, reply: Message) -> DeviceReply:
+    if reply.has_error():
+        return DeviceReply(user, None, 0, {}, error=str(reply.error.reason))
+    content = reply.content
+    metrics = dict(content["metrics"])
+    error = str(content["status"]["error"]) if "status" in content else ""
+    params = None
+    if "arrays" in content:
+        params = {k: np.asarray(a.numpy()) for k, a in content["arrays"].items()}
+    return DeviceReply(
+        int(metrics.pop("user", user)),
+        params,
+        int(metrics.pop("num-examples", 0)),
+        {k: float(v) for k, v in metrics.items()},
+        error=error or None,
+    )
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[int]:
+    """The simulation registers its SuperNodes after the ServerApp starts: wait for them."""
+    deadline = time.monotonic() + timeout
+    previous = -1
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if (expected and len(nodes) >= expected) or (
+            not expected and nodes and len(nodes) == previous
+        ):
+            return nodes
+        previous = len(nodes)
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"only {previous} of {expected or 'the'} SuperNodes registered in {timeout:.0f}s"
+    )

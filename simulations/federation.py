@@ -1,0 +1,281 @@
+"""The server side of a federated lifelong run, as plain code that Flower only transports.
+
+`FederatedRun` owns the global model, the server optimizer, the user-level accountant and the
+run folder. Per round: `sample(round)` Poisson-samples devices; the transport (Flower's Grid,
+or `run_in_process` for tests and baselines) delivers each one `global_params` and brings back
+a `DeviceReply`; `finish_round(round, replies)` validates, aggregates, accounts, checkpoints
+and logs. The order inside `finish_round` is the privacy argument for user-level DP: the
+accountant's record is persisted (in the checkpoint) before the new model is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.client.runtime import build_model, global_parameters, simulated_device_round
+from fedrec.common.model import Scope
+from fedrec.common.reference import write_json
+from fedrec.common.train import evaluate_model
+from fedrec.server.aggregation import (
+    ClientUpdate,
+    ServerOptConfig,
+    aggregate,
+    init_server_state,
+    validate_update,
+)
+from fedrec.server.checkpoint import load_latest, save_checkpoint
+from fedrec.server.user_privacy import (
+    UserLevelAccountant,
+    aggregate_noise_std,
+    calibrate_noise_multiplier,
+    client_sample_rate,
+    user_level_mechanism,
+)
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.stream import load_stream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceReply:
+    user: int
+    params: dict[str, np.ndarray] | None
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # the device failed (bad store, bad parameters, crash)
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+class FederatedRun:
+    def __init__(self, config: SimulationConfig):
+        self.config = config
+        self.out = Path(config.out)
+        self.stream = load_stream(config.data, config.rounds)
+        self.model = build_model(config.data, config.model, self.stream)
+        self.registered = self.stream.clients()
+        self.sample_rate = client_sample_rate(
+            expected_clients=min(config.clients_per_round, len(self.registered)),
+            registered_clients=len(self.registered),
+        )
+        self.opt_config = ServerOptConfig(name=config.server_optimizer, lr=config.server_lr)
+        self.user_dp = "user" in config.dp
+        self.noise_multiplier = 0.0
+        if self.user_dp:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=config.user_epsilon,
+                delta=config.delta,
+                sample_rate=self.sample_rate,
+                rounds=config.rounds,
+            )
+        checkpoint = load_latest(self.out) if (self.out / "checkpoints").exists() else None
+        if checkpoint is not None and not config.resume:
+            raise RunExistsError(
+                f"{self.out} already holds a run (round {checkpoint.round}): "
+                "pass --resume to continue it, or choose another --out"
+            )
+        if checkpoint is None:
+            self.params = global_parameters(self.model)
+            self.opt_state = init_server_state(self.params, self.opt_config)
+            self.accountant = UserLevelAccountant()
+            self.next_round = 1
+        else:
+            self.params, self.opt_state = checkpoint.params, checkpoint.opt_state
+            self.accountant = UserLevelAccountant.from_dict(checkpoint.extra["user_privacy"])
+            self.next_round = checkpoint.round + 1
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "config.json", config.to_flat())
+
+    # -- per round ------------------------------------------------------------------------------
+    def pending_rounds(self) -> range:
+        return range(self.next_round, self.config.rounds + 1)
+
+    def user_mechanism(self):
+        return user_level_mechanism(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            clip_norm=self.config.update_clip_norm,
+            delta=self.config.delta,
+        )
+
+    def budget_allows_next_round(self) -> bool:
+        if not self.user_dp:
+            return True
+        return not self.accountant.would_exceed(self.config.user_epsilon, self.user_mechanism())
+
+    def sample(self, round: int) -> np.ndarray:
+        """Poisson sampling: each registered device joins independently with rate q (the
+        user-level accountant's assumption). Seeded per round, so a resumed run samples the
+        same devices as an uninterrupted one."""
+        rng = np.random.default_rng([self.config.seed, round])
+        return self.registered[rng.random(len(self.registered)) < self.sample_rate]
+
+    def finish_round(self, round: int, replies: Sequence[DeviceReply], seconds: float) -> dict:
+        updates, dropped, declined, failed = [], [], 0, 0
+        for reply in replies:
+            if reply.error is not None:
+                failed += 1
+                log.warning("round %d: device %d failed: %s", round, reply.user, reply.error)
+                continue
+            if reply.params is None:
+                declined += 1
+                continue
+            reason = validate_update(reply.params, self.params)
+            if reason is not None:
+                dropped.append(reason)
+                log.warning("round %d: dropped update of device %d: %s", round, reply.user, reason)
+                continue
+            updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))
+
+        k_min = self.config.min_survivors if "distributed" in self.config.dp else 1
+        published = len(updates) >= k_min
+        if not published:
+            # Secure aggregation's threshold: with fewer than K_min survivors the sum is not
+            # revealed, so nothing is published and the model stays as it was.
+            log.warning(
+                "round %d: %d survivors < K_min=%d, round discarded", round, len(updates), k_min
+            )
+            updates = []
+        rng = np.random.default_rng([self.config.seed, round, 1])
+        if self.user_dp:
+            expected = self.sample_rate * len(self.registered)
+            self.params, self.opt_state, diag = aggregate(
+                self.params,
+                updates,
+                weighting="uniform",
+                user_clip_norm=self.config.update_clip_norm,
+                denominator=expected,
+                noise_std=aggregate_noise_std(
+                    noise_multiplier=self.noise_multiplier,
+                    clip_norm=self.config.update_clip_norm,
+                    expected_clients=expected,
+                ),
+                rng=rng,
+                opt_cfg=self.opt_config,
+                opt_state=self.opt_state,
+            )
+            self.accountant.record_round(self.user_mechanism(), round=round)
+        else:
+            self.params, self.opt_state, diag = aggregate(
+                self.params, updates, opt_cfg=self.opt_config, opt_state=self.opt_state
+            )
+        row = self._round_metrics(
+            round, replies, len(updates), declined, failed, dropped, published
+        )
+        row["seconds"] = seconds
+        row["server_diagnostics"] = diag.as_metrics()
+        row = _json_safe(row)
+        save_checkpoint(
+            self.out,
+            round,
+            self.params,
+            self.opt_state,
+            extra={"user_privacy": self.accountant.to_dict(), "metrics": row},
+        )
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def _round_metrics(self, round, replies, aggregated, declined, failed, dropped, published):
+        def total(key: str) -> float:
+            return float(sum(r.metrics.get(key, 0.0) for r in replies))
+
+        count = total("preq_count")
+        eps = [
+            r.metrics["max_interaction_epsilon"]
+            for r in replies
+            if "max_interaction_epsilon" in r.metrics
+        ]
+        losses = [
+            r.metrics["loss"]
+            for r in replies
+            if r.params is not None and np.isfinite(r.metrics.get("loss", np.nan))
+        ]
+        row = {
+            "round": round,
+            "sampled": len(replies),
+            "aggregated": aggregated,
+            "declined": declined,
+            "failed": failed,
+            "dropped": len(dropped),
+            "dropped_reasons": dropped[:5],
+            "published": published,
+            "loss": float(np.mean(losses)) if losses else None,
+            "preq_count": count,
+            "preq_hr@10": total("preq_hits@10") / count if count else None,
+            "preq_ndcg@10": total("preq_ndcg@10") / count if count else None,
+            "retired_now": total("retired_now"),
+            "max_interaction_epsilon_sampled": max(eps) if eps else None,
+        }
+        if self.user_dp:
+            row["user_epsilon"] = self.accountant.epsilon(self.config.delta)
+        return row
+
+    # -- end of run -----------------------------------------------------------------------------
+    def load_into_model(self) -> None:
+        import torch
+
+        state = self.model.state_dict()
+        for name in self.model.parameter_names(Scope.GLOBAL):
+            state[name] = torch.from_numpy(np.asarray(self.params[name], dtype=np.float32))
+        self.model.load_state_dict(state)
+
+    def evaluate(self) -> dict:
+        """Protocol (a) test, comparable with `fedrec train` (simulation: the server knows the
+        held-out interactions; on real devices each one would rank its own)."""
+        self.load_into_model()
+        return evaluate_model(self.model, self.stream.split, self.stream.dataset.num_users)
+
+
+def _json_safe(value):
+    """NaN/inf (a device with no non-empty batch has no loss) become null in JSON records."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def run_in_process(
+    config: SimulationConfig, on_round: Callable[[dict], None] | None = None
+) -> FederatedRun:
+    """The same run without Flower: devices are called one after another in this process.
+
+    Used by tests and as the sequential baseline that simulation speed is compared with."""
+    run = FederatedRun(config)
+    for round in run.pending_rounds():
+        if not run.budget_allows_next_round():
+            log.warning("user-level budget reached before round %d: stopping", round)
+            break
+        start = time.perf_counter()
+        replies = []
+        for user in run.sample(round):
+            replies.append(device_reply(config, int(user), round, run.params))
+        row = run.finish_round(round, replies, time.perf_counter() - start)
+        if on_round is not None:
+            on_round(row)
+    return run
+
+
+def device_reply(config: SimulationConfig, user: int, round: int, params) -> DeviceReply:
+    """A device's round with failures turned into a reply the server can count."""
+    try:
+        result = simulated_device_round(config, user, round, params)
+    except Exception as err:
+        return DeviceReply(user, None, 0, {}, error=f"{type(err).__name__}: {err}")
+    return DeviceReply(user, result.params, result.num_examples, dict(result.metrics))
+
+
+__all__ = ["DeviceReply", "FederatedRun", "RunExistsError", "run_in_process"]

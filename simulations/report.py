@@ -1,0 +1,169 @@
+"""The end of a federated run: privacy statement, final evaluation, summary.json and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.client.ledger import PrivacyLedger
+from fedrec.common.privacy.accounting import Guarantee
+from fedrec.common.reference import write_json
+from fedrec.simulations.federation import FederatedRun
+
+
+def client_epsilons(run: FederatedRun, guarantee: Guarantee) -> tuple[np.ndarray, int, list[str]]:
+    """Per-cohort ε of every device ledger in the run, the number of retired cohorts, and the
+    ledgers' head hashes (so an auditor can detect truncation later)."""
+    values, retired, heads = [], 0, []
+    for path in sorted((run.out / "clients").glob("*/ledger.jsonl")):
+        with PrivacyLedger.open(path) as ledger:
+            values.extend(ledger.epsilons(guarantee, run.config.delta).values())
+            retired += len(ledger.retired_cohorts())
+            heads.append(f"{path.parent.name}:{ledger.head_hash}")
+    return np.array(values, dtype=np.float64), retired, heads
+
+
+def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.ndarray) -> list[dict]:
+    """Every guarantee that holds for this run, with its unit, threat model, ε and δ."""
+    config, out = run.config, []
+    delta = config.delta
+    if "user" in config.dp:
+        out.append(
+            {
+                "name": "user-level DP of the published global model",
+                "unit": "one device (all its interactions, whatever it computes)",
+                "threat_model": "anyone who sees a published global model; trusts the server "
+                "to clip updates and add the noise",
+                "epsilon": run.accountant.epsilon(delta),
+                "delta": delta,
+                "accountant": "RDP, Poisson client sampling at rate "
+                f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g}",
+            }
+        )
+    if "distributed" in config.dp:
+        out.append(
+            {
+                "name": "per-interaction DP against the server, with secure aggregation",
+                "unit": "one interaction (add/remove; each is in one training example)",
+                "threat_model": "an honest-but-curious server that sees only the sum of at least "
+                f"K_min={config.min_survivors} devices' updates (secure aggregation assumed in "
+                "simulation; rounds with fewer survivors are discarded unpublished)",
+                "epsilon": float(eps_distributed.max()) if len(eps_distributed) else 0.0,
+                "delta": delta,
+                "accountant": "RDP per cohort from the device ledgers",
+            }
+        )
+    if config.device_noise_multiplier is not None:
+        out.append(
+            {
+                "name": "per-interaction local DP (the device's own noise only)",
+                "unit": "one interaction",
+                "threat_model": "anyone, the server included, seeing a device's update; no trust",
+                "epsilon": float(eps_local.max()) if len(eps_local) else 0.0,
+                "delta": delta,
+                "accountant": "RDP per cohort from the device ledgers",
+            }
+        )
+    return out
+
+
+def finalize(run: FederatedRun) -> dict:
+    """Evaluate, state the privacy guarantees, write summary.json and the plots."""
+    config = run.config
+    rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    eps_dist, retired, heads = client_epsilons(run, Guarantee.DISTRIBUTED)
+    eps_local, _, _ = client_epsilons(run, Guarantee.LOCAL)
+    budgeted = eps_dist if "distributed" in config.dp else eps_local
+    test = run.evaluate()
+    privacy = {
+        "budget_epsilon": config.epsilon,
+        "delta": config.delta,
+        "max_interaction_epsilon": float(budgeted.max()) if len(budgeted) else 0.0,
+        "retired_cohorts": retired,
+        "declined_clients": int(sum(r["declined"] for r in rows)),
+        "failed_clients": int(sum(r["failed"] for r in rows)),
+        "guarantees": guarantees(run, eps_dist, eps_local),
+    }
+    if "user" in config.dp:
+        privacy["user_epsilon"] = run.accountant.epsilon(config.delta)
+        privacy["user_budget_epsilon"] = config.user_epsilon
+    summary = {
+        "rounds": len(rows),
+        "test": test,
+        "dp": {
+            "mode": "+".join(sorted(config.dp)) or "off",
+            "device_noise_multiplier": config.device_noise_multiplier,
+            "aggregate_noise_multiplier": config.aggregate_noise_multiplier,
+            "min_survivors": config.min_survivors,
+            "clip_norm": config.clip_norm,
+            "user_noise_multiplier": run.noise_multiplier,
+            "update_clip_norm": config.update_clip_norm,
+            "client_sample_rate": run.sample_rate,
+        },
+        "privacy": privacy,
+        "prequential": [
+            {"round": r["round"], "hr@10": r["preq_hr@10"], "ndcg@10": r["preq_ndcg@10"]}
+            for r in rows
+        ],
+        "ledger_heads": heads,
+        "config": config.to_flat(),
+    }
+    write_json(run.out / "summary.json", summary)
+    plot_rounds(rows, run.out / "rounds.png")
+    plot_epsilons(budgeted, config.epsilon, run.out / "epsilon.png")
+    return summary
+
+
+def plot_rounds(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for key, label in (("preq_hr@10", "HR@10"), ("preq_ndcg@10", "NDCG@10")):
+        axes[0].plot(
+            rounds,
+            [r[key] if r[key] is not None else np.nan for r in rows],
+            marker="o",
+            label=label,
+        )
+    axes[0].set(title="prequential (new interactions, before training)", xlabel="round")
+    axes[1].plot(rounds, [r["aggregated"] for r in rows], marker="o", label="aggregated")
+    axes[1].plot(rounds, [r["declined"] for r in rows], marker="x", label="declined")
+    axes[1].set(title="devices per round", xlabel="round")
+    if "user_epsilon" in rows[0]:
+        axes[2].plot(rounds, [r["user_epsilon"] for r in rows], marker="o", label="user-level ε")
+    axes[2].plot(
+        rounds,
+        [r["max_interaction_epsilon_sampled"] or 0 for r in rows],
+        marker="x",
+        label="max per-interaction ε (sampled devices)",
+    )
+    axes[2].set(title="privacy spent", xlabel="round")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_epsilons(values: np.ndarray, budget: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    if len(values):
+        ax.hist(values, bins=30)
+    ax.axvline(budget, color="red", linestyle="--", label=f"budget ε={budget:g}")
+    ax.set(title="per-interaction ε of every cohort", xlabel="ε", ylabel="cohorts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
