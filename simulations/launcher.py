@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -77,7 +79,9 @@ def flower_env(work: Path) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_TMPDIR": str(work / "ray"),
+        # Ray's socket paths must stay under 107 bytes: a short private folder, not one
+        # below a possibly deep run folder.
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="fedrec-ray-", dir="/tmp"),
         "RAY_DEDUP_LOGS": "0",
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
     }
@@ -205,6 +209,7 @@ def simulate(config: SimulationConfig, *, timeout: float = 3600, show_progress: 
         return {"finished:completed": 0, "finished:stopped": 124}.get(final[0], 2)
     finally:
         _stop(link, superexec, Path(env["RAY_TMPDIR"]))
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         log_file.close()
 
 

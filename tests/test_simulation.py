@@ -1,0 +1,148 @@
+"""The federated lifelong simulation: config, one run end to end, resume, bad updates, Flower."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedrec.client.ledger import PrivacyLedger
+from fedrec.common.privacy.accounting import Guarantee
+from fedrec.simulations.config import SimulationConfig, parse_dp
+from fedrec.simulations.federation import DeviceReply, FederatedRun, RunExistsError, run_in_process
+from fedrec.simulations.report import finalize
+
+SMALL = {
+    "dataset": "synthetic",
+    "synthetic": "num_users=120,num_items=60,mean_interactions_per_user=12,seed=2",
+    "rounds": 3,
+    "clients-per-round": 40,
+    "min-survivors": 3,
+    "aggregate-noise-multiplier": 3.0,
+    "model-dim": 8,
+    "model-text-dim": 8,
+    "num-negatives": 10,
+    "local-steps": 2,
+    "seed": 1,
+}
+
+
+def small(tmp_path, **overrides) -> SimulationConfig:
+    return SimulationConfig.from_flat(SMALL | {"out": str(tmp_path / "run")} | overrides)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_config_round_trips_and_rejects_unknown_settings():
+    config = SimulationConfig()
+    assert SimulationConfig.from_flat(config.to_flat()) == config
+    assert config.dp == {"user", "distributed"}
+    assert config.device_noise_multiplier == pytest.approx(1.0 / np.sqrt(10))
+    with pytest.raises(ValueError, match="unknown simulation settings"):
+        SimulationConfig.from_flat({"roundz": 3})
+    assert parse_dp("off") == frozenset()
+    with pytest.raises(ValueError, match="distributed OR local"):
+        parse_dp("distributed+local")
+    with pytest.raises(ValueError, match="unknown parts"):
+        parse_dp("user+central")
+
+
+def test_a_run_writes_consistent_outputs(tmp_path):
+    config = small(tmp_path)
+    run = run_in_process(config)
+    summary = finalize(run)
+    out = config.out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and summary["rounds"] == 3
+    assert sorted(p.name for p in (out / "checkpoints").glob("round-*.npz")) == [
+        "round-0001.npz",
+        "round-0002.npz",
+        "round-0003.npz",
+    ]
+    assert 0 <= summary["test"]["ndcg@10"] <= summary["test"]["hr@10"] <= 1
+    privacy = summary["privacy"]
+    assert 0 < privacy["max_interaction_epsilon"] <= privacy["budget_epsilon"]
+    assert 0 < privacy["user_epsilon"] <= config.user_epsilon
+    names = [g["name"] for g in privacy["guarantees"]]
+    assert any("user-level" in n for n in names) and any("secure aggregation" in n for n in names)
+    # every device ledger verifies, is within budget, and its head is in the summary
+    heads = dict(h.split(":") for h in summary["ledger_heads"])
+    ledgers = sorted((out / "clients").glob("*/ledger.jsonl"))
+    assert ledgers and len(heads) == len(ledgers)
+    trained = sum(r["aggregated"] for r in rows)
+    train_entries = 0
+    for path in ledgers:
+        with PrivacyLedger.open(path) as ledger:
+            assert heads[path.parent.name] == ledger.head_hash
+            eps = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)
+            assert all(v <= config.epsilon for v in eps.values())
+            train_entries += sum(e["kind"] == "train" for e in ledger.entries)
+    assert train_entries == trained  # one ledger entry per update that reached the server
+    assert (out / "rounds.png").stat().st_size > 1000 and (out / "epsilon.png").exists()
+
+
+def test_resume_continues_with_the_same_rounds_ledgers_and_accountant(tmp_path, monkeypatch):
+    full = run_in_process(small(tmp_path / "a"))
+    interrupted = small(tmp_path / "b")
+    original = FederatedRun.sample
+
+    def crash_in_round_3(self, round):
+        if round == 3:
+            raise KeyboardInterrupt
+        return original(self, round)
+
+    monkeypatch.setattr(FederatedRun, "sample", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(interrupted)
+    monkeypatch.setattr(FederatedRun, "sample", original)
+    with pytest.raises(RunExistsError):
+        FederatedRun(interrupted)
+    resumed = run_in_process(SimulationConfig(**{**interrupted.__dict__, "resume": True}))
+    rows = [json.loads(x) for x in (interrupted.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert resumed.accountant.epsilon(1e-5) == pytest.approx(full.accountant.epsilon(1e-5))
+    for name, value in full.params.items():
+        np.testing.assert_allclose(resumed.params[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(tmp_path):
+    run = FederatedRun(small(tmp_path, dp="off"))
+    good = {k: v.copy() for k, v in run.params.items()}
+    nan = {k: v.copy() for k, v in run.params.items()}
+    nan["item_table.weight"][0, 0] = np.nan
+    shape = dict(good) | {"ctx_id.weight": np.zeros((2, 2), np.float32)}
+    replies = [
+        DeviceReply(1, good, 3),
+        DeviceReply(2, nan, 3),
+        DeviceReply(3, shape, 3),
+        DeviceReply(4, None, 0, error="StoreError: store.sqlite: unreadable"),
+        DeviceReply(5, None, 0, {"declined": 1.0}),
+    ]
+    row = run.finish_round(1, replies, 0.0)
+    assert (row["aggregated"], row["dropped"], row["failed"], row["declined"]) == (1, 2, 1, 1)
+    assert any("non-finite" in r for r in row["dropped_reasons"])
+    assert any("shape" in r for r in row["dropped_reasons"])
+    assert all(np.isfinite(v).all() for v in run.params.values())
+
+
+def test_fedrec_simulate_runs_through_flower(tmp_path):
+    out = tmp_path / "flower-run"
+    env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "fedrec.common.cli", "simulate", "--out", str(out)]
+    for key in ("dataset", "synthetic", "rounds", "clients-per-round"):
+        args += [f"--{key}", str(SMALL[key])]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["privacy"]["failed_clients"] == 0
+    assert "user_epsilon" in summary["privacy"]
+    assert "NDCG@10" in proc.stdout
+    leftovers = subprocess.run(["pgrep", "-f", str(out / "flower")], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""  # every process the run started is gone
