@@ -51,6 +51,7 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
         budget_epsilon=config.epsilon,
         budget_guarantee=guarantee,
         fixed_point=True,
+        update_clip_norm=config.update_clip_norm if "user" in config.dp else None,
         seed=seed,
     )
 

@@ -61,6 +61,9 @@ class LocalTrainConfig:
     budget_epsilon: float = 8.0  # per interaction, for `budget_guarantee`
     budget_guarantee: Guarantee | None = Guarantee.DISTRIBUTED  # None: DP-SGD off
     fixed_point: bool = True
+    # Without DP-SGD, the device clips its whole update to this L2 norm (user-level DP needs a
+    # bounded contribution); with DP-SGD the bound lr * C / q holds by construction.
+    update_clip_norm: float | None = None
     # Seeds sampling and noise for reproducible SIMULATIONS only. A real device must keep its
     # noise secret from the server: None draws fresh OS entropy every round.
     seed: int | None = None
@@ -263,7 +266,9 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
             optimizer,
             noise_multiplier=config.noise_multiplier,
             max_grad_norm=config.clip_norm,
-            expected_batch_size=max(1, round(config.sample_rate * n)),
+            # ceil: then |batch| / expected <= n / ceil(q n) <= 1/q, which bounds a device's
+            # whole update by lr * C / q (the sensitivity user-level DP relies on)
+            expected_batch_size=max(1, math.ceil(config.sample_rate * n)),
             generator=generator,
         )
         criterion = DPLossFastGradientClipping(module, optimizer, criterion)
@@ -298,7 +303,12 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
         module.remove_hooks()  # the template model is reused by the next client
     with torch.no_grad():
         if config.fixed_point:
-            new = {n: (start[n] + accumulated[n] / config.steps).numpy() for n in names}
+            delta = {n: accumulated[n] / config.steps for n in names}
         else:
-            new = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
+            delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in names}
+        if config.update_clip_norm is not None and not config.private:
+            norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))
+            scale = min(1.0, config.update_clip_norm / max(float(norm), 1e-12))
+            delta = {n: d * scale for n, d in delta.items()}
+        new = {n: (start[n] + delta[n]).numpy() for n in names}
     return new, float(np.mean(losses)) if losses else math.nan

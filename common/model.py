@@ -70,17 +70,22 @@ NUM_YEAR_BUCKETS = YEAR_MAX - YEAR_MIN + 3
 
 
 def reduce_text_features(features: np.ndarray, dim: int) -> np.ndarray:
-    """PCA of the (public) catalogue's text embeddings down to `dim`, scaled to unit row norm on average.
+    """PCA of the (public) catalogue's text embeddings down to `dim`, each component scaled to
+    variance 1/dim (so a row has norm ~1).
 
     Fitted on the catalogue only, never on interactions, so it is public post-processing.
+    Done with torch on the (384, 384) covariance: numpy's threaded SVD stalled for minutes
+    inside Flower's simulation process, where many threads compete for 2 cores.
     """
     if dim >= features.shape[1]:
         return features.astype(np.float32)
-    centered = features - features.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(centered, full_matrices=False)
-    reduced = centered @ vt[:dim].T
-    reduced /= reduced.std(axis=0, keepdims=True) + 1e-8
-    return (reduced / np.sqrt(dim)).astype(np.float32)
+    x = torch.from_numpy(np.asarray(features, dtype=np.float64))
+    centered = x - x.mean(dim=0, keepdim=True)
+    _, vectors = torch.linalg.eigh(centered.T @ centered)
+    top = vectors[:, -dim:].flip(1)  # largest components first
+    reduced = centered @ top
+    reduced = reduced / (reduced.std(dim=0, keepdim=True) + 1e-8)
+    return (reduced / np.sqrt(dim)).float().numpy()
 
 
 class RecModel(nn.Module):

@@ -52,7 +52,7 @@ class SimulationConfig:
     clip_norm: float = 1.0  # per-example clipping norm of DP-SGD
     # user-level privacy (server noise on clipped device updates)
     user_epsilon: float = 8.0
-    update_clip_norm: float = 0.5
+    update_clip_norm: float = 0.5  # only for devices without DP-SGD (see user_sensitivity)
     # local training
     local_steps: int = 4
     sample_rate: float = 0.5
@@ -75,6 +75,17 @@ class SimulationConfig:
             )
         if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("budgets must be > 0 and delta in (0, 1)")
+
+    @property
+    def user_sensitivity(self) -> float:
+        """L2 bound on one device's update, the sensitivity of user-level DP. With DP-SGD it
+        holds by construction (per-example clipping C, batch / expected batch <= 1/q, fixed-
+        point steps): lr * C / q. Without DP-SGD the device clips its update to
+        update_clip_norm. The server cannot clip noisy updates without destroying them, and
+        under secure aggregation it never sees them: the bound is enforced on the device."""
+        if self.device_noise_multiplier is not None:
+            return self.local_lr * self.clip_norm / self.sample_rate
+        return self.update_clip_norm
 
     @property
     def device_noise_multiplier(self) -> float | None:

@@ -104,7 +104,7 @@ class FederatedRun:
         return user_level_mechanism(
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
-            clip_norm=self.config.update_clip_norm,
+            clip_norm=self.config.user_sensitivity,
             delta=self.config.delta,
         )
 
@@ -153,11 +153,11 @@ class FederatedRun:
                 self.params,
                 updates,
                 weighting="uniform",
-                user_clip_norm=self.config.update_clip_norm,
+                user_clip_norm=None,  # bounded on the device: see SimulationConfig.user_sensitivity
                 denominator=expected,
                 noise_std=aggregate_noise_std(
                     noise_multiplier=self.noise_multiplier,
-                    clip_norm=self.config.update_clip_norm,
+                    clip_norm=self.config.user_sensitivity,
                     expected_clients=expected,
                 ),
                 rng=rng,

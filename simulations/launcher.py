@@ -83,6 +83,11 @@ def flower_env(work: Path) -> dict[str, str]:
         # below a possibly deep run folder.
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="fedrec-ray-", dir="/tmp"),
         "RAY_DEDUP_LOGS": "0",
+        # One BLAS thread per process: the simulation process runs Flower's and Ray's threads
+        # beside ours on 2 cores, and threaded OpenBLAS stalled there for minutes.
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
     }
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def finalize(run: FederatedRun) -> dict:
             "min_survivors": config.min_survivors,
             "clip_norm": config.clip_norm,
             "user_noise_multiplier": run.noise_multiplier,
-            "update_clip_norm": config.update_clip_norm,
+            "user_sensitivity": config.user_sensitivity,
             "client_sample_rate": run.sample_rate,
         },
         "privacy": privacy,
