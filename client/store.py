@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 STORE_FILE = "store.sqlite"
+SCHEMA_VERSION = 1
 LOCAL_STATE_FILE = "local.npz"
 
 _SCHEMA = """
@@ -62,19 +63,27 @@ class StoredInteractions:
 class ClientStore:
     """Typed access to one device's folder. Every write is a transaction or an atomic rename."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, verify: bool = False):
+        """Open (or create) the store. `verify` runs SQLite's quick_check over every page: a
+        device does it at start-up; a simulation opening thousands of stores skips it, and a
+        corrupted file still fails on the first read with a StoreError."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / STORE_FILE
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            if verify:
+                check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StoreError(
+                        f"{self.path}: interaction store failed its integrity check: {check}"
+                    )
+            self._db.execute("SELECT count(*) FROM interactions").fetchone()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: unreadable interaction store: {err}") from err
-        if check != "ok":
-            raise StoreError(f"{self.path}: interaction store failed its integrity check: {check}")
 
     def close(self) -> None:
         self._db.close()

@@ -262,9 +262,14 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
         module = GradSampleModuleFastGradientClipping(
             model, max_grad_norm=config.clip_norm, use_ghost_clipping=GRAD_SAMPLE_MODE == "ghost"
         )
+        # Fixed-point steps all run at the same parameters and only their sum leaves, so the
+        # sum of S independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²):
+        # the same output distribution (a post-processing of the S noisy steps the ledger
+        # records) at 1/S of the cost of generating noise for every parameter each step.
+        noise_once = config.fixed_point
         optimizer = DPOptimizerFastGradientClipping(
             optimizer,
-            noise_multiplier=config.noise_multiplier,
+            noise_multiplier=0.0 if noise_once else config.noise_multiplier,
             max_grad_norm=config.clip_norm,
             # ceil: then |batch| / expected <= n / ceil(q n) <= 1/q, which bounds a device's
             # whole update by lr * C / q (the sensitivity user-level DP relies on)
@@ -304,6 +309,16 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     with torch.no_grad():
         if config.fixed_point:
             delta = {n: accumulated[n] / config.steps for n in names}
+            if config.private:
+                batch = max(1, math.ceil(config.sample_rate * n))
+                std = (
+                    config.lr
+                    * config.noise_multiplier
+                    * config.clip_norm
+                    / (batch * math.sqrt(config.steps))
+                )
+                for d in delta.values():
+                    d.add_(torch.normal(0.0, std, size=d.shape, generator=generator))
         else:
             delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in names}
         if config.update_clip_norm is not None and not config.private:

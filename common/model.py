@@ -48,6 +48,9 @@ class ModelConfig:
     dim: int = 64  # embedding size; 64 matched BPR-MF quality on the built-in data
     text_dim: int = 64  # PCA of the public text embeddings: candidates stay cheap to gather
     time_knots: int = 4  # time-varying item bias over the training span; 4 beat 8 and 12
+    # Per-item id vectors (E_ctx, E_tgt). Off: a content model (text, year, per-item biases):
+    # ~20x fewer parameters, so dense DP noise drowns far less of the signal.
+    id_embeddings: bool = True
     user_embedding: bool = False  # a LOCAL per-user vector (only user-level DP covers it)
     history_half_life: float = 3.0  # inference: weight of the k-th most recent item is 2^(-k/h)
 
@@ -120,13 +123,16 @@ class RecModel(nn.Module):
         d, t, k = config.dim, text.shape[1], config.time_knots
         self.ctx_text = nn.Linear(t, d, bias=False)
         self.tgt_text = nn.Linear(d, t, bias=False)  # W_tgt applied to q (see module docstring)
-        self.ctx_id = nn.Embedding(num_items, d)
+        self.id_dim = d if config.id_embeddings else 0
+        if config.id_embeddings:
+            self.ctx_id = nn.Embedding(num_items, d)
+            nn.init.zeros_(self.ctx_id.weight)
         self.ctx_year = nn.Embedding(NUM_YEAR_BUCKETS, d)
-        self.item_table = nn.Embedding(num_items, d + 1 + k)
+        self.item_table = nn.Embedding(num_items, self.id_dim + 1 + k)
         self.year_table = nn.Embedding(NUM_YEAR_BUCKETS, d + 1)  # [Y_tgt | B_Y]
         # Zero id rows: an unseen item is its text and year alone (cold start); small random
         # year vectors break the symmetry between the two towers.
-        for table in (self.ctx_id, self.item_table, self.year_table):
+        for table in (self.item_table, self.year_table):
             nn.init.zeros_(table.weight)
         nn.init.normal_(self.ctx_year.weight, std=0.01)
         if config.user_embedding:
@@ -135,7 +141,7 @@ class RecModel(nn.Module):
 
     @property
     def item_columns(self) -> dict[str, slice]:
-        d, k = self.config.dim, self.config.time_knots
+        d, k = self.id_dim, self.config.time_knots
         return {
             "vector": slice(0, d),
             "bias": slice(d, d + 1),
@@ -160,6 +166,8 @@ class RecModel(nn.Module):
     def parameter_scopes(self) -> dict[str, Scope]:
         """Every trainable parameter's scope, declared as data (tested to cover all of them)."""
         scopes = {name: Scope.GLOBAL for name in GLOBAL_PARAMETERS}
+        if self.config.id_embeddings:
+            scopes["ctx_id.weight"] = Scope.GLOBAL
         if self.config.user_embedding:
             scopes["user.weight"] = Scope.LOCAL
         return scopes
@@ -170,9 +178,8 @@ class RecModel(nn.Module):
     # -- training forward -----------------------------------------------------------------------
     def context_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """q for a tensor of item indices of any shape (...,) -> (..., d)."""
-        return (
-            self.ctx_text(self.text[items]) + self.ctx_id(items) + self.ctx_year(self.year[items])
-        )
+        q = self.ctx_text(self.text[items]) + self.ctx_year(self.year[items])
+        return q + self.ctx_id(items) if self.config.id_embeddings else q
 
     def forward(
         self,
@@ -199,9 +206,10 @@ class RecModel(nn.Module):
         candidates = torch.cat([second[:, None], first[:, None], negatives], dim=1)  # (B, C=2+N)
         rows = self.item_table(candidates)  # (B, C, d+1+K)
         years = self.year_table(self.year[candidates])  # (B, C, d+1)
-        vectors = rows[..., :d] + years[..., :d]  # (B, C, d)
-        time_bias = torch.einsum("bck,bk->bc", rows[..., d + 1 :], self.knot_weights(time))
-        bias = rows[..., d] + years[..., d] + time_bias  # (B, C)
+        e = self.id_dim  # id-vector columns of the item table (0 for a content model)
+        vectors = years[..., :d] + (rows[..., :e] if e else 0)  # (B, C, d)
+        time_bias = torch.einsum("bck,bk->bc", rows[..., e + 1 :], self.knot_weights(time))
+        bias = rows[..., e] + years[..., d] + time_bias  # (B, C)
         logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, 2, C)
         logits = logits + torch.einsum("bst,bct->bsc", self.tgt_text(q), self.text[candidates])
         logits = logits + bias[:, None, :]
@@ -215,9 +223,10 @@ class RecModel(nn.Module):
         (default: the serving time, the end of the training span)."""
         d = self.config.dim
         table, years = self.item_table.weight, self.year_table.weight[self.year]
-        v = self.text @ self.tgt_text.weight + table[:, :d] + years[:, :d]
+        e = self.id_dim
+        v = self.text @ self.tgt_text.weight + years[:, :d] + (table[:, :e] if e else 0)
         now = torch.tensor([self.serving_time if now is None else now], dtype=torch.int64)
-        b = table[:, d] + years[:, d] + table[:, d + 1 :] @ self.knot_weights(now)[0]
+        b = table[:, e] + years[:, d] + table[:, e + 1 :] @ self.knot_weights(now)[0]
         return v, b
 
     @torch.no_grad()
@@ -228,7 +237,6 @@ class RecModel(nn.Module):
 GLOBAL_PARAMETERS = (
     "ctx_text.weight",
     "tgt_text.weight",
-    "ctx_id.weight",
     "ctx_year.weight",
     "item_table.weight",
     "year_table.weight",

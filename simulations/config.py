@@ -61,7 +61,9 @@ class SimulationConfig:
     # server
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The content model (no per-item id vectors): as good as with ids in the federated runs
+    # measured here, 20x smaller updates, and far less dense DP noise.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(id_embeddings=False))
     seed: int = 0
     out: Path = Path("runs/simulate")
     resume: bool = False
@@ -138,7 +140,8 @@ class SimulationConfig:
             if key.startswith("model_") and key[6:] in model_fields:
                 model_kwargs[key[6:]] = values.pop(key)
         defaults = cls()
-        kwargs: dict[str, Any] = {"data": data, "model": _coerce_into(ModelConfig, model_kwargs)}
+        model = _coerce_model(defaults.model, model_kwargs)
+        kwargs: dict[str, Any] = {"data": data, "model": model}
         known = {f.name for f in dataclasses.fields(cls)} - {"data", "model"}
         unknown = set(values) - known
         if unknown:
@@ -165,6 +168,16 @@ class SimulationConfig:
         return cls.from_flat({**flat, **(overrides or {})})
 
 
-def _coerce_into(cls, values: dict[str, Any]):
-    defaults = cls()
-    return cls(**{k: type(getattr(defaults, k))(v) for k, v in values.items()})
+def _coerce(current: Any, raw: Any) -> Any:
+    """A raw value (TOML, CLI or run_config) as the type of the field's default."""
+    if isinstance(current, bool):
+        return raw if isinstance(raw, bool) else str(raw).strip().lower() in ("1", "true", "yes")
+    if isinstance(current, Path):
+        return Path(str(raw))
+    return type(current)(raw)
+
+
+def _coerce_model(defaults: ModelConfig, values: dict[str, Any]) -> ModelConfig:
+    return dataclasses.replace(
+        defaults, **{k: _coerce(getattr(defaults, k), v) for k, v in values.items()}
+    )

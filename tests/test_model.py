@@ -23,7 +23,9 @@ def make_model(**overrides) -> RecModel:
     return RecModel(config, text, years, num_local_users=3, time_range=(0, 1000))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"user_embedding": True}, {"time_knots": 1}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"user_embedding": True}, {"time_knots": 1}, {"id_embeddings": False}]
+)
 def test_every_parameter_is_declared_exactly_once(overrides):
     model = make_model(**overrides)
     scopes = model.parameter_scopes()

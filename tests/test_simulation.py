@@ -47,6 +47,8 @@ def test_config_round_trips_and_rejects_unknown_settings():
     assert config.device_noise_multiplier == pytest.approx(1.0 / np.sqrt(10))
     with pytest.raises(ValueError, match="unknown simulation settings"):
         SimulationConfig.from_flat({"roundz": 3})
+    parsed = SimulationConfig.from_flat({"model-id-embeddings": "false", "resume": "true"})
+    assert parsed.model.id_embeddings is False and parsed.resume is True
     assert parse_dp("off") == frozenset()
     with pytest.raises(ValueError, match="distributed OR local"):
         parse_dp("distributed+local")
@@ -117,7 +119,7 @@ def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(tmp_path):
     good = {k: v.copy() for k, v in run.params.items()}
     nan = {k: v.copy() for k, v in run.params.items()}
     nan["item_table.weight"][0, 0] = np.nan
-    shape = dict(good) | {"ctx_id.weight": np.zeros((2, 2), np.float32)}
+    shape = dict(good) | {"ctx_text.weight": np.zeros((2, 2), np.float32)}
     replies = [
         DeviceReply(1, good, 3),
         DeviceReply(2, nan, 3),
