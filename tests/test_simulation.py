@@ -148,3 +148,14 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
     assert "NDCG@10" in proc.stdout
     leftovers = subprocess.run(["pgrep", "-f", str(out / "flower")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # every process the run started is gone
+
+
+def test_experiment_files_parse():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "simulations"
+    files = sorted(folder.glob("*.toml"))
+    assert files
+    for path in files:
+        config = SimulationConfig.from_toml(path)
+        assert config.rounds >= 1

@@ -1,0 +1,151 @@
+"""Federated benchmarks: speed, scale and quality of `fedrec simulate` (not timed tests).
+
+    python benchmarks/federated.py [--skip-scale] [--skip-quality] [--out benchmarks/results]
+
+Writes OUT/federated.json and OUT/federated.md. Every ratio is measured within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrec.client.training import LocalTrainConfig, _train
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.federation import run_in_process
+from fedrec.simulations.launcher import simulate
+from fedrec.simulations.report import finalize
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def devices_per_second(rows: list[dict]) -> float:
+    later = rows[1:] or rows  # round 1 includes Ray start and imports
+    return sum(r["sampled"] for r in later) / sum(r["seconds"] for r in later)
+
+
+def speed(tmp: Path) -> dict:
+    base = {"out": str(tmp / "flower")}
+    flower_start = time.perf_counter()
+    assert simulate(SimulationConfig.from_flat(base), show_progress=False) == 0
+    flower_wall = time.perf_counter() - flower_start
+    flower_rows = rows_of(tmp / "flower")
+    seq_start = time.perf_counter()
+    run_in_process(SimulationConfig.from_flat({"out": str(tmp / "sequential")}))
+    seq_wall = time.perf_counter() - seq_start
+    seq_rows = rows_of(tmp / "sequential")
+    rounds_flower = sum(r["seconds"] for r in flower_rows[1:])
+    rounds_seq = sum(r["seconds"] for r in seq_rows[1:])
+    return {
+        "simulation_devices_per_s_after_round_1": devices_per_second(flower_rows),
+        "sequential_devices_per_s_after_round_1": devices_per_second(seq_rows),
+        "simulation_over_sequential_rounds_2_on": rounds_flower / rounds_seq,
+        "simulation_wall_s": flower_wall,
+        "sequential_wall_s": seq_wall,
+        "dp_over_plain_step": dp_step_ratio(),
+    }
+
+
+def dp_step_ratio(repeats: int = 200) -> float:
+    """Time of one device's local round with DP-SGD / without, same examples, same model."""
+    from fedrec.client.runtime import template_for
+
+    model, _ = template_for(SimulationConfig())
+    g = torch.Generator().manual_seed(0)
+    first, second = (
+        torch.randint(model.num_items, (6,), generator=g),
+        torch.randint(model.num_items, (6,), generator=g),
+    )
+    when = torch.full((6,), int(model.knots[-1]))
+    times = {}
+    for private in (False, True):
+        config = (
+            LocalTrainConfig(sample_rate=1.0, budget_guarantee=None)
+            if not private
+            else LocalTrainConfig(sample_rate=1.0)
+        )
+        start = time.perf_counter()
+        for _ in range(repeats):
+            _train(model, first, second, when, config, g)
+        times[private] = time.perf_counter() - start
+    return times[True] / times[False]
+
+
+def scale(tmp: Path) -> list[dict]:
+    out = []
+    for users in (1_000, 10_000, 100_000):
+        folder = tmp / f"scale-{users}"
+        config = SimulationConfig.from_flat(
+            {
+                "dataset": "synthetic",
+                "synthetic": f"num_users={users},num_items=2000,mean_interactions_per_user=6,seed=0",
+                "rounds": 4,
+                "clients-per-round": 100,
+                "out": str(folder),
+            }
+        )
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        assert simulate(config, show_progress=False) == 0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        rows = rows_of(folder)
+        out.append(
+            {
+                "registered_clients": users,
+                "round_seconds_after_round_1": float(np.mean([r["seconds"] for r in rows[1:]])),
+                "peak_child_rss_mb": max(peak, before) / 1024,
+            }
+        )
+        shutil.rmtree(folder / "clients", ignore_errors=True)
+    return out
+
+
+def quality(tmp: Path) -> list[dict]:
+    out = []
+    for dp in ("off", "user", "user+distributed", "user+local", "local"):
+        config = SimulationConfig.from_flat({"dp": dp, "out": str(tmp / f"q-{dp}")})
+        run = run_in_process(config)
+        summary = finalize(run)
+        out.append(
+            {
+                "dp": dp,
+                "ndcg@10": summary["test"]["ndcg@10"],
+                "hr@10": summary["test"]["hr@10"],
+                "guarantees": {g["name"]: g["epsilon"] for g in summary["privacy"]["guarantees"]},
+                "last_preq_ndcg@10": summary["prequential"][-1]["ndcg@10"],
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args()
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results["speed"] = speed(Path(tmp))
+        print(json.dumps(results["speed"], indent=2), flush=True)
+        if not args.skip_scale:
+            results["scale"] = scale(Path(tmp))
+            print(json.dumps(results["scale"], indent=2), flush=True)
+        if not args.skip_quality:
+            results["quality"] = quality(Path(tmp))
+            print(json.dumps(results["quality"], indent=2), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "federated.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
