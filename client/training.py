@@ -39,6 +39,7 @@ from fedrec.common.model import ModelScorer, RecModel, Scope
 from fedrec.common.privacy.accounting import Guarantee, Mechanism
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
+    register_gram_embedding,
     silence_known_opacus_warnings,
     step_on_empty_batch,
 )
@@ -259,6 +260,7 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
         silence_known_opacus_warnings()
+        register_gram_embedding()
         module = GradSampleModuleFastGradientClipping(
             model, max_grad_norm=config.clip_norm, use_ghost_clipping=GRAD_SAMPLE_MODE == "ghost"
         )

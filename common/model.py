@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fedrec.common.data.history import UserHistories
+from fedrec.common.privacy.dpsgd import GramEmbedding
 
 
 class Scope(enum.Enum):
@@ -128,8 +129,9 @@ class RecModel(nn.Module):
             self.ctx_id = nn.Embedding(num_items, d)
             nn.init.zeros_(self.ctx_id.weight)
         self.ctx_year = nn.Embedding(NUM_YEAR_BUCKETS, d)
-        self.item_table = nn.Embedding(num_items, self.id_dim + 1 + k)
-        self.year_table = nn.Embedding(NUM_YEAR_BUCKETS, d + 1)  # [Y_tgt | B_Y]
+        # Looked up at every candidate (B, 2+N): exact Gram-based DP norms are faster there.
+        self.item_table = GramEmbedding(num_items, self.id_dim + 1 + k)
+        self.year_table = GramEmbedding(NUM_YEAR_BUCKETS, d + 1)  # [Y_tgt | B_Y]
         # Zero id rows: an unseen item is its text and year alone (cold start); small random
         # year vectors break the symmetry between the two towers.
         for table in (self.item_table, self.year_table):

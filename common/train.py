@@ -29,6 +29,7 @@ from fedrec.common.examples import PairSoftmaxLoss, build_pairs, sample_negative
 from fedrec.common.model import ModelConfig, ModelScorer, RecModel
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
+    register_gram_embedding,
     silence_known_opacus_warnings,
     step_on_empty_batch,
 )
@@ -143,6 +144,7 @@ def train_centralized(
         from opacus import PrivacyEngine
 
         silence_known_opacus_warnings()
+        register_gram_embedding()
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         common = dict(
             module=model,

@@ -95,6 +95,9 @@ def test_a_few_steps_lower_the_loss():
 def test_one_opacus_ghost_clipping_step_runs_and_changes_the_model():
     from opacus import PrivacyEngine
 
+    from fedrec.common.privacy.dpsgd import register_gram_embedding
+
+    register_gram_embedding()
     torch.manual_seed(0)
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -193,3 +196,17 @@ def test_time_varying_bias_serves_at_the_end_of_training():
     assert weights[0, 0] == 1 and weights[1, -1] == 1 and weights[2, -1] == 1
     _, bias = model.item_vectors()
     assert bias[7] - bias[8] == pytest.approx(5.0)
+
+
+def test_gram_embedding_norms_equal_opacus_norms():
+    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+
+    from fedrec.common.privacy.dpsgd import gram_embedding_norms
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Embedding(7, 3)
+    index = torch.randint(7, (5, 9), generator=g)  # repeats inside examples
+    backprops = torch.randn(5, 9, 3, generator=g)
+    ours = gram_embedding_norms(layer, [index], backprops)[layer.weight]
+    theirs = compute_embedding_norm_sample(layer, [index], backprops)[layer.weight]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

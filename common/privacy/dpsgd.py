@@ -37,3 +37,34 @@ def silence_known_opacus_warnings() -> None:
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
+
+def gram_embedding_norms(
+    layer: torch.nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Exact per-example gradient norms of an embedding looked up at (B, T) indices.
+
+    Example n's gradient is sum_t e_{i_nt} g_nt^T, so its squared norm is
+    sum_{t,t'} [i_nt == i_nt'] <g_nt, g_nt'>: a (B, T, T) Gram matrix masked by index
+    equality. Same value as Opacus's sort-based sampler (tested), without `torch.unique`,
+    which dominated DP step time for our 100-negative lookups (0.7 ms per call).
+    """
+    index = activations[0].reshape(activations[0].shape[0], -1)  # (B, T)
+    grads = backprops.reshape(index.shape[0], index.shape[1], -1).to(torch.float64)  # (B, T, D)
+    same = (index[:, :, None] == index[:, None, :]).to(grads.dtype)
+    gram = torch.bmm(grads, grads.transpose(1, 2))
+    norms = (gram * same).sum(dim=(1, 2)).clamp(min=0).sqrt().to(backprops.dtype)
+    return {layer.weight: norms}
+
+
+class GramEmbedding(torch.nn.Embedding):
+    """An nn.Embedding whose DP per-example norms use `gram_embedding_norms`."""
+
+
+def register_gram_embedding() -> None:
+    """Tell Opacus how to clip GramEmbedding (idempotent; call before wrapping a model)."""
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+    from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+
+    register_grad_sampler(GramEmbedding)(compute_embedding_grad_sample)
+    register_norm_sampler(GramEmbedding)(gram_embedding_norms)
