@@ -34,6 +34,7 @@ from fedrec.client.ledger import PrivacyLedger
 from fedrec.client.store import ClientStore, StoredInteractions
 from fedrec.common.data.history import UserHistories
 from fedrec.common.data.schema import Interactions
+from fedrec.common.evaluation import rank_test_items
 from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 from fedrec.common.model import ModelScorer, RecModel, Scope
 from fedrec.common.privacy.accounting import Guarantee, Mechanism
@@ -117,7 +118,7 @@ def prequential_ranks(
     model: RecModel, history_items: np.ndarray, new_items: np.ndarray, now: int | None = None
 ) -> np.ndarray:
     """1-based full-catalogue ranks of newly arrived items, scored BEFORE training on them,
-    from the history that preceded them (the history's items are excluded, ties by index)."""
+    from the history that preceded them (the evaluation protocol's ranking and tie rule)."""
     if len(new_items) == 0:
         return np.zeros(0, dtype=np.int64)
     history = UserHistories.from_interactions(
@@ -128,14 +129,15 @@ def prequential_ranks(
         ),
         num_users=1,
     )
-    scores = ModelScorer(model, history, now=now)(np.array([0]))[0].astype(np.float64)
-    scores[history_items] = -np.inf
-    ranks = []
-    for item in new_items:
-        s = scores[item]
-        above = np.sum(scores > s) + np.sum((scores == s) & (np.arange(len(scores)) < item))
-        ranks.append(1 + int(above))
-    return np.array(ranks, dtype=np.int64)
+    arrived = Interactions(
+        user=np.zeros(len(new_items), dtype=np.int64),
+        item=new_items.astype(np.int64),
+        timestamp=np.arange(len(new_items), dtype=np.int64),
+    )
+    scorer = ModelScorer(model, history, now=now)
+    return rank_test_items(
+        scorer, test=arrived, history=history, num_items=model.num_items, sampled_negatives=0
+    ).full
 
 
 def local_round(
