@@ -159,3 +159,54 @@ def test_experiment_files_parse():
     for path in files:
         config = SimulationConfig.from_toml(path)
         assert config.rounds >= 1
+
+
+def test_flwr_run_dot_uses_the_same_apps(tmp_path):
+    """`flwr run . local` (Flower's own CLI, local simulation federation) runs fedrec's apps.
+
+    Flower leaves a detached SuperLink behind; the test starts it on private ports and kills
+    it, and what it started, by PID."""
+    import signal
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    http_port, control_port = 39200 + os.getpid() % 300 * 2, 39201 + os.getpid() % 300 * 2
+    ray_tmp = Path(f"/tmp/fr-{os.getpid()}")
+    env = os.environ | {
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "OPENBLAS_NUM_THREADS": "1",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+    }
+    ray_tmp.mkdir(exist_ok=True)
+    out = tmp_path / "run"
+    overrides = f"dataset='synthetic' synthetic='{SMALL['synthetic']}' rounds=2 "
+    overrides += f"clients-per-round=10 out='{out}' expected-nodes=15"
+    try:
+        proc = subprocess.run(
+            ["flwr", "run", ".", "local", "--stream", "--run-config", overrides,
+             "--federation-config", "num-supernodes=15 client-resources-num-cpus=1"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        deadline = time.monotonic() + 60
+        while not (out / "summary.json").exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 2
+    finally:
+        listing = subprocess.run(
+            ["pgrep", "-f", f"{http_port}|{control_port}"], capture_output=True, text=True
+        )
+        for pid in listing.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
