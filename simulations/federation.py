@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.client.runtime import build_model, global_parameters, simulated_device_round
-from fedrec.common.model import Scope
+from fedrec.common.data.history import UserHistories
+from fedrec.common.evaluation import evaluate
+from fedrec.common.model import ModelScorer, Scope
 from fedrec.common.reference import write_json
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
@@ -95,6 +97,33 @@ class FederatedRun:
             self.next_round = checkpoint.round + 1
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", config.to_flat())
+        self.probe = self._early_window_probe()
+
+    def _early_window_probe(self):
+        """Forgetting probe: the second window's interactions, each ranked from the history its
+        user had in the first window, re-measured after every round at that window's time."""
+        stream = self.stream
+        if stream.num_rounds < 3:
+            return None
+        rows = stream.rows
+        history = UserHistories.from_interactions(
+            rows.select(stream.window == 0), stream.dataset.num_users
+        )
+        return rows.select(stream.window == 1), history, int(stream.window_end[1])
+
+    def early_window_ndcg(self) -> float | None:
+        if self.probe is None:
+            return None
+        test, history, when = self.probe
+        self.load_into_model()
+        metrics = evaluate(
+            ModelScorer(self.model, history, now=when),
+            test=test,
+            history=history,
+            num_items=self.model.num_items,
+            sampled_negatives=0,
+        )
+        return metrics["ndcg@10"]
 
     # -- per round ------------------------------------------------------------------------------
     def pending_rounds(self) -> range:
@@ -173,6 +202,9 @@ class FederatedRun:
             round, replies, len(updates), declined, failed, dropped, published
         )
         row["seconds"] = seconds
+        # simulation-only oracle (the server knows the stream): does the model still rank the
+        # early window as well as when it was fresh?
+        row["early_window_ndcg@10"] = self.early_window_ndcg()
         row["server_diagnostics"] = diag.as_metrics()
         row = _json_safe(row)
         save_checkpoint(

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.client.ledger import PrivacyLedger
+from fedrec.common.baselines import popularity_scorer
+from fedrec.common.data.history import UserHistories
+from fedrec.common.evaluation import evaluate
 from fedrec.common.privacy.accounting import Guarantee
 from fedrec.common.reference import write_json
 from fedrec.simulations.federation import FederatedRun
@@ -69,6 +72,40 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
     return out
 
 
+def prequential_baselines(run: FederatedRun) -> list[dict]:
+    """Popularity (all earlier windows) and recent popularity (the previous window) ranking each
+    window's interactions from the user's earlier history: the yardstick for the prequential
+    metrics, computed like them (full ranking, earlier items excluded)."""
+    stream = run.stream
+    rows, out = stream.rows, []
+    for r in range(1, stream.num_rounds):
+        before = rows.select(stream.window < r)
+        history = UserHistories.from_interactions(before, stream.dataset.num_users)
+        test = rows.select(stream.window == r)
+        num_items = stream.dataset.num_items
+        previous = rows.select(stream.window == r - 1)
+        out.append(
+            {
+                "round": r + 1,
+                "popularity": evaluate(
+                    popularity_scorer(before, num_items),
+                    test=test,
+                    history=history,
+                    num_items=num_items,
+                    sampled_negatives=0,
+                )["ndcg@10"],
+                "recent_popularity": evaluate(
+                    popularity_scorer(previous, num_items),
+                    test=test,
+                    history=history,
+                    num_items=num_items,
+                    sampled_negatives=0,
+                )["ndcg@10"],
+            }
+        )
+    return out
+
+
 def finalize(run: FederatedRun) -> dict:
     """Evaluate, state the privacy guarantees, write summary.json and the plots."""
     config = run.config
@@ -107,6 +144,9 @@ def finalize(run: FederatedRun) -> dict:
             {"round": r["round"], "hr@10": r["preq_hr@10"], "ndcg@10": r["preq_ndcg@10"]}
             for r in rows
         ],
+        "prequential_baselines_ndcg@10": prequential_baselines(run),
+        # forgetting: NDCG@10 on window 2 (from window-1 histories), re-measured every round
+        "early_window_ndcg@10": [r.get("early_window_ndcg@10") for r in rows],
         "ledger_heads": heads,
         "config": config.to_flat(),
     }
@@ -131,7 +171,14 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
             marker="o",
             label=label,
         )
-    axes[0].set(title="prequential (new interactions, before training)", xlabel="round")
+    if rows and rows[0].get("early_window_ndcg@10") is not None:
+        axes[0].plot(
+            rounds,
+            [r["early_window_ndcg@10"] for r in rows],
+            marker="s",
+            label="early window NDCG@10",
+        )
+    axes[0].set(title="prequential (new, before training) and forgetting", xlabel="round")
     axes[1].plot(rounds, [r["aggregated"] for r in rows], marker="o", label="aggregated")
     axes[1].plot(rounds, [r["declined"] for r in rows], marker="x", label="declined")
     axes[1].set(title="devices per round", xlabel="round")

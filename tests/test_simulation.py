@@ -88,6 +88,11 @@ def test_a_run_writes_consistent_outputs(tmp_path):
             train_entries += sum(e["kind"] == "train" for e in ledger.entries)
     assert train_entries == trained  # one ledger entry per update that reached the server
     assert (out / "rounds.png").stat().st_size > 1000 and (out / "epsilon.png").exists()
+    forgetting = summary["early_window_ndcg@10"]
+    assert len(forgetting) == 3 and all(0 <= x <= 1 for x in forgetting)
+    baselines = summary["prequential_baselines_ndcg@10"]
+    assert [b["round"] for b in baselines] == [2, 3]
+    assert all(0 <= b["popularity"] <= 1 and 0 <= b["recent_popularity"] <= 1 for b in baselines)
 
 
 def test_resume_continues_with_the_same_rounds_ledgers_and_accountant(tmp_path, monkeypatch):
