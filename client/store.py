@@ -16,13 +16,13 @@ fedrec.common.examples). A cohort is the set of interactions that arrived togeth
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedrec.common.io import atomic_write
 
 STORE_FILE = "store.sqlite"
 SCHEMA_VERSION = 1
@@ -189,8 +189,4 @@ class ClientStore:
 
     def save_local_state(self, state: dict[str, np.ndarray]) -> None:
         """Atomic: a crash leaves the previous state or the new one, never a mix."""
-        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".npz.tmp", delete=False) as tmp:
-            np.savez(tmp, **state)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, self.folder / LOCAL_STATE_FILE)
+        atomic_write(self.folder / LOCAL_STATE_FILE, lambda f: np.savez(f, **state))

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedrec.common.baselines import popularity_scorer, recent_popularity_scorer
 from fedrec.common.config import DataConfig
 from fedrec.common.data.schema import Interactions
 from fedrec.common.evaluation import evaluate
+from fedrec.common.io import atomic_write_json
 from fedrec.common.protocols import ProtocolConfig, make_split
 from fedrec.common.text import item_text_features
 from fedrec.common.train import (
@@ -24,23 +22,6 @@ from fedrec.common.train import (
     history_before_test,
     train_centralized,
 )
-
-
-def write_json(path: Path, payload: object) -> None:
-    """Atomic JSON write: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2, sort_keys=True, default=_jsonable)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def baseline_metrics(split, num_users: int, num_items: int) -> dict[str, dict[str, float]]:
@@ -161,7 +142,7 @@ def run_reference(
             "threat_model": "anyone who sees the trained model (central DP: the trainer is trusted)",
             "not_covered": "validation-based early stopping and hyperparameter choice",
         }
-    write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     with open(out / "epochs.jsonl", "w") as f:
         for name, rows in curves.items():
             for row in rows:

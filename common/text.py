@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from fedrec.common.data.schema import Catalogue
+from fedrec.common.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,5 @@ def item_text_features(
         except (OSError, ValueError) as err:
             log.warning("ignoring unreadable text cache %s: %s", path, err)
     vectors = make_encoder(encoder).encode(catalogue.texts())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:
-        np.save(tmp, vectors)
-    os.replace(tmp.name, path)
+    atomic_write(path, lambda f: np.save(f, vectors))
     return vectors

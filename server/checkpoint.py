@@ -19,17 +19,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from fedrec.common.io import TMP_PREFIX as _TMP_PREFIX
+from fedrec.common.io import atomic_write, atomic_write_json
 from fedrec.server.aggregation import Params, ServerOptState
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 LATEST = "latest.json"
 _ROUND_FILE = re.compile(r"^round-(\d+)\.npz$")
-_TMP_PREFIX = ".tmp-"
 _META = "__meta__"
 
 
@@ -63,32 +62,6 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def round_file_name(round: int) -> str:
     return f"round-{round:04d}.npz"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` via a temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    data = (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 def _round_files(folder: Path) -> dict[int, Path]:

@@ -22,8 +22,8 @@ import numpy as np
 from fedrec.client.runtime import build_model, global_parameters, simulated_device_round
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
+from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer, Scope
-from fedrec.common.reference import write_json
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
     ClientUpdate,
@@ -96,7 +96,7 @@ class FederatedRun:
             self.accountant = UserLevelAccountant.from_dict(checkpoint.extra["user_privacy"])
             self.next_round = checkpoint.round + 1
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", config.to_flat())
+        atomic_write_json(self.out / "config.json", config.to_flat())
         self.probe = self._early_window_probe()
 
     def _early_window_probe(self):

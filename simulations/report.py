@@ -11,8 +11,8 @@ from fedrec.client.ledger import PrivacyLedger
 from fedrec.common.baselines import popularity_scorer
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
+from fedrec.common.io import atomic_write_json
 from fedrec.common.privacy.accounting import Guarantee
-from fedrec.common.reference import write_json
 from fedrec.simulations.federation import FederatedRun
 
 
@@ -150,7 +150,7 @@ def finalize(run: FederatedRun) -> dict:
         "ledger_heads": heads,
         "config": config.to_flat(),
     }
-    write_json(run.out / "summary.json", summary)
+    atomic_write_json(run.out / "summary.json", summary)
     plot_rounds(rows, run.out / "rounds.png")
     plot_epsilons(budgeted, config.epsilon, run.out / "epsilon.png")
     return summary
