@@ -127,3 +127,15 @@ def simulated_device_round(
 def global_parameters(model: RecModel) -> dict[str, np.ndarray]:
     state = model.state_dict()
     return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.GLOBAL)}
+
+
+def acknowledge_survivors(config: SimulationConfig, users: list[int], round: int, n: int) -> None:
+    """The server's acknowledgement to the devices of a round that only n devices reached the
+    sum: each records it in its ledger, which then charges that round at σ·√n instead of
+    σ·√K_min. In simulation the message is a direct call; a deployment sends it to the device.
+    """
+    stream = load_stream(config.data, config.rounds)
+    for user in users:
+        folder = client_dir(config, str(stream.dataset.user_ids[user]))
+        with PrivacyLedger.open(folder / "ledger.jsonl") as ledger:
+            ledger.append_survivors(round, n)

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.runtime import build_model, global_parameters, simulated_device_round
+from fedrec.client.runtime import (
+    acknowledge_survivors,
+    build_model,
+    global_parameters,
+    simulated_device_round,
+)
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
@@ -166,15 +171,19 @@ class FederatedRun:
                 continue
             updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))
 
+        # Every round is aggregated and published, whatever the number of survivors n: a rule
+        # "discard when n < K_min" would let one device flip the whole sum in or out, which
+        # user-level DP cannot afford. With n < K_min the sum carries less device noise than
+        # the distributed calibration assumed, so each surviving device records n in its
+        # ledger and its per-interaction ε is charged at σ·√n (never under-counted).
         k_min = self.config.min_survivors if "distributed" in self.config.dp else 1
-        published = len(updates) >= k_min
-        if not published:
-            # Secure aggregation's threshold: with fewer than K_min survivors the sum is not
-            # revealed, so nothing is published and the model stays as it was.
+        if len(updates) < k_min:
             log.warning(
-                "round %d: %d survivors < K_min=%d, round discarded", round, len(updates), k_min
+                "round %d: %d survivors < K_min=%d: charged at √n", round, len(updates), k_min
             )
-            updates = []
+            acknowledge_survivors(
+                self.config, [int(u.client_id) for u in updates], round, len(updates)
+            )
         rng = np.random.default_rng([self.config.seed, round, 1])
         if self.user_dp:
             expected = self.sample_rate * len(self.registered)
@@ -198,9 +207,7 @@ class FederatedRun:
             self.params, self.opt_state, diag = aggregate(
                 self.params, updates, opt_cfg=self.opt_config, opt_state=self.opt_state
             )
-        row = self._round_metrics(
-            round, replies, len(updates), declined, failed, dropped, published
-        )
+        row = self._round_metrics(round, replies, len(updates), declined, failed, dropped)
         row["seconds"] = seconds
         # simulation-only oracle (the server knows the stream): does the model still rank the
         # early window as well as when it was fresh?
@@ -218,7 +225,7 @@ class FederatedRun:
             f.write(json.dumps(row) + "\n")
         return row
 
-    def _round_metrics(self, round, replies, aggregated, declined, failed, dropped, published):
+    def _round_metrics(self, round, replies, aggregated, declined, failed, dropped):
         def total(key: str) -> float:
             return float(sum(r.metrics.get(key, 0.0) for r in replies))
 
@@ -241,7 +248,6 @@ class FederatedRun:
             "failed": failed,
             "dropped": len(dropped),
             "dropped_reasons": dropped[:5],
-            "published": published,
             "loss": float(np.mean(losses)) if losses else None,
             "preq_count": count,
             "preq_hr@10": total("preq_hits@10") / count if count else None,

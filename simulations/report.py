@@ -38,7 +38,7 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                 "name": "user-level DP of the published global model",
                 "unit": "one device (all its interactions, whatever it computes)",
                 "threat_model": "anyone who sees a published global model; trusts the server "
-                "to clip updates and add the noise",
+                "to add the noise and devices to bound their own update (lr*C/q, or clipping)",
                 "epsilon": run.accountant.epsilon(delta),
                 "delta": delta,
                 "accountant": "RDP, Poisson client sampling at rate "
@@ -50,9 +50,11 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
             {
                 "name": "per-interaction DP against the server, with secure aggregation",
                 "unit": "one interaction (add/remove; each is in one training example)",
-                "threat_model": "an honest-but-curious server that sees only the sum of at least "
-                f"K_min={config.min_survivors} devices' updates (secure aggregation assumed in "
-                "simulation; rounds with fewer survivors are discarded unpublished)",
+                "threat_model": "an honest-but-curious server that sees only the sum of the "
+                "devices' updates (secure aggregation assumed in simulation); rounds with fewer "
+                f"than K_min={config.min_survivors} survivors are charged at sigma*sqrt(n). Not "
+                "covered: whether a sampled device trains or declines (it declines when it holds "
+                "no complete trainable pair), which is visible to the server",
                 "epsilon": float(eps_distributed.max()) if len(eps_distributed) else 0.0,
                 "delta": delta,
                 "accountant": "RDP per cohort from the device ledgers",
@@ -63,7 +65,8 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
             {
                 "name": "per-interaction local DP (the device's own noise only)",
                 "unit": "one interaction",
-                "threat_model": "anyone, the server included, seeing a device's update; no trust",
+                "threat_model": "anyone, the server included, seeing a device's update; no trust. "
+                "Not covered: whether the device trains or declines",
                 "epsilon": float(eps_local.max()) if len(eps_local) else 0.0,
                 "delta": delta,
                 "accountant": "RDP per cohort from the device ledgers",

@@ -215,3 +215,29 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path):
             except ProcessLookupError:
                 pass
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+
+
+def test_rounds_with_fewer_survivors_than_k_min_are_charged_at_sqrt_n(tmp_path):
+    from fedrec.common.privacy.accounting import cohort_epsilons
+
+    config = small(tmp_path, **{"min-survivors": 1000})  # every round has n < K_min
+    run_in_process(config)
+    charged, checked = 0, 0
+    for path in sorted((config.out / "clients").glob("*/ledger.jsonl")):
+        with PrivacyLedger.open(path) as ledger:
+            entries = list(ledger.entries)
+            trains = [e for e in entries if e["kind"] == "train"]
+            acks = [e for e in entries if e["kind"] == "survivors"]
+            assert len(acks) == len(trains)  # every round it reached the sum is acknowledged
+            if not trains:
+                continue
+            with_acks = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)
+            without = cohort_epsilons(
+                [e for e in entries if e["kind"] != "survivors"],
+                Guarantee.DISTRIBUTED,
+                config.delta,
+            )
+            for cohort, eps in with_acks.items():
+                checked += 1
+                charged += eps > without[cohort]
+    assert checked and charged == checked
