@@ -155,7 +155,7 @@ def local_round(
     """Run one round on one device. `model` is a reusable template; its global parameters are
     overwritten with `global_params` and its local ones with the device's stored state."""
     start = time.perf_counter()
-    _load(model, global_params, store.load_local_state())
+    load_parameters(model, global_params, store.load_local_state())
     data = store.interactions()
     metrics: Metrics = {"interactions": float(len(data))}
 
@@ -217,7 +217,8 @@ def local_round(
     return LocalResult(new_params, len(first), metrics)
 
 
-def _load(model: RecModel, global_params: Params, local: Params) -> None:
+def load_parameters(model: RecModel, global_params: Params, local: Params) -> None:
+    """Validated global parameters (shape, finite) and the device's local ones into `model`."""
     names = model.parameter_names(Scope.GLOBAL)
     missing = set(names) - set(global_params)
     if missing:

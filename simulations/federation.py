@@ -25,10 +25,11 @@ from fedrec.client.runtime import (
     global_parameters,
     simulated_device_round,
 )
+from fedrec.client.training import load_parameters
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
-from fedrec.common.model import ModelScorer, Scope
+from fedrec.common.model import ModelScorer
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
     ClientUpdate,
@@ -261,12 +262,7 @@ class FederatedRun:
 
     # -- end of run -----------------------------------------------------------------------------
     def load_into_model(self) -> None:
-        import torch
-
-        state = self.model.state_dict()
-        for name in self.model.parameter_names(Scope.GLOBAL):
-            state[name] = torch.from_numpy(np.asarray(self.params[name], dtype=np.float32))
-        self.model.load_state_dict(state)
+        load_parameters(self.model, self.params, local={})
 
     def evaluate(self) -> dict:
         """Protocol (a) test, comparable with `fedrec train` (simulation: the server knows the

@@ -93,25 +93,17 @@ def prequential_baselines(run: FederatedRun) -> list[dict]:
         test = rows.select(stream.window == r)
         num_items = stream.dataset.num_items
         previous = rows.select(stream.window == r - 1)
-        out.append(
-            {
-                "round": r + 1,
-                "popularity": evaluate(
-                    popularity_scorer(before, num_items),
-                    test=test,
-                    history=history,
-                    num_items=num_items,
-                    sampled_negatives=0,
-                )["ndcg@10"],
-                "recent_popularity": evaluate(
-                    popularity_scorer(previous, num_items),
-                    test=test,
-                    history=history,
-                    num_items=num_items,
-                    sampled_negatives=0,
-                )["ndcg@10"],
-            }
-        )
+        scorers = {
+            "popularity": popularity_scorer(before, num_items),
+            "recent_popularity": popularity_scorer(previous, num_items),
+        }
+        row: dict = {"round": r + 1}
+        for name, scorer in scorers.items():
+            metrics = evaluate(
+                scorer, test=test, history=history, num_items=num_items, sampled_negatives=0
+            )
+            row[name] = metrics["ndcg@10"]
+        out.append(row)
     return out
 
 

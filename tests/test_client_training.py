@@ -8,9 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedrec.client.ledger import PrivacyLedger
+from fedrec.client.runtime import global_parameters
 from fedrec.client.store import ClientStore
 from fedrec.client.training import LocalTrainConfig, local_round
-from fedrec.common.model import ModelConfig, RecModel, Scope
+from fedrec.common.model import ModelConfig, RecModel
 from fedrec.common.privacy.accounting import Guarantee
 
 NUM_ITEMS = 40
@@ -24,9 +25,7 @@ def template() -> RecModel:
     return RecModel(ModelConfig(dim=8, text_dim=8), text, None, time_range=(0, 100))
 
 
-def global_params(model: RecModel) -> dict[str, np.ndarray]:
-    state = model.state_dict()
-    return {n: state[n].numpy().copy() for n in model.parameter_names(Scope.GLOBAL)}
+global_params = global_parameters
 
 
 CONFIG = LocalTrainConfig(
