@@ -39,6 +39,7 @@ from fedrec.server.user_privacy import (
     aggregate_noise_std,
     calibrate_noise_multiplier,
     client_sample_rate,
+    discard_delta,
     user_level_mechanism,
 )
 from fedrec.simulations.config import SimulationConfig
@@ -81,6 +82,23 @@ class FederatedRun:
                 sample_rate=self.sample_rate,
                 rounds=config.rounds,
             )
+        if self.user_dp and "distributed" in config.dp:
+            extra = discard_delta(
+                epsilon=config.user_epsilon,
+                rounds=config.rounds,
+                registered_clients=len(self.registered),
+                sample_rate=self.sample_rate,
+                min_survivors=config.min_survivors,
+            )
+            if extra > config.delta:
+                log.warning(
+                    "K_min=%d is too close to the %.0f devices expected per round: discarding "
+                    "rounds below it adds up to δ=%.3g to the user-level guarantee (lower "
+                    "--min-survivors or sample more devices)",
+                    config.min_survivors,
+                    self.sample_rate * len(self.registered),
+                    extra,
+                )
         checkpoint = load_latest(self.out) if (self.out / "checkpoints").exists() else None
         if checkpoint is not None and not config.resume:
             raise RunExistsError(
@@ -210,6 +228,8 @@ class FederatedRun:
             self.params, self.opt_state, diag = aggregate(
                 self.params, updates, opt_cfg=self.opt_config, opt_state=self.opt_state
             )
+        if not discarded and self.config.server_bias_decay > 0:
+            self._decay_item_biases(self.config.server_bias_decay)
         if self.user_dp:
             self.accountant.record_round(self.user_mechanism(), round=round)
         row = self._round_metrics(round, replies, len(updates), declined, failed, dropped)
@@ -230,6 +250,13 @@ class FederatedRun:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+    def _decay_item_biases(self, decay: float) -> None:
+        table = self.params["item_table.weight"].copy()
+        columns = self.model.item_columns
+        for part in ("bias", "time_bias"):
+            table[:, columns[part]] *= 1.0 - decay
+        self.params = {**self.params, "item_table.weight": table}
 
     def _round_metrics(self, round, replies, aggregated, declined, failed, dropped):
         def total(key: str) -> float:

@@ -44,7 +44,7 @@ def test_config_round_trips_and_rejects_unknown_settings():
     config = SimulationConfig()
     assert SimulationConfig.from_flat(config.to_flat()) == config
     assert config.dp == {"user", "distributed"}
-    assert config.device_noise_multiplier == pytest.approx(1.0 / np.sqrt(10))
+    assert config.device_noise_multiplier == pytest.approx(0.7 / np.sqrt(100))
     with pytest.raises(ValueError, match="unknown simulation settings"):
         SimulationConfig.from_flat({"roundz": 3})
     parsed = SimulationConfig.from_flat({"model-id-embeddings": "false", "resume": "true"})
@@ -245,3 +245,19 @@ def test_discard_delta_is_negligible_when_many_more_devices_are_sampled_than_k_m
     assert discard_delta(registered_clients=5000, **args) < 1e-15
     assert discard_delta(registered_clients=600, **{**args, "sample_rate": 12 / 600}) > 1e-5
     assert discard_delta(registered_clients=5000, **{**args, "min_survivors": 1}) == 0.0
+
+
+def test_server_bias_decay_fades_item_biases_only(tmp_path):
+    run = FederatedRun(small(tmp_path, **{"server-bias-decay": 0.25, "dp": "off"}))
+    table = run.params["item_table.weight"].copy()
+    table[:] = 2.0
+    run.params = {**run.params, "item_table.weight": table}
+    before = {k: v.copy() for k, v in run.params.items()}
+    run._decay_item_biases(0.25)
+    columns = run.model.item_columns
+    after = run.params["item_table.weight"]
+    assert np.allclose(after[:, columns["bias"]], 1.5)
+    assert np.allclose(after[:, columns["time_bias"]], 1.5)
+    assert all(np.array_equal(run.params[k], before[k]) for k in before if k != "item_table.weight")
+    with pytest.raises(ValueError, match="server-bias-decay"):
+        small(tmp_path, **{"server-bias-decay": 1.0})
