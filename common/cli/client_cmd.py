@@ -1,0 +1,138 @@
+"""`fedrec client ...`: what runs on a device (ingest, status, recommend, start)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedrec.common.cli.options import fail
+
+app = typer.Typer(
+    help="The device side: its interaction store, privacy spend, recommendations and SuperNode.",
+    no_args_is_help=True,
+)
+
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="the device folder (store, ledger, state)")
+]
+DeviceConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="device TOML: [device] store, dataset; [policy] privacy policy"),
+]
+
+
+def _device(store: Path | None, config: Path | None):
+    from fedrec.client.device import DeviceConfigError, load_device_config
+
+    try:
+        return load_device_config(config, store)
+    except DeviceConfigError as err:
+        raise fail(str(err)) from err
+
+
+@app.command("ingest")
+def ingest(
+    source: Annotated[
+        str, typer.Argument(help="CSV (item,timestamp) or JSON lines file; - for stdin")
+    ],
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+) -> None:
+    """Append interactions to the device's store. Each invalid line (unknown item, bad
+    timestamp, duplicate) is reported and skipped; the valid ones are added in one transaction
+    (the store is never left half-written). Exit status 1 if any line was rejected."""
+    from fedrec.client.device import catalogue_items
+    from fedrec.client.device import ingest as ingest_lines
+    from fedrec.client.store import StoreError
+
+    device = _device(store, config)
+    try:
+        if source == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise fail(f"{source}: {err}") from err
+    try:
+        report = ingest_lines(device.store, lines, set(catalogue_items(device.data)))
+    except StoreError as err:
+        raise fail(str(err)) from err
+    for message in report.rejected:
+        typer.secho(f"rejected {message}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(
+        f"added {report.added} interaction(s), rejected {len(report.rejected)}"
+        + (f" (cohort {report.cohort})" if report.cohort else "")
+    )
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status(
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The device's privacy spend from its ledger: per-interaction ε distribution, retired
+    interactions, remaining budget."""
+    from fedrec.client.device import status as device_status
+    from fedrec.client.ledger import LedgerCorruptError
+    from fedrec.client.store import StoreError
+
+    device = _device(store, config)
+    try:
+        info = device_status(device.store, device.policy)
+    except (StoreError, LedgerCorruptError) as err:
+        raise fail(str(err)) from err
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    eps = info["epsilon"]
+    typer.echo(f"store            {info['store']}  ({info['interactions']} interactions)")
+    typer.echo(f"guarantee        {info['guarantee']}, δ = {info['delta']:g}")
+    if eps:
+        typer.echo(
+            "ε / interaction  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in eps.items())
+            + f"  (never trained on: {info['never_trained']})"
+        )
+    typer.echo(
+        f"budget           ε = {info['budget_epsilon']:g}, spent (max) {info['max_epsilon']:.3f}, "
+        f"remaining {info['remaining_epsilon']:.3f}"
+    )
+    typer.echo(
+        f"retired          {info['retired_interactions']} interaction(s) "
+        f"in {info['retired_cohorts']} cohort(s)"
+    )
+    typer.echo(
+        f"ledger           {info['ledger_entries']} entries, rounds trained "
+        f"{info['rounds_trained']}, head {info['ledger_head'][:16]}"
+    )
+
+
+@app.command("recommend")
+def recommend(
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+    k: Annotated[int, typer.Option("-k", "--top", help="how many items")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Top-k items from the latest global model this device received plus its local state,
+    excluding what the user already has."""
+    from fedrec.client.device import recommend as device_recommend
+    from fedrec.client.store import StoreError
+
+    device = _device(store, config)
+    try:
+        top = device_recommend(device.store, k)
+    except StoreError as err:
+        raise fail(str(err)) from err
+    if as_json:
+        typer.echo(json.dumps([{"item": i, "score": s} for i, s in top]))
+        return
+    for rank, (item, score) in enumerate(top, start=1):
+        typer.echo(f"{rank:3d}  {item}  {score:.4f}")
