@@ -334,3 +334,16 @@ def recommend(store_dir: Path, k: int = 10) -> list[tuple[str, float]]:
     top = np.argsort(-scores, kind="stable")[:k]
     ids = list(index)
     return [(ids[i], float(scores[i])) for i in top if np.isfinite(scores[i])]
+
+
+def connection_settings(path: Path | None) -> dict[str, Any]:
+    """The [connection] table of a device file: superlink, root-certificates, key (paths
+    relative to the file)."""
+    if path is None:
+        return {}
+    with open(path, "rb") as f:
+        table = dict(tomllib.load(f).get("connection", {}))
+    for name in ("root-certificates", "key"):
+        if name in table and not Path(table[name]).is_absolute():
+            table[name] = Path(path).parent / table[name]
+    return table

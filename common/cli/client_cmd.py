@@ -136,3 +136,68 @@ def recommend(
         return
     for rank, (item, score) in enumerate(top, start=1):
         typer.echo(f"{rank:3d}  {item}  {score:.4f}")
+
+
+@app.command("start")
+def start(
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+    superlink: Annotated[
+        str | None, typer.Option(help="server address HOST:PORT ([connection] superlink)")
+    ] = None,
+    root_certificates: Annotated[
+        Path | None,
+        typer.Option("--root-certificates", help="the deployment's CA (ca.pem from fedrec certs)"),
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="this device's private key (devices/NAME.key)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="local port of the SuperNode's own API (default 9094)")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no authentication (testing only)")
+    ] = False,
+) -> None:
+    """Start this device's Flower SuperNode. Its ClientApp reads the store at --store and
+    enforces the privacy policy of --config, whatever the server asks. Runs until stopped."""
+    import os
+    import shutil
+
+    from fedrec.client.device import connection_settings
+    from fedrec.client.store import ClientStore, StoreError
+
+    device = _device(store, config)
+    conn = connection_settings(config)
+    superlink = superlink or conn.get("superlink")
+    root_certificates = root_certificates or conn.get("root-certificates")
+    key = key or conn.get("key")
+    if not superlink:
+        raise fail("no server address: pass --superlink HOST:PORT or set [connection] superlink")
+    try:
+        with ClientStore(device.store, verify=True):
+            pass
+    except StoreError as err:  # start anyway: each round replies with this error
+        typer.secho(f"warning: {err}", err=True, fg=typer.colors.YELLOW)
+    store_path = device.store.resolve()
+    node_config = f'store="{store_path}"'
+    if config is not None:
+        node_config += f' device-config="{config.resolve()}"'
+    cmd = ["flower-supernode", "--superlink", superlink, "--node-config", node_config]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    if insecure:
+        from fedrec.server.superlink import INSECURE_WARNING
+
+        typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.YELLOW)
+        cmd.append("--insecure")
+    else:
+        if not root_certificates or not key:
+            raise fail("TLS needs --root-certificates (ca.pem) and --key (this device's key)")
+        cmd += ["--root-certificates", str(root_certificates), "--auth-supernode-private-key",
+                str(key)]  # fmt: skip
+    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent))
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    sys.stdout.flush()
+    os.execv(exe or "flower-supernode", cmd)  # this process becomes the SuperNode (same PID)
