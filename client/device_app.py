@@ -14,6 +14,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 STORE_KEY, CONFIG_KEY = "store", "device-config"
+# The run settings of the last message handled in this process, for a warm executor that
+# forked it (fedrec.client.warm_exec): it prepares the same model before the next message.
+last_run_settings: list[dict] = []
 
 
 def is_device(context: Context) -> bool:
@@ -34,6 +37,7 @@ def train_on_device(msg: Message, context: Context) -> Message:
             Path(config_file) if config_file else None, Path(str(context.node_config[STORE_KEY]))
         )
         _, run_flat = split_run_config(dict(context.run_config))
+        last_run_settings[:] = [run_flat]
         round_ = int(msg.content["config"]["round"])
         params = {name: np.asarray(a.numpy()) for name, a in msg.content["arrays"].items()}
         result = device_round(device, run_flat, round_, params)

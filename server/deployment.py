@@ -132,8 +132,9 @@ def record_devices(
         entry: dict[str, Any] = {"node": str(r.user), "outcome": outcome}
         if r.error or declined:
             entry["reason"] = r.error or declined
-        if "max_interaction_epsilon" in r.metrics:
-            entry["max_interaction_epsilon"] = r.metrics["max_interaction_epsilon"]
+        for key in ("max_interaction_epsilon", "seconds"):  # seconds: if the device shares it
+            if key in r.metrics:
+                entry[key] = r.metrics[key]
         outcomes.append(entry)
     sent = sum(o["outcome"] == "sent" for o in outcomes)
     with open(run.out / "devices.jsonl", "a") as f:

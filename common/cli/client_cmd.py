@@ -158,6 +158,14 @@ def start(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS, no authentication (testing only)")
     ] = False,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            "--warm/--cold",
+            help="warm: a long-lived executor forks each message with torch and the catalogue "
+            "already loaded; cold: Flower starts a new process per message (slow)",
+        ),
+    ] = True,
 ) -> None:
     """Start this device's Flower SuperNode. Its ClientApp reads the store at --store and
     enforces the privacy policy of --config, whatever the server asks. Runs until stopped."""
@@ -184,8 +192,10 @@ def start(
     if config is not None:
         node_config += f' device-config="{config.resolve()}"'
     cmd = ["flower-supernode", "--superlink", superlink, "--node-config", node_config]
-    if port is not None:
-        cmd += ["--port", str(port)]
+    port = port or 9094
+    cmd += ["--port", str(port)]
+    if warm:
+        cmd += ["--isolation", "process"]
     if insecure:
         from fedrec.server.superlink import INSECURE_WARNING
 
@@ -200,4 +210,35 @@ def start(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     sys.stdout.flush()
-    os.execv(exe or "flower-supernode", cmd)  # this process becomes the SuperNode (same PID)
+    if not warm:
+        os.execv(exe or "flower-supernode", cmd)  # this process becomes the SuperNode (same PID)
+    raise typer.Exit(_supervise([exe or "flower-supernode", *cmd[1:]], port))
+
+
+def _supervise(supernode_cmd: list[str], port: int) -> int:
+    """Run the SuperNode and the warm executor beside it; stop both when either ends or
+    when this process is asked to stop. Returns the SuperNode's exit status."""
+    import signal
+    import subprocess
+
+    node = subprocess.Popen(supernode_cmd)
+    executor = subprocess.Popen(
+        [sys.executable, "-m", "fedrec.client.warm_exec", "--runtime-api-address",
+         f"127.0.0.1:{port}", "--parent-pid", str(node.pid)]
+    )  # fmt: skip
+
+    def stop(signum, _frame):
+        for proc in (node, executor):
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = node.wait()
+    if executor.poll() is None:
+        executor.terminate()
+        try:
+            executor.wait(10)
+        except subprocess.TimeoutExpired:
+            executor.kill()
+    return code
