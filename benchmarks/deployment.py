@@ -3,8 +3,10 @@
 Starts `fedrec server start` (TLS, node authentication) and N `fedrec client start` devices as
 real processes, runs R rounds, and reads the run folder: a round's wall time (server side,
 from sending the model to the last reply) and each device's own training time (`seconds`,
-shared because the benchmark's device policy allows evaluation metrics). The overhead of a
-message is the round time minus the device's training time, with one device.
+shared because the benchmark's device policy allows evaluation metrics; `message_seconds`
+is the whole ClientApp handler: policy, store, model template, round). The overhead of a
+message is the round time minus the handler's time, with one device: process start, imports,
+Flower's transport and polling.
 
     python benchmarks/deployment.py --devices 1 --rounds 4 --mode cold
     python benchmarks/deployment.py --devices 1 --rounds 4 --mode warm
@@ -122,13 +124,13 @@ def main() -> None:
     per_device = [json.loads(x) for x in (root / "run" / "devices.jsonl").read_text().splitlines()]
     rounds = []
     for row, devs in zip(rows, per_device, strict=True):
-        train = [d.get("seconds", 0.0) for d in devs["devices"]]
+        train = [d.get("message_seconds", 0.0) for d in devs["devices"]]
         rounds.append(
             {
                 "round": row["round"],
                 "wall_s": row["seconds"],
-                "device_train_s_max": max(train) if train else None,
-                "device_train_s_mean": sum(train) / len(train) if train else None,
+                "device_handler_s_max": max(train) if train else None,
+                "device_handler_s_mean": sum(train) / len(train) if train else None,
                 "overhead_s": row["seconds"] - (max(train) if train else 0.0),
                 "summed": devs["summed"],
             }

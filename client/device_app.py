@@ -24,6 +24,9 @@ def is_device(context: Context) -> bool:
 
 
 def train_on_device(msg: Message, context: Context) -> Message:
+    import time
+
+    start = time.perf_counter()
     from fedrec.client.device import load_device_config
     from fedrec.client.device_round import device_round, reply_metrics
     from fedrec.common.deployment import split_run_config
@@ -42,6 +45,8 @@ def train_on_device(msg: Message, context: Context) -> Message:
         params = {name: np.asarray(a.numpy()) for name, a in msg.content["arrays"].items()}
         result = device_round(device, run_flat, round_, params)
         metrics = reply_metrics(result, device.policy)
+        if device.policy.allow_evaluation_metrics:  # timings are the device's to share too
+            metrics["message_seconds"] = time.perf_counter() - start
         params_out = result.params
         status["declined"] = result.declined or ""
     except Exception as err:  # the reply carries it; the device stays as it was

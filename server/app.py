@@ -114,7 +114,7 @@ def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -
             for node in nodes
         ]
         answered = {}
-        for reply in grid.send_and_receive(messages, timeout=settings.round_timeout_s):
+        for reply in send_and_receive(grid, messages, settings.round_timeout_s):
             node = int(reply.metadata.src_node_id)
             declined = ""
             if not reply.has_error() and "status" in reply.content:
@@ -135,3 +135,21 @@ def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -
         print(f"[fedrec] round {row['round']}: {row}", flush=True)
 
     run_deployment(config, settings, lambda: list(grid.get_node_ids()), send, on_round)
+
+
+REPLY_POLL_S = 0.2  # Flower's own send_and_receive polls every 3 s: most of a short round
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push, then pull replies every REPLY_POLL_S until all arrived or `timeout` passed."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies

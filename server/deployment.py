@@ -132,7 +132,11 @@ def record_devices(
         entry: dict[str, Any] = {"node": str(r.user), "outcome": outcome}
         if r.error or declined:
             entry["reason"] = r.error or declined
-        for key in ("max_interaction_epsilon", "seconds"):  # seconds: if the device shares it
+        for key in (
+            "max_interaction_epsilon",
+            "seconds",
+            "message_seconds",
+        ):  # seconds: if the device shares it
             if key in r.metrics:
                 entry[key] = r.metrics[key]
         outcomes.append(entry)

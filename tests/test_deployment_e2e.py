@@ -49,14 +49,29 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def running_clientapp(proc: subprocess.Popen) -> bool:
-    """Whether a device's SuperNode is working on a message right now."""
+    """Whether a device is working on a message right now: a `flwr-clientapp` process, or a
+    child forked by the warm executor."""
     for pid in descendants(proc.pid):
-        try:
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            pass
+        cmd = _cmdline(pid)
+        if b"flwr-clientapp" in cmd or (
+            b"warm_exec" in cmd and b"warm_exec" in _cmdline(_parent(pid))
+        ):
+            return True
     return False
 
 
@@ -127,7 +142,7 @@ class Deployment:
             value = what()
             if value:
                 return value
-            time.sleep(0.5)
+            time.sleep(0.2)
         logs = "\n".join(
             f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log"))
         )
