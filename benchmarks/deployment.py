@@ -124,14 +124,18 @@ def main() -> None:
     per_device = [json.loads(x) for x in (root / "run" / "devices.jsonl").read_text().splitlines()]
     rounds = []
     for row, devs in zip(rows, per_device, strict=True):
-        train = [d.get("message_seconds", 0.0) for d in devs["devices"]]
+        handler = [d.get("message_seconds", 0.0) for d in devs["devices"]]
+        train = [d.get("seconds", 0.0) for d in devs["devices"]]
         rounds.append(
             {
                 "round": row["round"],
                 "wall_s": row["seconds"],
-                "device_handler_s_max": max(train) if train else None,
-                "device_handler_s_mean": sum(train) / len(train) if train else None,
+                "device_train_s_max": max(train) if train else None,
+                "device_handler_s_max": max(handler) if handler else None,
+                # beyond the training itself (local_round): process, imports, model, transport
                 "overhead_s": row["seconds"] - (max(train) if train else 0.0),
+                # beyond the whole handler: process start, imports, Flower's transport
+                "overhead_beyond_handler_s": row["seconds"] - (max(handler) if handler else 0.0),
                 "summed": devs["summed"],
             }
         )
@@ -144,6 +148,11 @@ def main() -> None:
         "rounds": rounds,
         "mean_round_wall_s_after_first": sum(r["wall_s"] for r in later) / len(later),
         "mean_overhead_s_after_first": sum(r["overhead_s"] for r in later) / len(later),
+        "mean_overhead_beyond_handler_s_after_first": sum(
+            r["overhead_beyond_handler_s"] for r in later
+        )
+        / len(later),
+        "folder": str(root),
         "cpus": os.cpu_count(),
     }
     RESULTS.mkdir(exist_ok=True)

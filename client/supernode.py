@@ -6,6 +6,7 @@ for its ClientApp's reply every 0.5 s (`time.sleep` in
 `flwr.supernode.start_client_internal`); with one message per round that is up to 3.5 s of
 waiting per message. Here those sleeps are capped at FEDREC_SUPERNODE_POLL_S (default 0.25 s):
 a few small HTTPS requests per second per device, against a SuperLink that serves thousands.
+The backoff of object pulls starts at 50 ms instead of 1 s (`shorten_flower_backoff`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedrec.common.deployment import shorten_flower_backoff
+
     cap = float(os.environ.get("FEDREC_SUPERNODE_POLL_S", "0.25"))
     start_client_internal.time = _CappedSleep(cap)
+    shorten_flower_backoff()
     flower_supernode()
 
 

@@ -31,7 +31,12 @@ def _warm_up(rounds_hint: int | None = None) -> None:
     """Import what a round needs and read the public catalogue, before any fork."""
     import torch
 
+    from fedrec.common.deployment import shorten_flower_backoff
+
+    shorten_flower_backoff()
     torch.set_num_threads(1)
+    # the first optimizer imports torch._dynamo (1.5 s, measured): once, here
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     import opacus  # noqa: F401
     from opacus.grad_sample import GradSampleModuleFastGradientClipping  # noqa: F401
 
@@ -81,7 +86,7 @@ class ForkExecutor:
                 from flwr.supercore.tls import validate_and_resolve_root_certificates
                 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-                run_clientapp(
+                run = lambda: run_clientapp(  # noqa: E731
                     runtime_api_address=spec.runtime_api_address,
                     token=spec.token,
                     insecure=spec.insecure,
@@ -91,6 +96,17 @@ class ForkExecutor:
                     parent_pid=spec.parent_pid,
                     runtime_dependency_install=spec.runtime_dependency_install,
                 )
+                profile = os.environ.get("FEDREC_WARM_PROFILE")  # a folder: one profile per message
+                if profile:
+                    import cProfile
+
+                    profiler = cProfile.Profile()
+                    try:
+                        profiler.runcall(run)
+                    finally:
+                        profiler.dump_stats(os.path.join(profile, f"message-{os.getpid()}.prof"))
+                else:
+                    run()
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else 0
             except BaseException:

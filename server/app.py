@@ -101,7 +101,10 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[in
 
 def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -> None:
     """A run over real devices: every connected SuperNode is one device."""
+    from fedrec.common.deployment import shorten_flower_backoff
     from fedrec.server.deployment import run_deployment
+
+    shorten_flower_backoff()
 
     def send(nodes, params, round_):
         arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
