@@ -26,7 +26,7 @@ import pytest
 
 from fedrec.simulations.launcher import free_port
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 ROUND_TIMEOUT_S = 45  # how long a round waits for a killed device
 
