@@ -119,3 +119,14 @@ def test_server_config_and_run_config_split(tmp_path):
     path.write_text("[server]\nportt = 1\n")
     with pytest.raises(ServerConfigError, match="unknown"):
         load_server_config(path)
+
+
+def test_tls_and_device_authentication_are_the_default(tmp_path):
+    from fedrec.server.superlink import ServerConfig, superlink_command
+
+    secure = superlink_command(ServerConfig(certificates=tmp_path, database=tmp_path / "s.db"))
+    assert "--insecure" not in secure and "--enable-supernode-auth" in secure
+    assert secure[secure.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
+    assert secure[secure.index("--database") + 1] == str(tmp_path / "s.db")
+    insecure = superlink_command(ServerConfig(insecure=True))
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
