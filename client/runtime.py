@@ -30,9 +30,10 @@ DELIVERED_KEY = "delivered_through_round"
 
 def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig:
     """The device-side settings a federated run asks for (one place maps one to the other)."""
-    if "distributed" in config.dp:
+    if config.distributed_holds:
         guarantee = Guarantee.DISTRIBUTED
-    elif "local" in config.dp:
+    elif "distributed" in config.dp or "local" in config.dp:
+        # a local user vector voids the distributed guarantee: budgets hold on the local one
         guarantee = Guarantee.LOCAL
     else:
         guarantee = None
@@ -50,7 +51,7 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
         delta=config.delta,
         budget_epsilon=config.epsilon,
         budget_guarantee=guarantee,
-        fixed_point=True,
+        reference_batch=config.reference_batch,
         update_clip_norm=config.update_clip_norm if "user" in config.dp else None,
         seed=seed,
     )
@@ -127,15 +128,3 @@ def simulated_device_round(
 def global_parameters(model: RecModel) -> dict[str, np.ndarray]:
     state = model.state_dict()
     return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.GLOBAL)}
-
-
-def acknowledge_survivors(config: SimulationConfig, users: list[int], round: int, n: int) -> None:
-    """The server's acknowledgement to the devices of a round that only n devices reached the
-    sum: each records it in its ledger, which then charges that round at σ·√n instead of
-    σ·√K_min. In simulation the message is a direct call; a deployment sends it to the device.
-    """
-    stream = load_stream(config.data, config.rounds)
-    for user in users:
-        folder = client_dir(config, str(stream.dataset.user_ids[user]))
-        with PrivacyLedger.open(folder / "ledger.jsonl") as ledger:
-            ledger.append_survivors(round, n)

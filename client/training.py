@@ -10,15 +10,23 @@ The order of effects is the privacy argument:
   4. only then is local state saved and the update returned (and so sent).
 A crash can lose an update, never a ledger entry.
 
-Two ways to take the local steps (`LocalTrainConfig.fixed_point`):
-- fixed point (default): every step's noisy gradient is computed at the RECEIVED global
-  parameters and the update is their mean times -lr. Each step's query then depends only on
-  public values, so the sum over >= K_min devices of a step's noisy gradients is a Gaussian
-  mechanism with noise σ_dev·√K_min: the per-interaction guarantee against the server with
-  secure aggregation (DISTRIBUTED) holds, as do LOCAL and user-level DP.
-- sequential: classic local DP-SGD, each step at the parameters the previous one produced.
-  The device's own noise (LOCAL) and user-level DP hold; DISTRIBUTED does not (a step's query
-  depends on this device's earlier noise, which the sum does not reveal), and the run says so.
+Local steps run at a fixed point: every step's noisy gradient is computed at the RECEIVED
+global parameters and the update is their mean. Each step's query then depends only on public
+values, so the per-step sums over devices compose (classic sequential local steps would let a
+step's query depend on this device's earlier noise, which the sum does not reveal).
+
+All devices work in one unit. A step's sum of clipped per-example gradients (each <= C) is
+projected onto the L2 ball of radius B·C, with B = `reference_batch`, a public constant, and
+divided by B; the device's Gaussian noise N(0, σ²C²) is added to that sum before the division.
+Projection onto a ball is non-expansive, so one interaction still moves a step's sum by <= C:
+every interaction's contribution and every device's noise are in units of lr·C/B on every
+device, which is what lets the sum over n devices carry noise σ·√n for EACH interaction in it
+(DISTRIBUTED, with secure aggregation). A whole update is bounded by lr·C (user-level DP's
+sensitivity) whatever the device holds. Devices with fewer than B examples per step count for
+less, as in fixed-denominator DP-FedAvg (McMahan et al. 2018).
+
+A device with nothing to train under the DISTRIBUTED calibration still sends a noise-only
+update: the number of devices in the sum (and so its noise) must not depend on anyone's data.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ class LocalTrainConfig:
     delta: float = 1e-5
     budget_epsilon: float = 8.0  # per interaction, for `budget_guarantee`
     budget_guarantee: Guarantee | None = Guarantee.DISTRIBUTED  # None: DP-SGD off
-    fixed_point: bool = True
+    # B: a step's clipped-gradient sum is projected onto radius B·C and divided by B (see top)
+    reference_batch: int = 1
     # Without DP-SGD, the device clips its whole update to this L2 norm (user-level DP needs a
     # bounded contribution); with DP-SGD the bound lr * C / q holds by construction.
     update_clip_norm: float | None = None
@@ -73,6 +82,29 @@ class LocalTrainConfig:
     @property
     def private(self) -> bool:
         return self.budget_guarantee is not None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.reference_batch, int) and self.reference_batch >= 1):
+            raise ValueError(
+                f"reference_batch must be an integer >= 1, got {self.reference_batch!r}"
+            )
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+    @property
+    def noise_only_when_idle(self) -> bool:
+        """Under DISTRIBUTED, an idle device still adds its noise to the sum."""
+        return self.budget_guarantee is Guarantee.DISTRIBUTED
+
+    def update_noise_std(self) -> float:
+        """Std of the device's noise in the returned update: S steps of N(0, σ²C²) on the
+        step sums, averaged and scaled by lr/B."""
+        return (
+            self.lr
+            * self.noise_multiplier
+            * self.clip_norm
+            / (self.reference_batch * math.sqrt(self.steps))
+        )
 
     def mechanism(self) -> Mechanism:
         return Mechanism(
@@ -88,7 +120,7 @@ class LocalTrainConfig:
 
 @dataclass(frozen=True)
 class LocalResult:
-    params: Params | None  # the device's new global parameters; None when it declined
+    params: Params | None  # new global parameters; None when it declined (noise-only: see top)
     num_examples: int
     metrics: Metrics
     declined: str | None = None  # the reason, when nothing was trained
@@ -189,16 +221,21 @@ def local_round(
         cohorts = trainable
     first, second, when, present = _examples(data, item_index, set(cohorts))
     metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
-    if len(first) == 0:
-        reason = "no trainable pair: every interaction is unpaired or retired"
-        return LocalResult(None, 0, metrics | {"declined": 1.0}, declined=reason)
-
-    # 3. local steps
     generator = torch.Generator()
     if config.seed is None:
         generator.seed()  # non-deterministic: the server cannot reproduce the device's noise
     else:
         generator.manual_seed(config.seed * 1_000_003 + round)
+    if len(first) == 0:
+        reason = "no trainable pair: every interaction is unpaired or retired"
+        metrics |= {"declined": 1.0, "examples": 0.0}
+        if config.private and config.noise_only_when_idle:
+            # nothing of this device's data is in it, so nothing is charged
+            noise = _noise_only(global_params, config, generator)
+            return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
+        return LocalResult(None, 0, metrics, declined=reason)
+
+    # 3. local steps
     new_params, loss = _train(model, first, second, when, config, generator)
 
     # 4. the ledger first, then local state, then the update may leave
@@ -249,7 +286,8 @@ def _local_state(model: RecModel) -> Params:
 
 
 def _train(model, first, second, when, config: LocalTrainConfig, generator) -> tuple[Params, float]:
-    """DP-SGD (or plain SGD when not private) steps; returns the new global params and the mean loss."""
+    """Fixed-point DP-SGD (plain SGD when not private) steps; returns the new global params and
+    the mean loss. See the module docstring for the unit argument."""
     model.train()  # Opacus captures activations only in training mode
     names = model.parameter_names(Scope.GLOBAL)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
@@ -267,21 +305,20 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
         module = GradSampleModuleFastGradientClipping(
             model, max_grad_norm=config.clip_norm, use_ghost_clipping=GRAD_SAMPLE_MODE == "ghost"
         )
-        # Fixed-point steps all run at the same parameters and only their sum leaves, so the
-        # sum of S independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²):
-        # the same output distribution (a post-processing of the S noisy steps the ledger
-        # records) at 1/S of the cost of generating noise for every parameter each step.
-        noise_once = config.fixed_point
+        # All steps run at the same parameters and only their mean leaves, so the sum of S
+        # independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²): the same
+        # output distribution (a post-processing of the S noisy steps the ledger records) at
+        # 1/S of the cost of generating noise for every parameter each step.
         optimizer = DPOptimizerFastGradientClipping(
             optimizer,
-            noise_multiplier=0.0 if noise_once else config.noise_multiplier,
+            noise_multiplier=0.0,
             max_grad_norm=config.clip_norm,
-            # ceil: then |batch| / expected <= n / ceil(q n) <= 1/q, which bounds a device's
-            # whole update by lr * C / q (the sensitivity user-level DP relies on)
-            expected_batch_size=max(1, math.ceil(config.sample_rate * n)),
+            expected_batch_size=config.reference_batch,  # the public B, the same on every device
             generator=generator,
         )
         criterion = DPLossFastGradientClipping(module, optimizer, criterion)
+    # a step moves the global parameters by -lr·(clipped sum)/B: at most lr·C after projection
+    radius = config.lr * config.clip_norm
     accumulated = {name: torch.zeros_like(p) for name, p in start.items()}
     losses = []
     for _ in range(config.steps):
@@ -301,34 +338,39 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
             loss.backward()
             losses.append(float(loss.item()))
             optimizer.step()
-        if config.fixed_point:
-            # keep the step's (noisy) update, then return to the received parameters
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name in accumulated:
-                        accumulated[name] += p - start[name]
-                        p.copy_(start[name])
+        # keep the step's update, then return to the received parameters
+        with torch.no_grad():
+            step = {name: p - start[name] for name, p in model.named_parameters() if name in names}
+            scale = 1.0
+            if config.private:
+                norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in step.values())))
+                scale = min(1.0, radius / max(norm, 1e-30))  # projection onto the B·C ball
+            for name, p in model.named_parameters():
+                if name in accumulated:
+                    accumulated[name] += step[name] * scale
+                    p.copy_(start[name])
         optimizer.zero_grad(set_to_none=True)
     if module is not model:
         module.remove_hooks()  # the template model is reused by the next client
     with torch.no_grad():
-        if config.fixed_point:
-            delta = {n: accumulated[n] / config.steps for n in names}
-            if config.private:
-                batch = max(1, math.ceil(config.sample_rate * n))
-                std = (
-                    config.lr
-                    * config.noise_multiplier
-                    * config.clip_norm
-                    / (batch * math.sqrt(config.steps))
-                )
-                for d in delta.values():
-                    d.add_(torch.normal(0.0, std, size=d.shape, generator=generator))
-        else:
-            delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in names}
+        delta = {n: accumulated[n] / config.steps for n in names}
+        if config.private:
+            std = config.update_noise_std()
+            for d in delta.values():
+                d.add_(torch.normal(0.0, std, size=d.shape, generator=generator))
         if config.update_clip_norm is not None and not config.private:
             norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))
             scale = min(1.0, config.update_clip_norm / max(float(norm), 1e-12))
             delta = {n: d * scale for n, d in delta.items()}
         new = {n: (start[n] + delta[n]).numpy() for n in names}
     return new, float(np.mean(losses)) if losses else math.nan
+
+
+def _noise_only(global_params: Params, config: LocalTrainConfig, generator) -> Params:
+    """An idle device's share of the sum's noise: the received parameters plus its noise."""
+    std = config.update_noise_std()
+    out = {}
+    for name, value in global_params.items():
+        noise = torch.normal(0.0, std, size=value.shape, generator=generator)
+        out[name] = (torch.from_numpy(np.asarray(value, dtype=np.float32)) + noise).numpy()
+    return out

@@ -54,10 +54,16 @@ class ModelConfig:
     id_embeddings: bool = True
     user_embedding: bool = False  # a LOCAL per-user vector (only user-level DP covers it)
     history_half_life: float = 3.0  # inference: weight of the k-th most recent item is 2^(-k/h)
+    # Item biases (static and time-varying) are bias_scale * their stored values: the gradient
+    # w.r.t. them grows by bias_scale, so under per-example clipping biases get a larger share
+    # of the clipping budget C (popularity is the signal that survives noise best).
+    bias_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.text_dim < 1 or self.time_knots < 1:
             raise ValueError("dim, text_dim and time_knots must be >= 1")
+        if not self.bias_scale > 0:
+            raise ValueError(f"bias_scale must be > 0, got {self.bias_scale}")
 
 
 YEAR_MIN, YEAR_MAX = 1990, 2014  # one bucket per year inside, one for older, one for unknown
@@ -211,7 +217,7 @@ class RecModel(nn.Module):
         e = self.id_dim  # id-vector columns of the item table (0 for a content model)
         vectors = years[..., :d] + (rows[..., :e] if e else 0)  # (B, C, d)
         time_bias = torch.einsum("bck,bk->bc", rows[..., e + 1 :], self.knot_weights(time))
-        bias = rows[..., e] + years[..., d] + time_bias  # (B, C)
+        bias = self.config.bias_scale * (rows[..., e] + time_bias) + years[..., d]  # (B, C)
         logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, 2, C)
         logits = logits + torch.einsum("bst,bct->bsc", self.tgt_text(q), self.text[candidates])
         logits = logits + bias[:, None, :]
@@ -228,7 +234,8 @@ class RecModel(nn.Module):
         e = self.id_dim
         v = self.text @ self.tgt_text.weight + years[:, :d] + (table[:, :e] if e else 0)
         now = torch.tensor([self.serving_time if now is None else now], dtype=torch.int64)
-        b = table[:, e] + years[:, d] + table[:, e + 1 :] @ self.knot_weights(now)[0]
+        b = table[:, e] + table[:, e + 1 :] @ self.knot_weights(now)[0]
+        b = self.config.bias_scale * b + years[:, d]
         return v, b
 
     @torch.no_grad()

@@ -211,3 +211,24 @@ def calibrate_noise_multiplier(
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi / 1000
+
+
+def discard_delta(
+    *, epsilon: float, rounds: int, registered_clients: int, sample_rate: float, min_survivors: int
+) -> float:
+    """Extra δ user-level DP pays for discarding rounds with fewer than K_min survivors.
+
+    The released rounds differ from an always-publishing run M' only on the event that a round
+    had n < K_min, so their total variation distance is at most P = Σ_rounds P(n < K_min);
+    then P[M(D) ∈ A] <= P[M'(D) ∈ A] + P <= e^ε (P[M(D') ∈ A] + P) + δ + P, i.e. the run is
+    (ε, δ + (1 + e^ε)·P)-DP at the user level. n counts Poisson-sampled devices (idle ones
+    send noise, so declines do not thin it); with the adjacent dataset's N - 1 others,
+    P(n < K_min) <= BinomCDF(K_min - 1; N - 1, q). Assumes device failures do not depend on
+    the data of the user the guarantee protects.
+    """
+    from scipy.stats import binom
+
+    if min_survivors <= 1 or rounds <= 0:
+        return 0.0
+    per_round = float(binom.cdf(min_survivors - 1, max(registered_clients - 1, 0), sample_rate))
+    return min(1.0, rounds * (1.0 + math.exp(min(epsilon, 700.0))) * per_round)

@@ -56,6 +56,9 @@ class SimulationConfig:
     # local training
     local_steps: int = 4
     sample_rate: float = 0.5
+    # B: a device's step sum of clipped gradients is capped at B·C and divided by B, the same
+    # public B on every device (one noise unit across devices; see fedrec.client.training)
+    reference_batch: int = 1
     local_lr: float = 0.5
     num_negatives: int = 100
     # server
@@ -75,19 +78,28 @@ class SimulationConfig:
             raise ValueError(
                 f"server-optimizer must be fedavg or fedadam, not {self.server_optimizer!r}"
             )
+        if self.reference_batch < 1 or self.local_steps < 1 or self.min_survivors < 1:
+            raise ValueError("reference-batch, local-steps and min-survivors must be >= 1")
         if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("budgets must be > 0 and delta in (0, 1)")
 
     @property
     def user_sensitivity(self) -> float:
         """L2 bound on one device's update, the sensitivity of user-level DP. With DP-SGD it
-        holds by construction (per-example clipping C, batch / expected batch <= 1/q, fixed-
-        point steps): lr * C / q. Without DP-SGD the device clips its update to
-        update_clip_norm. The server cannot clip noisy updates without destroying them, and
+        holds by construction: each fixed-point step's clipped sum is projected onto radius
+        B·C and divided by B, so the mean of the steps is within lr·C. Without DP-SGD the
+        device clips its update to update_clip_norm. The server cannot clip noisy updates without destroying them, and
         under secure aggregation it never sees them: the bound is enforced on the device."""
         if self.device_noise_multiplier is not None:
-            return self.local_lr * self.clip_norm / self.sample_rate
+            return self.local_lr * self.clip_norm
         return self.update_clip_norm
+
+    @property
+    def distributed_holds(self) -> bool:
+        """The per-interaction guarantee with secure aggregation needs every released gradient
+        to depend on public values, global parameters and one interaction: a LOCAL user vector
+        trained under the small per-device noise would feed them, so it voids the guarantee."""
+        return "distributed" in self.dp and not self.model.user_embedding
 
     @property
     def device_noise_multiplier(self) -> float | None:

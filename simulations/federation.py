@@ -19,12 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.runtime import (
-    acknowledge_survivors,
-    build_model,
-    global_parameters,
-    simulated_device_round,
-)
+from fedrec.client.runtime import build_model, global_parameters, simulated_device_round
 from fedrec.client.training import load_parameters
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
@@ -162,8 +157,9 @@ class FederatedRun:
                 failed += 1
                 log.warning("round %d: device %d failed: %s", round, reply.user, reply.error)
                 continue
+            if reply.metrics.get("declined") == 1.0:
+                declined += 1  # idle; under DISTRIBUTED it still sends its noise
             if reply.params is None:
-                declined += 1
                 continue
             reason = validate_update(reply.params, self.params)
             if reason is not None:
@@ -172,48 +168,57 @@ class FederatedRun:
                 continue
             updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))
 
-        # Every round is aggregated and published, whatever the number of survivors n: a rule
-        # "discard when n < K_min" would let one device flip the whole sum in or out, which
-        # user-level DP cannot afford. With n < K_min the sum carries less device noise than
-        # the distributed calibration assumed, so each surviving device records n in its
-        # ledger and its per-interaction ε is charged at σ·√n (never under-counted).
-        k_min = self.config.min_survivors if "distributed" in self.config.dp else 1
-        if len(updates) < k_min:
-            log.warning(
-                "round %d: %d survivors < K_min=%d: charged at √n", round, len(updates), k_min
-            )
-            acknowledge_survivors(
-                self.config, [int(u.client_id) for u in updates], round, len(updates)
-            )
+        # Secure aggregation with threshold K_min: fewer survivors and the server learns
+        # nothing of the round (SecAgg+ cannot unmask), so the model stays as it was and the
+        # devices' per-interaction charge (planned at K_min) is an over-count, never an
+        # under-count. Idle devices send noise, so n does not depend on anyone's data; it can
+        # still flip with one user's participation, which user-level DP pays for in δ
+        # (`discard_delta`), negligible when q·N >> K_min.
+        discarded = "distributed" in self.config.dp and len(updates) < self.config.min_survivors
         rng = np.random.default_rng([self.config.seed, round, 1])
-        if self.user_dp:
+        if discarded:
+            log.warning(
+                "round %d: %d survivors < K_min=%d: nothing is revealed, the model stays",
+                round,
+                len(updates),
+                self.config.min_survivors,
+            )
+            diag = None
+        elif self.user_dp or "distributed" in self.config.dp:
+            # A plain sum over a fixed denominator: example weights would scale each device's
+            # noise differently (no common unit for the sum's σ) and reveal its example count.
             expected = self.sample_rate * len(self.registered)
+            noise_std = 0.0
+            if self.user_dp:
+                noise_std = aggregate_noise_std(
+                    noise_multiplier=self.noise_multiplier,
+                    clip_norm=self.config.user_sensitivity,
+                    expected_clients=expected,
+                )
             self.params, self.opt_state, diag = aggregate(
                 self.params,
                 updates,
                 weighting="uniform",
                 user_clip_norm=None,  # bounded on the device: see SimulationConfig.user_sensitivity
                 denominator=expected,
-                noise_std=aggregate_noise_std(
-                    noise_multiplier=self.noise_multiplier,
-                    clip_norm=self.config.user_sensitivity,
-                    expected_clients=expected,
-                ),
+                noise_std=noise_std,
                 rng=rng,
                 opt_cfg=self.opt_config,
                 opt_state=self.opt_state,
             )
-            self.accountant.record_round(self.user_mechanism(), round=round)
         else:
             self.params, self.opt_state, diag = aggregate(
                 self.params, updates, opt_cfg=self.opt_config, opt_state=self.opt_state
             )
+        if self.user_dp:
+            self.accountant.record_round(self.user_mechanism(), round=round)
         row = self._round_metrics(round, replies, len(updates), declined, failed, dropped)
         row["seconds"] = seconds
         # simulation-only oracle (the server knows the stream): does the model still rank the
         # early window as well as when it was fresh?
         row["early_window_ndcg@10"] = self.early_window_ndcg()
-        row["server_diagnostics"] = diag.as_metrics()
+        row["discarded"] = discarded
+        row["server_diagnostics"] = diag.as_metrics() if diag is not None else {}
         row = _json_safe(row)
         save_checkpoint(
             self.out,
@@ -246,6 +251,7 @@ class FederatedRun:
             "sampled": len(replies),
             "aggregated": aggregated,
             "declined": declined,
+            "noise_only": int(total("noise_only")),  # idle devices that sent only their noise
             "failed": failed,
             "dropped": len(dropped),
             "dropped_reasons": dropped[:5],

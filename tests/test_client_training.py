@@ -92,6 +92,13 @@ def test_retirement_and_decline_when_the_budget_is_spent(tmp_path):
                 break
         assert rounds[-1].declined and "retired" in rounds[-1].declined
         assert "w0" in ledger.retired_cohorts()
+        # idle under the distributed calibration: it still sends its noise, charged to nobody
+        idle = rounds[-1]
+        assert idle.num_examples == 0 and idle.metrics["noise_only"] == 1.0
+        base = global_params(model)
+        moved = np.concatenate([(idle.params[n] - base[n]).ravel() for n in base])
+        assert np.std(moved) == pytest.approx(config.update_noise_std(), rel=0.1)
+        assert ledger.entries[-1]["kind"] == "retire"  # no train entry for the noise
         eps = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)
         assert eps["w0"] <= 3.0
         # a new cohort has its own fresh budget: the device keeps learning
@@ -199,3 +206,40 @@ def test_lifelong_invariants(tmp_path_factory, arrivals, budget):
             last = ledger.entries[-1] if ledger.entries else {"kind": None}
             if last["kind"] == "train":
                 assert not set(last["cohorts"]) & retired_before
+
+
+def _update_norm(model, first, second, config) -> float:
+    import torch
+
+    from fedrec.client.training import _train
+
+    start = global_params(model)
+    when = torch.full((len(first),), 50, dtype=torch.int64)
+    new, _ = _train(model, first, second, when, config, torch.Generator().manual_seed(0))
+    return float(np.sqrt(sum(np.sum((new[n] - start[n]) ** 2) for n in start)))
+
+
+def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c():
+    """Without noise, a device's update is at most lr·C however many examples it holds (the
+    user-level sensitivity), and a one-example device moves by at most lr·C/B (its example's
+    contribution, in the same unit as everyone's)."""
+    import torch
+
+    model = template()
+    config = LocalTrainConfig(
+        steps=2,
+        sample_rate=1.0,
+        num_negatives=5,
+        lr=3.0,
+        clip_norm=0.5,
+        noise_multiplier=0.0,
+        budget_guarantee=Guarantee.LOCAL,
+        reference_batch=4,
+        seed=0,
+    )
+    rng = np.random.default_rng(0)
+    many = torch.tensor(rng.integers(0, NUM_ITEMS, size=(2, 200)))
+    big = _update_norm(model, many[0], many[1], config)
+    assert 0.9 * config.lr * config.clip_norm < big <= config.lr * config.clip_norm * (1 + 1e-5)
+    one = _update_norm(model, many[0][:1], many[1][:1], config)
+    assert 0 < one <= config.lr * config.clip_norm / config.reference_batch * (1 + 1e-5)

@@ -210,3 +210,25 @@ def test_gram_embedding_norms_equal_opacus_norms():
     ours = gram_embedding_norms(layer, [index], backprops)[layer.weight]
     theirs = compute_embedding_norm_sample(layer, [index], backprops)[layer.weight]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_scale_scales_item_biases_in_training_and_serving_alike():
+    plain, scaled = make_model(), make_model(bias_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for model in (plain, scaled):
+            model.item_table.weight[3, model.item_columns["bias"]] = 0.5
+    _, b_plain = plain.item_vectors()
+    _, b_scaled = scaled.item_vectors()
+    assert (b_scaled[3] - b_scaled[4]) == pytest.approx(4 * (b_plain[3] - b_plain[4]))
+    first, second = torch.tensor([1, 2]), torch.tensor([3, 5])
+    negatives = torch.tensor([[4, 6], [4, 6]])
+    time = torch.tensor([500, 500])
+    with torch.no_grad():
+        lp = plain(first, second, negatives, time)
+        ls = scaled(first, second, negatives, time)
+    # slot 0 of example 0 scores item 3 (the true one) against items 4 and 6
+    gain = (ls[0, 0, 0] - ls[0, 0, 1]) - (lp[0, 0, 0] - lp[0, 0, 1])
+    assert float(gain) == pytest.approx(1.5, abs=1e-5)
+    with pytest.raises(ValueError, match="bias_scale"):
+        ModelConfig(bias_scale=0.0)

@@ -113,6 +113,8 @@ def simulate(
         f"test (loo, full ranking): HR@10 {test['hr@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}"
     )
     for g in summary["privacy"]["guarantees"]:
-        earned = "" if g.get("earned", True) else "  [NOT yet earned: see summary.json why_not]"
-        typer.echo(f"  {g['name']}: ε={g['epsilon']:.2f}, δ={g['delta']:g} per {g['unit']}{earned}")
+        if not g.get("earned", True):
+            typer.echo(f"  {g['name']}: NOT claimed: {g['why_not']}")
+            continue
+        typer.echo(f"  {g['name']}: ε={g['epsilon']:.2f}, δ={g['delta']:.3g} per {g['unit']}")
     typer.echo(f"wrote {summary_path}")
