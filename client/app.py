@@ -3,24 +3,32 @@
 In simulation the virtual SuperNodes are execution slots: the ServerApp names, in each
 message, which user's device the slot plays (`user` in the config record); every device's
 state lives in its own folder, so any slot can serve any device.
+
+In a deployment each SuperNode is one real device: its `--node-config` names the device's
+folder, and `fedrec.client.device_app` runs the round under the device's own privacy policy.
+Heavy modules (torch, opacus, the data) are imported inside the handlers, when needed.
 """
 
 from __future__ import annotations
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import device_reply
-
-torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
+from fedrec.client.device_app import is_device, train_on_device
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
+    if is_device(context):
+        return train_on_device(msg, context)
+    from fedrec.simulations.config import SimulationConfig
+    from fedrec.simulations.federation import device_reply
+
     config = SimulationConfig.from_flat(dict(context.run_config))
     instructions = msg.content["config"]
     user, round_ = int(instructions["user"]), int(instructions["round"])

@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.common.deployment import DeploymentSettings, split_run_config
 from fedrec.simulations.config import SimulationConfig
 from fedrec.simulations.federation import DeviceReply, FederatedRun
 from fedrec.simulations.report import finalize
@@ -26,7 +27,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = SimulationConfig.from_flat(dict(context.run_config))
+    settings, flat = split_run_config(dict(context.run_config))
+    config = SimulationConfig.from_flat(flat)
+    if settings.deployment:
+        deploy(grid, config, settings)
+        return
     run = FederatedRun(config)
     slots = wait_for_nodes(grid, int(context.run_config.get("expected-nodes", 0)))
     for round_ in run.pending_rounds():
@@ -92,3 +97,62 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[in
     raise RuntimeError(
         f"only {previous} of {expected or 'the'} SuperNodes registered in {timeout:.0f}s"
     )
+
+
+def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -> None:
+    """A run over real devices: every connected SuperNode is one device."""
+    from fedrec.common.deployment import shorten_flower_backoff
+    from fedrec.server.deployment import run_deployment
+
+    shorten_flower_backoff()
+
+    def send(nodes, params, round_):
+        arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
+        messages = [
+            Message(
+                RecordDict({"arrays": arrays, "config": ConfigRecord({"round": round_})}),
+                dst_node_id=node,
+                message_type="train",
+            )
+            for node in nodes
+        ]
+        answered = {}
+        for reply in send_and_receive(grid, messages, settings.round_timeout_s):
+            node = int(reply.metadata.src_node_id)
+            declined = ""
+            if not reply.has_error() and "status" in reply.content:
+                declined = str(reply.content["status"].get("declined", ""))
+            answered[node] = (unpack(node, reply), declined or None)
+        return [
+            answered.get(
+                node,
+                (
+                    DeviceReply(node, None, 0, error=f"no reply in {settings.round_timeout_s:g}s"),
+                    None,
+                ),
+            )
+            for node in nodes
+        ]
+
+    def on_round(row: dict) -> None:
+        print(f"[fedrec] round {row['round']}: {row}", flush=True)
+
+    run_deployment(config, settings, lambda: list(grid.get_node_ids()), send, on_round)
+
+
+REPLY_POLL_S = 0.2  # Flower's own send_and_receive polls every 3 s: most of a short round
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push, then pull replies every REPLY_POLL_S until all arrived or `timeout` passed."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from fedrec.common.cli import data_cmd, simulate_cmd, train_cmd
+from fedrec.common.cli import certs_cmd, client_cmd, data_cmd, server_cmd, simulate_cmd, train_cmd
 
 app = typer.Typer(
     help=(
@@ -19,6 +19,9 @@ app = typer.Typer(
 app.command("data")(data_cmd.data)
 app.command("train")(train_cmd.train)
 app.command("simulate")(simulate_cmd.simulate)
+app.add_typer(client_cmd.app, name="client")
+app.add_typer(certs_cmd.app, name="certs")
+app.add_typer(server_cmd.app, name="server")
 
 
 def main() -> None:

@@ -1,0 +1,64 @@
+"""The ClientApp's deployment mode: one SuperNode is one device, whose folder and config file
+its SuperNode names (`--node-config 'store="PATH" device-config="FILE"'`).
+
+Unpack the message, call `device_round`, pack only what the device's policy lets leave. Any
+failure (unreadable store, corrupt ledger, bad parameters) becomes an error in the reply: the
+federation goes on without this device, and the device's state is left as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+STORE_KEY, CONFIG_KEY = "store", "device-config"
+# The run settings of the last message handled in this process, for a warm executor that
+# forked it (fedrec.client.warm_exec): it prepares the same model before the next message.
+last_run_settings: list[dict] = []
+
+
+def is_device(context: Context) -> bool:
+    return STORE_KEY in context.node_config
+
+
+def train_on_device(msg: Message, context: Context) -> Message:
+    import time
+
+    start = time.perf_counter()
+    from fedrec.client.device import load_device_config
+    from fedrec.client.device_round import device_round, reply_metrics
+    from fedrec.common.deployment import split_run_config
+
+    metrics: dict[str, float] = {}
+    status = {"error": "", "declined": ""}
+    params_out = None
+    try:
+        config_file = str(context.node_config.get(CONFIG_KEY, "") or "")
+        device = load_device_config(
+            Path(config_file) if config_file else None, Path(str(context.node_config[STORE_KEY]))
+        )
+        _, run_flat = split_run_config(dict(context.run_config))
+        last_run_settings[:] = [run_flat]
+        round_ = int(msg.content["config"]["round"])
+        params = {name: np.asarray(a.numpy()) for name, a in msg.content["arrays"].items()}
+        result = device_round(device, run_flat, round_, params)
+        metrics = reply_metrics(result, device.policy)
+        if device.policy.allow_evaluation_metrics:  # timings are the device's to share too
+            metrics["message_seconds"] = time.perf_counter() - start
+        params_out = result.params
+        status["declined"] = result.declined or ""
+    except Exception as err:  # the reply carries it; the device stays as it was
+        status["error"] = f"{type(err).__name__}: {err}"
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"num-examples": 1 if params_out is not None else 0, **metrics}
+            ),
+            "status": ConfigRecord(status),
+        }
+    )
+    if params_out is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in params_out.items()})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,109 @@
+"""A real device's round: enforce its privacy policy, then the same `local_round` as the
+simulation, then send only what the policy allows. Plain functions (no Flower)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrec.client.device import (
+    LEDGER_FILE,
+    SEEN_COHORTS_KEY,
+    DeviceConfig,
+    PrivacyPolicy,
+    save_global,
+)
+from fedrec.client.store import ClientStore
+from fedrec.client.training import LocalResult, LocalTrainConfig
+
+# What a device always tells the server: whether it trained, and its own worst ε (needed by the
+# run's privacy report; the server can compute it from the mechanisms it asked for anyway).
+ALWAYS_SENT = ("declined", "max_interaction_epsilon")
+
+
+def policy_violation(policy: PrivacyPolicy, requested: LocalTrainConfig) -> str | None:
+    """Why the round's requested settings break the device's policy, or None if they fit."""
+    if not requested.private:
+        return "the run asks for training without DP-SGD; this device's policy requires it"
+    if requested.noise_multiplier < policy.min_noise_multiplier:
+        return (
+            f"requested noise multiplier {requested.noise_multiplier:g} is below this device's "
+            f"minimum {policy.min_noise_multiplier:g}"
+        )
+    if requested.clip_norm > policy.max_clip_norm:
+        return (
+            f"requested clipping norm {requested.clip_norm:g} is above this device's maximum "
+            f"{policy.max_clip_norm:g}"
+        )
+    return None
+
+
+def round_settings(policy: PrivacyPolicy, run_flat: dict[str, Any]) -> LocalTrainConfig:
+    """The run's requested local settings with the DEVICE's budget, δ and guarantee, and fresh
+    entropy for its noise (never a seed the server chose)."""
+    from fedrec.client.runtime import local_config
+    from fedrec.common.privacy.accounting import Guarantee
+    from fedrec.simulations.config import SimulationConfig
+
+    requested = local_config(SimulationConfig.from_flat(run_flat), seed=None)
+    return dataclasses.replace(
+        requested,
+        budget_epsilon=policy.epsilon,
+        budget_guarantee=Guarantee.LOCAL if requested.private else None,
+        delta=policy.delta,
+        seed=None,
+    )
+
+
+def device_round(
+    device: DeviceConfig, run_flat: dict[str, Any], round: int, params: dict[str, np.ndarray]
+) -> LocalResult:
+    """Round `round` on this device. Declines (nothing trained, nothing in the ledger) when
+    the requested settings break the policy. Raises StoreError on an unreadable store."""
+    from fedrec.client.ledger import PrivacyLedger
+    from fedrec.client.runtime import template_for
+    from fedrec.client.training import local_round
+    from fedrec.simulations.config import SimulationConfig
+
+    settings = round_settings(device.policy, run_flat)
+    reason = policy_violation(device.policy, settings)
+    if reason is not None:
+        return LocalResult(None, 0, {"declined": 1.0}, declined=reason)
+    model, index = template_for(SimulationConfig.from_flat(run_flat))
+    folder = Path(device.store)
+    with ClientStore(folder, verify=True) as store:
+        cohorts = set(store.cohorts())
+        seen = set(json.loads(store.get_meta(SEEN_COHORTS_KEY, "[]")))
+        unknown = {i for i in store.interactions().item.tolist() if i not in index}
+        if unknown:
+            return LocalResult(
+                None,
+                0,
+                {"declined": 1.0},
+                declined=f"{len(unknown)} stored items are not in the run's catalogue",
+            )
+        with PrivacyLedger.open(folder / LEDGER_FILE) as ledger:
+            result = local_round(
+                model,
+                params,
+                store,
+                ledger,
+                index,
+                round=round,
+                new_cohorts=frozenset(cohorts - seen),
+                config=settings,
+            )
+        save_global(folder, params, run_flat, round)  # validated by local_round
+        store.set_meta(SEEN_COHORTS_KEY, json.dumps(sorted(cohorts | seen)))
+    return result
+
+
+def reply_metrics(result: LocalResult, policy: PrivacyPolicy) -> dict[str, float]:
+    """The metrics a device sends: bookkeeping always, evaluation only if its policy allows."""
+    if policy.allow_evaluation_metrics:
+        return dict(result.metrics)
+    return {k: v for k, v in result.metrics.items() if k in ALWAYS_SENT}

@@ -1,0 +1,184 @@
+"""A warm executor for a device's ClientApp: one long-lived process that has imported torch,
+Opacus, Flower and fedrec (and read the public catalogue) once, and forks a child per message.
+
+Flower 1.42's SuperNode runs every message in a new `flwr-clientapp` process that imports all
+of that again (measured: see README, Deployment). With `flower-supernode --isolation process`
+the SuperNode runs no executor itself; this module is Flower's own SuperExec loop
+(`run_superexec`: poll the SuperNode's Runtime API for a task, launch it) with one change: a
+task is launched by `os.fork()` of this warm process, and the child runs Flower's own
+`run_clientapp` (the same code `flwr-clientapp` runs) and exits. A message still gets a fresh
+process (a crash or a leak in one round cannot touch the next), without the imports.
+
+Run as `python -m fedrec.client.warm_exec --runtime-api-address HOST:PORT [--parent-pid PID]`
+(`fedrec client start` does it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _warm_template(run_flat: dict) -> None:
+    from fedrec.client.runtime import template_for
+    from fedrec.simulations.config import SimulationConfig
+
+    template_for(SimulationConfig.from_flat(run_flat))
+
+
+def _warm_up(rounds_hint: int | None = None) -> None:
+    """Import what a round needs and read the public catalogue, before any fork."""
+    import torch
+
+    from fedrec.common.deployment import shorten_flower_backoff
+
+    shorten_flower_backoff()
+    torch.set_num_threads(1)
+    # the first optimizer imports torch._dynamo (1.5 s, measured): once, here
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    import opacus  # noqa: F401
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping  # noqa: F401
+
+    import fedrec.client.app
+    import fedrec.client.device_round
+    import fedrec.client.training  # noqa: F401
+
+    # the model template of the default catalogue; a run's own settings are warmed after its
+    # first message (see ForkExecutor.reconcile)
+    try:
+        _warm_template({} if rounds_hint is None else {"rounds": rounds_hint})
+    except Exception as err:  # a device without the built-in data still works, colder
+        print(f"warm_exec: could not pre-load the catalogue: {err}", file=sys.stderr)
+
+
+class ForkExecutor:
+    """Flower's executor interface (see flwr.supercore.superexec.executor): ClientApp tasks
+    are forked from this warm process; any other task type falls back to a subprocess."""
+
+    def __init__(self) -> None:
+        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+        self._fallback = SubprocessExecutor()
+        self._children: set[int] = set()
+        # a child reports the run settings it used here; the parent then builds that model
+        # template once, so the next messages of the run fork with it ready
+        self._hint_fd_read, self._hint_fd_write = os.pipe()
+        os.set_blocking(self._hint_fd_read, False)
+        self._warmed: set[str] = set()
+
+    def get_eligible_capacity(self, supported_task_types, **kwargs):
+        return self._fallback.get_eligible_capacity(supported_task_types, **kwargs)
+
+    def wait_for_capacity(self, *args, **kwargs) -> None:
+        return None
+
+    def launch(self, spec):
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._fallback.launch(spec)
+        pid = os.fork()
+        if pid == 0:  # the child: run this one message, then leave without cleanup handlers
+            code = 0
+            try:
+                from flwr.supercore.tls import validate_and_resolve_root_certificates
+                from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+                run = lambda: run_clientapp(  # noqa: E731
+                    runtime_api_address=spec.runtime_api_address,
+                    token=spec.token,
+                    insecure=spec.insecure,
+                    certificates=validate_and_resolve_root_certificates(
+                        spec.root_certificates_path, spec.insecure
+                    ),
+                    parent_pid=spec.parent_pid,
+                    runtime_dependency_install=spec.runtime_dependency_install,
+                )
+                profile = os.environ.get("FEDREC_WARM_PROFILE")  # a folder: one profile per message
+                if profile:
+                    import cProfile
+
+                    profiler = cProfile.Profile()
+                    try:
+                        profiler.runcall(run)
+                    finally:
+                        profiler.dump_stats(os.path.join(profile, f"message-{os.getpid()}.prof"))
+                else:
+                    run()
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else 0
+            except BaseException:
+                code = 1
+            finally:
+                self._report_settings()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self._children.add(pid)
+        return LaunchResult.accepted()
+
+    def _report_settings(self) -> None:
+        import json
+
+        from fedrec.client import device_app
+
+        if device_app.last_run_settings:
+            line = json.dumps(device_app.last_run_settings[-1], sort_keys=True) + "\n"
+            if len(line) < 4000:  # one atomic pipe write
+                os.write(self._hint_fd_write, line.encode())
+
+    def _warm_reported(self) -> None:
+        import json
+
+        try:
+            data = os.read(self._hint_fd_read, 1 << 16)
+        except BlockingIOError:
+            return
+        for line in data.decode(errors="replace").splitlines():
+            if line and line not in self._warmed:
+                self._warmed.add(line)
+                try:
+                    _warm_template(json.loads(line))
+                except Exception as err:
+                    print(f"warm_exec: could not warm {line[:80]}: {err}", file=sys.stderr)
+
+    def reconcile(self) -> None:
+        self._warm_reported()
+        for pid in list(self._children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._children.discard(pid)
+
+    def close(self) -> None:
+        self._fallback.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--rounds-hint", type=int, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
+    _warm_up(args.rounds_hint)
+
+    from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    executor = ForkExecutor()
+    superexec.get_executor = lambda *a, **k: executor  # the one change to Flower's loop
+    superexec.run_superexec(
+        runtime_api_address=args.runtime_api_address,
+        insecure=True,  # the SuperNode's Runtime API listens on loopback only
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=RUNTIME_DEPENDENCY_INSTALL and False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""`fedrec client ...`: what runs on a device (ingest, status, recommend, start)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedrec.common.cli.options import fail
+
+app = typer.Typer(
+    help="The device side: its interaction store, privacy spend, recommendations and SuperNode.",
+    no_args_is_help=True,
+)
+
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="the device folder (store, ledger, state)")
+]
+DeviceConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="device TOML: [device] store, dataset; [policy] privacy policy"),
+]
+
+
+def _device(store: Path | None, config: Path | None):
+    from fedrec.client.device import DeviceConfigError, load_device_config
+
+    try:
+        return load_device_config(config, store)
+    except DeviceConfigError as err:
+        raise fail(str(err)) from err
+
+
+@app.command("ingest")
+def ingest(
+    source: Annotated[
+        str, typer.Argument(help="CSV (item,timestamp) or JSON lines file; - for stdin")
+    ],
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+) -> None:
+    """Append interactions to the device's store. Each invalid line (unknown item, bad
+    timestamp, duplicate) is reported and skipped; the valid ones are added in one transaction
+    (the store is never left half-written). Exit status 1 if any line was rejected."""
+    from fedrec.client.device import catalogue_items
+    from fedrec.client.device import ingest as ingest_lines
+    from fedrec.client.store import StoreError
+
+    device = _device(store, config)
+    try:
+        if source == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise fail(f"{source}: {err}") from err
+    try:
+        report = ingest_lines(device.store, lines, set(catalogue_items(device.data)))
+    except StoreError as err:
+        raise fail(str(err)) from err
+    for message in report.rejected:
+        typer.secho(f"rejected {message}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(
+        f"added {report.added} interaction(s), rejected {len(report.rejected)}"
+        + (f" (cohort {report.cohort})" if report.cohort else "")
+    )
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status(
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The device's privacy spend from its ledger: per-interaction ε distribution, retired
+    interactions, remaining budget."""
+    from fedrec.client.device import status as device_status
+    from fedrec.client.ledger import LedgerCorruptError
+    from fedrec.client.store import StoreError
+
+    device = _device(store, config)
+    try:
+        info = device_status(device.store, device.policy)
+    except (StoreError, LedgerCorruptError) as err:
+        raise fail(str(err)) from err
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    eps = info["epsilon"]
+    typer.echo(f"store            {info['store']}  ({info['interactions']} interactions)")
+    typer.echo(f"guarantee        {info['guarantee']}, δ = {info['delta']:g}")
+    if eps:
+        typer.echo(
+            "ε / interaction  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in eps.items())
+            + f"  (never trained on: {info['never_trained']})"
+        )
+    typer.echo(
+        f"budget           ε = {info['budget_epsilon']:g}, spent (max) {info['max_epsilon']:.3f}, "
+        f"remaining {info['remaining_epsilon']:.3f}"
+    )
+    typer.echo(
+        f"retired          {info['retired_interactions']} interaction(s) "
+        f"in {info['retired_cohorts']} cohort(s)"
+    )
+    typer.echo(
+        f"ledger           {info['ledger_entries']} entries, rounds trained "
+        f"{info['rounds_trained']}, head {info['ledger_head'][:16]}"
+    )
+
+
+@app.command("recommend")
+def recommend(
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+    k: Annotated[int, typer.Option("-k", "--top", help="how many items")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Top-k items from the latest global model this device received plus its local state,
+    excluding what the user already has."""
+    from fedrec.client.device import recommend as device_recommend
+    from fedrec.client.store import StoreError
+
+    device = _device(store, config)
+    try:
+        top = device_recommend(device.store, k)
+    except StoreError as err:
+        raise fail(str(err)) from err
+    if as_json:
+        typer.echo(json.dumps([{"item": i, "score": s} for i, s in top]))
+        return
+    for rank, (item, score) in enumerate(top, start=1):
+        typer.echo(f"{rank:3d}  {item}  {score:.4f}")
+
+
+@app.command("start")
+def start(
+    store: StoreOpt = None,
+    config: DeviceConfigOpt = None,
+    superlink: Annotated[
+        str | None, typer.Option(help="server address HOST:PORT ([connection] superlink)")
+    ] = None,
+    root_certificates: Annotated[
+        Path | None,
+        typer.Option("--root-certificates", help="the deployment's CA (ca.pem from fedrec certs)"),
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="this device's private key (devices/NAME.key)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="local port of the SuperNode's own API (default 9094)")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no authentication (testing only)")
+    ] = False,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            "--warm/--cold",
+            help="warm: a long-lived executor forks each message with torch and the catalogue "
+            "already loaded, and the SuperNode polls every 0.25 s; cold: stock Flower (a new "
+            "process per message, 3 s polls)",
+        ),
+    ] = True,
+) -> None:
+    """Start this device's Flower SuperNode. Its ClientApp reads the store at --store and
+    enforces the privacy policy of --config, whatever the server asks. Runs until stopped."""
+    import os
+    import shutil
+
+    from fedrec.client.device import connection_settings
+    from fedrec.client.store import ClientStore, StoreError
+
+    device = _device(store, config)
+    conn = connection_settings(config)
+    superlink = superlink or conn.get("superlink")
+    root_certificates = root_certificates or conn.get("root-certificates")
+    key = key or conn.get("key")
+    if not superlink:
+        raise fail("no server address: pass --superlink HOST:PORT or set [connection] superlink")
+    try:
+        with ClientStore(device.store, verify=True):
+            pass
+    except StoreError as err:  # start anyway: each round replies with this error
+        typer.secho(f"warning: {err}", err=True, fg=typer.colors.YELLOW)
+    store_path = device.store.resolve()
+    node_config = f'store="{store_path}"'
+    if config is not None:
+        node_config += f' device-config="{config.resolve()}"'
+    cmd = ["flower-supernode", "--superlink", superlink, "--node-config", node_config]
+    port = port or 9094
+    cmd += ["--port", str(port)]
+    if warm:
+        cmd += ["--isolation", "process"]
+    if insecure:
+        from fedrec.server.superlink import INSECURE_WARNING
+
+        typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.YELLOW)
+        cmd.append("--insecure")
+    else:
+        if not root_certificates or not key:
+            raise fail("TLS needs --root-certificates (ca.pem) and --key (this device's key)")
+        cmd += ["--root-certificates", str(root_certificates), "--auth-supernode-private-key",
+                str(key)]  # fmt: skip
+    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent))
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    sys.stdout.flush()
+    if not warm:
+        os.execv(exe or "flower-supernode", cmd)  # this process becomes the SuperNode (same PID)
+    raise typer.Exit(_supervise([sys.executable, "-m", "fedrec.client.supernode", *cmd[1:]], port))
+
+
+def _supervise(supernode_cmd: list[str], port: int) -> int:
+    """Run the SuperNode and the warm executor beside it; stop both when either ends or
+    when this process is asked to stop. Returns the SuperNode's exit status."""
+    import signal
+    import subprocess
+
+    node = subprocess.Popen(supernode_cmd)
+    executor = subprocess.Popen(
+        [sys.executable, "-m", "fedrec.client.warm_exec", "--runtime-api-address",
+         f"127.0.0.1:{port}", "--parent-pid", str(node.pid)]
+    )  # fmt: skip
+
+    def stop(signum, _frame):
+        for proc in (node, executor):
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = node.wait()
+    if executor.poll() is None:
+        executor.terminate()
+        try:
+            executor.wait(10)
+        except subprocess.TimeoutExpired:
+            executor.kill()
+    return code

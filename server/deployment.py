@@ -1,0 +1,179 @@
+"""The server side of a deployed run: the simulation's `FederatedRun` over real devices.
+
+The same validation, aggregation, user-level accounting and per-round checkpoints as the
+simulation (`fedrec.simulations.federation.FederatedRun`); what differs is only who the devices
+are: the SuperNodes connected now (each one device, authenticated by its key) instead of
+virtual users of a stream. The transport is a callable, so this file does not import Flower.
+
+Restart: the run folder's latest checkpoint holds the global model, the optimizer state and the
+user-level accountant; a new run over the same folder continues with the next round number.
+Per-interaction spend lives in each device's ledger and is written by the device before it
+replies, so a round the server loses is never lost on the device, and a round repeated after a
+restart is a new release the device records once more (counted once per release).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedrec.common.deployment import DeploymentSettings
+from fedrec.common.io import atomic_write_json
+from fedrec.server.user_privacy import calibrate_noise_multiplier, client_sample_rate
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.federation import DeviceReply, FederatedRun
+
+log = logging.getLogger(__name__)
+
+# send(nodes, params, round) -> one (reply, reason it declined or None) per node (an error
+# reply for a node that did not answer in time); nodes() -> the node ids connected now
+Send = Callable[[Sequence[int], dict[str, np.ndarray], int], list[tuple[DeviceReply, str | None]]]
+Nodes = Callable[[], list[int]]
+
+SECURE_AGGREGATION_NOTE = (
+    "no secure aggregation: the server sees each device's update, so the per-interaction "
+    "guarantee against the server is the device's own (LOCAL) noise"
+)
+
+
+class UnsupportedDeployment(ValueError):
+    pass
+
+
+class DeploymentRun(FederatedRun):
+    """A FederatedRun whose registered devices are the connected SuperNodes."""
+
+    def __init__(self, config: SimulationConfig):
+        if "distributed" in config.dp:
+            raise UnsupportedDeployment(
+                "dp 'distributed' needs secure aggregation, which this deployment does not "
+                "provide (see README, Deployment): use 'local' (+user)"
+            )
+        super().__init__(config)
+        self.probe = None  # the simulation's forgetting probe reads users' data: not here
+        self.registered = np.zeros(0, dtype=np.int64)
+
+    def use_nodes(self, nodes: Sequence[int]) -> None:
+        """The devices a round samples from; user-level noise recalibrated when their number
+        changes (the accountant records each round's own mechanism, so the spend stays exact)."""
+        nodes = np.array(sorted(int(n) for n in nodes), dtype=object)
+        if len(nodes) == len(self.registered) and (nodes == self.registered).all():
+            return
+        self.registered = nodes
+        self.sample_rate = client_sample_rate(
+            expected_clients=min(self.config.clients_per_round, len(nodes)),
+            registered_clients=len(nodes),
+        )
+        if self.user_dp:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=self.config.user_epsilon,
+                delta=self.config.delta,
+                sample_rate=self.sample_rate,
+                rounds=self.config.rounds,
+            )
+
+    def sample(self, round: int) -> np.ndarray:
+        rng = np.random.default_rng([self.config.seed, round])
+        return self.registered[rng.random(len(self.registered)) < self.sample_rate]
+
+
+def wait_for_nodes(nodes: Nodes, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(nodes())
+        if len(found) >= minimum:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(found)} of {minimum} devices connected in {timeout:.0f}s"
+            )
+        time.sleep(poll)
+
+
+def run_deployment(
+    config: SimulationConfig,
+    settings: DeploymentSettings,
+    nodes: Nodes,
+    send: Send,
+    on_round: Callable[[dict], None] | None = None,
+) -> DeploymentRun:
+    """Every pending round: wait for devices, sample, send, aggregate, checkpoint, report."""
+    run = DeploymentRun(config)
+    for round_ in run.pending_rounds():
+        run.use_nodes(wait_for_nodes(nodes, settings.min_nodes, settings.wait_nodes_s))
+        if not run.budget_allows_next_round():
+            log.warning("user-level budget reached before round %d: stopping", round_)
+            break
+        start = time.perf_counter()
+        sampled = [int(n) for n in run.sample(round_)]
+        answered = send(sampled, run.params, round_) if sampled else []
+        replies = [reply for reply, _ in answered]
+        row = run.finish_round(round_, replies, time.perf_counter() - start)
+        record_devices(run, round_, answered)
+        if on_round is not None:
+            on_round(row)
+    write_summary(run)
+    return run
+
+
+def record_devices(
+    run: FederatedRun, round: int, answered: Sequence[tuple[DeviceReply, str | None]]
+) -> None:
+    """devices.jsonl: per round, every sampled device's outcome (with the reason it declined
+    or failed) and how many devices' updates survived into the sum."""
+    outcomes = []
+    for r, declined in answered:
+        outcome = "failed" if r.error else ("declined" if r.params is None else "sent")
+        entry: dict[str, Any] = {"node": str(r.user), "outcome": outcome}
+        if r.error or declined:
+            entry["reason"] = r.error or declined
+        for key in (
+            "max_interaction_epsilon",
+            "seconds",
+            "message_seconds",
+        ):  # seconds: if the device shares it
+            if key in r.metrics:
+                entry[key] = r.metrics[key]
+        outcomes.append(entry)
+    sent = sum(o["outcome"] == "sent" for o in outcomes)
+    with open(run.out / "devices.jsonl", "a") as f:
+        f.write(json.dumps({"round": round, "summed": sent, "devices": outcomes}) + "\n")
+
+
+def write_summary(run: FederatedRun) -> dict:
+    rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    config = run.config
+    guarantees = [
+        {
+            "name": "per-interaction DP of each device's update (the device's own noise)",
+            "unit": "one interaction",
+            "threat_model": "anyone who sees the device's update, the server included; "
+            "enforced by each device's own policy and ledger (`fedrec client status`)",
+            "note": SECURE_AGGREGATION_NOTE,
+        }
+    ]
+    if run.user_dp:
+        guarantees.append(
+            {
+                "name": "user-level DP of the published global model",
+                "unit": "one device",
+                "threat_model": "anyone who sees a published model; trusts the server",
+                "epsilon": run.accountant.epsilon(config.delta),
+                "delta": config.delta,
+            }
+        )
+    summary = {
+        "rounds": [r["round"] for r in rows],
+        "summed_per_round": {r["round"]: r["aggregated"] for r in rows},
+        "declined": int(sum(r["declined"] for r in rows)),
+        "failed": int(sum(r["failed"] for r in rows)),
+        "secure_aggregation": False,
+        "privacy": {"guarantees": guarantees},
+    }
+    atomic_write_json(run.out / "summary.json", summary)
+    return summary

@@ -1,0 +1,292 @@
+"""`fedrec server start`: a Flower SuperLink with persistent state and TLS, the devices' keys
+registered, and the fedrec app submitted to it with `flwr run`.
+
+Processes are started in their own sessions and stopped by PID (and the SuperLink's superexec
+children by theirs); the SuperLink's PID is written to <out>/flower/superlink.pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrec.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, device_public_keys
+from fedrec.common.deployment import DeploymentSettings, split_run_config
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.launcher import APP_PYPROJECT, _children, run_config_arg, toml_value
+
+CONNECTION = "fedrec"
+INSECURE_WARNING = (
+    "WARNING: --insecure: traffic between devices and server is NOT encrypted and devices are "
+    "NOT authenticated. Use it only on a trusted network for testing."
+)
+# Deployment defaults that differ from the simulation's (a handful of real devices).
+RUN_DEFAULTS = {"dp": "local+user", "clients-per-round": 10, "rounds": 10}
+
+
+class ServerConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"  # interface the SuperLink listens on
+    port: int = 9092
+    address: str = ""  # how `flwr` on this machine reaches it; default 127.0.0.1:port
+    certificates: Path = Path("certs")  # ca.pem, server.pem, server.key, devices/*.pub
+    devices: Path | None = None  # device public keys to register; default certificates/devices
+    insecure: bool = False
+    database: Path = Path("server/state.db")
+    out: Path = Path("runs/deploy")
+    run: dict[str, Any] = field(default_factory=dict)  # the run's settings (flat, kebab-case)
+
+    @property
+    def connect(self) -> str:
+        return self.address or f"127.0.0.1:{self.port}"
+
+
+def load_server_config(path: Path | None, **overrides: Any) -> ServerConfig:
+    """[server] and [run] tables of a TOML file; relative paths are relative to the file."""
+    table: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ServerConfigError(f"{path}: {err}") from err
+        base = Path(path).resolve().parent
+    server = {str(k).replace("-", "_"): v for k, v in table.get("server", {}).items()}
+    server |= {k: v for k, v in overrides.items() if v is not None}
+    known = set(ServerConfig.__dataclass_fields__) - {"run"}
+    if unknown := set(server) - known:
+        raise ServerConfigError(f"{path}: unknown [server] keys {sorted(unknown)}")
+    for key in ("certificates", "devices", "database", "out"):
+        if server.get(key) is not None:
+            p = Path(server[key])
+            server[key] = p if p.is_absolute() else base / p
+    for key, default in (("certificates", "certs"), ("database", "server/state.db")):
+        server.setdefault(key, base / default)
+    server.setdefault("out", base / "runs/deploy")
+    run = RUN_DEFAULTS | dict(table.get("run", {}))
+    try:
+        settings, flat = split_run_config(run)
+        SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
+    except ValueError as err:
+        raise ServerConfigError(f"{path}: [run]: {err}") from err
+    if "distributed" in str(flat.get("dp", "")):
+        raise ServerConfigError(
+            f"{path}: [run] dp: 'distributed' needs secure aggregation, not available in this "
+            "deployment (see README, Deployment): use 'local' or 'local+user'"
+        )
+    del settings
+    return ServerConfig(**server, run=run)
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    return os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
+def superlink_command(config: ServerConfig) -> list[str]:
+    cmd = ["flower-superlink", "--host", config.host, "--port", str(config.port),
+           "--database", str(config.database), "--disable-runtime-dependency-installation"]  # fmt: skip
+    if config.insecure:
+        return [*cmd, "--insecure"]
+    certs = config.certificates
+    return [*cmd, "--ssl-certfile", str(certs / SERVER_CERT), "--ssl-keyfile",
+            str(certs / SERVER_KEY), "--ssl-ca-certfile", str(certs / CA_CERT),
+            "--enable-supernode-auth"]  # fmt: skip
+
+
+def write_app(folder: Path) -> Path:
+    """A Flower app folder pointing at the installed fedrec apps, with every run key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    defaults = SimulationConfig().to_flat() | {
+        k.replace("_", "-"): v for k, v in DeploymentSettings().__dict__.items()
+    }
+    (folder / "pyproject.toml").write_text(
+        APP_PYPROJECT.replace("fedrec-simulation", "fedrec-deployment").format(
+            config="\n".join(f"{k} = {toml_value(v)}" for k, v in defaults.items())
+        )
+    )
+    return folder
+
+
+def write_connection(home: Path, config: ServerConfig) -> None:
+    lines = [f'[superlink]\ndefault = "{CONNECTION}"\n', f"[superlink.{CONNECTION}]"]
+    lines.append(f'address = "{config.connect}"')
+    if config.insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{config.certificates / CA_CERT}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def wait_healthy(config: ServerConfig, link: subprocess.Popen, timeout: float = 60) -> None:
+    scheme = "http" if config.insecure else "https"
+    context = (
+        None
+        if config.insecure
+        else ssl.create_default_context(cafile=str(config.certificates / CA_CERT))
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if link.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited early with status {link.returncode}")
+        try:
+            url = f"{scheme}://{config.connect}/health"
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("flower-superlink did not become healthy")
+
+
+def flwr_json(env: dict, *args: str, timeout: float = 120) -> dict:
+    out = subprocess.run(
+        ["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "stdout": out.stdout[-2000:], "stderr": out.stderr[-2000:]}
+
+
+def register_devices(env: dict, config: ServerConfig) -> list[str]:
+    """Register every device public key; one already registered (a restart) is fine."""
+    folder = config.devices or config.certificates
+    messages = []
+    for key in device_public_keys(folder):
+        answer = flwr_json(env, "supernode", "register", str(key), CONNECTION)
+        if answer.get("success"):
+            messages.append(f"registered {key.stem}: node {answer['node-id']}")
+        elif "already in use" in json.dumps(answer).lower():
+            messages.append(f"{key.stem}: already registered")
+        else:
+            raise RuntimeError(f"could not register {key}: {answer}")
+    return messages
+
+
+def stop(link: subprocess.Popen, children: list[int]) -> None:
+    if link.poll() is None:
+        os.killpg(link.pid, signal.SIGTERM)
+        try:
+            link.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(link.pid, signal.SIGKILL)
+            link.wait()
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def final_status(env: dict, run_id: str) -> tuple[str, str]:
+    listing = flwr_json(env, "ls", CONNECTION, "--run-id", run_id)
+    if listing.get("success") and listing.get("runs"):
+        run = listing["runs"][0]
+        return run["status"], run.get("status-details", "")
+    return "unknown", json.dumps(listing)[:500]
+
+
+def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> int:
+    """Start the SuperLink, register devices, run the federation to its end; 0 completed,
+    2 failed, 124 timed out. Everything started here is stopped on the way out."""
+    out = config.out.resolve()
+    work = out / "flower"
+    work.mkdir(parents=True, exist_ok=True)
+    config.database.parent.mkdir(parents=True, exist_ok=True)
+    env = flower_env(work / "flwr-home")
+    write_connection(Path(env["FLWR_HOME"]), config)
+    app_dir = write_app(work / "app")
+    if config.insecure:
+        echo(INSECURE_WARNING)
+    log_file = open(work / "superlink.log", "ab")
+    link = subprocess.Popen(
+        superlink_command(config), env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    (work / "superlink.pid").write_text(f"{link.pid}\n")
+    children: list[int] = []
+    try:
+        wait_healthy(config, link)
+        children = _children(link.pid)
+        echo(f"SuperLink listening on {config.host}:{config.port} (pid {link.pid})")
+        if not config.insecure:
+            for message in register_devices(env, config):
+                echo(message)
+        flat = dict(config.run) | {"deployment": True, "out": str(out), "resume": True}
+        submitted = flwr_json(
+            env, "run", str(app_dir), CONNECTION, "--run-config", run_config_arg(flat)
+        )
+        if not submitted.get("success"):
+            echo(f"error: flwr run failed: {submitted}")
+            return 2
+        run_id = str(submitted["run-id"])
+        (work / "run-id").write_text(run_id + "\n")
+        echo(f"run {run_id} submitted; log: {work / 'run.log'}")
+        with open(work / "run.log", "ab") as run_log:
+            logs = subprocess.Popen(
+                ["flwr", "log", run_id, CONNECTION, "--stream"], env=env, stdout=run_log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            try:
+                status = follow(out, env, run_id, timeout, echo)
+            finally:
+                if logs.poll() is None:
+                    os.killpg(logs.pid, signal.SIGTERM)
+                    logs.wait(10)
+        if status[0] == "timeout":
+            flwr_json(env, "stop", run_id, CONNECTION)
+            return 124
+        if not status[0].endswith("completed"):
+            echo(f"error: run {run_id} ended {status[0]}: {status[1]}")
+            return 2
+        echo(f"run {run_id} completed: {out / 'summary.json'}")
+        return 0
+    finally:
+        stop(link, children)
+        log_file.close()
+
+
+def follow(out: Path, env: dict, run_id: str, timeout: float, echo) -> tuple[str, str]:
+    metrics = out / "metrics.jsonl"
+    seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            for line in lines[seen:]:
+                row = json.loads(line)
+                echo(
+                    f"round {row['round']}: summed {row['aggregated']}, declined "
+                    f"{row['declined']}, failed {row['failed']}"
+                )
+            seen = len(lines)
+        status = final_status(env, run_id)
+        if status[0].startswith("finished"):
+            return status
+        time.sleep(2)
+    return "timeout", ""

@@ -1,0 +1,132 @@
+"""The deployed run as plain code: the server loop over a transport that calls real device
+rounds in this process (no Flower), with failures, declines and a restart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedrec.client.device import DeviceConfig, PrivacyPolicy, ingest, status
+from fedrec.client.device_round import device_round, reply_metrics
+from fedrec.client.store import StoreError
+from fedrec.common.config import DataConfig
+from fedrec.common.deployment import DeploymentSettings, split_run_config
+from fedrec.server.deployment import UnsupportedDeployment, run_deployment
+from fedrec.server.superlink import ServerConfigError, load_server_config
+from fedrec.simulations.config import SimulationConfig
+from fedrec.simulations.federation import DeviceReply
+
+RUN = {
+    "dataset": "synthetic",
+    "synthetic": "num_users=30,num_items=60",
+    "dp": "local",
+    "local-noise-multiplier": 1.0,
+    "model-dim": 8,
+    "model-text-dim": 8,
+    "num-negatives": 5,
+    "clients-per-round": 10,
+    "local-steps": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def items() -> list[str]:
+    data = DataConfig(dataset="synthetic", synthetic={"num_users": "30", "num_items": "60"})
+    return [str(i) for i in data.load().catalogue.item_ids]
+
+
+def make_devices(tmp_path, items, n=3):
+    devices = {}
+    for node in range(1, n + 1):
+        folder = tmp_path / f"device{node}"
+        ingest(folder, [f"{items[node * 5 + k]},{1000 + k}" for k in range(6)], set(items))
+        devices[node] = DeviceConfig(store=folder, policy=PrivacyPolicy(epsilon=100.0))
+    return devices
+
+
+def transport(devices, run_flat, down=()):
+    """Calls each sampled device's round as its ClientApp would (errors become replies)."""
+
+    def send(nodes, params, round_):
+        out = []
+        for node in nodes:
+            if node in down:
+                out.append((DeviceReply(node, None, 0, error="no reply in 1s"), None))
+                continue
+            try:
+                result = device_round(devices[node], run_flat, round_, params)
+            except StoreError as err:
+                out.append((DeviceReply(node, None, 0, error=f"StoreError: {err}"), None))
+                continue
+            metrics = reply_metrics(result, devices[node].policy)
+            out.append((DeviceReply(node, result.params, 1, metrics), result.declined))
+        return out
+
+    return send
+
+
+def test_rounds_failures_declines_and_a_restart(tmp_path, items):
+    devices = make_devices(tmp_path, items, 4)
+    devices[3] = DeviceConfig(devices[3].store, policy=PrivacyPolicy(min_noise_multiplier=2.0))
+    (devices[4].store / "store.sqlite").write_bytes(b"not a database" * 200)
+    settings = DeploymentSettings(deployment=True, min_nodes=2)
+    run_flat = RUN | {"rounds": 2, "out": str(tmp_path / "run"), "resume": True}
+    config = SimulationConfig.from_flat(run_flat)
+    run_deployment(config, settings, lambda: [1, 2, 3, 4], transport(devices, run_flat))
+    log = [json.loads(x) for x in (tmp_path / "run" / "devices.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in log] == [1, 2] and all(e["summed"] == 2 for e in log)
+    outcome = {d["node"]: d for d in log[0]["devices"]}
+    assert outcome["3"]["outcome"] == "declined" and "below" in outcome["3"]["reason"]
+    assert outcome["4"]["outcome"] == "failed" and "store.sqlite" in outcome["4"]["reason"]
+    assert status(devices[1].store, devices[1].policy)["rounds_trained"] == [1, 2]
+    assert status(devices[3].store, devices[3].policy)["ledger_entries"] == 0  # declined: untouched
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["summed_per_round"] == {"1": 2, "2": 2} and not summary["secure_aggregation"]
+
+    # restart with more rounds, device 2 down: resumes at round 3, completes without it
+    run_flat = run_flat | {"rounds": 3}
+    config = SimulationConfig.from_flat(run_flat)
+    run_deployment(config, settings, lambda: [1, 2, 3, 4], transport(devices, run_flat, down={2}))
+    rounds = [
+        json.loads(x)["round"]
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rounds == [1, 2, 3]
+    assert status(devices[1].store, devices[1].policy)["rounds_trained"] == [1, 2, 3]
+    assert status(devices[2].store, devices[2].policy)["rounds_trained"] == [1, 2]
+
+
+def test_the_deployment_refuses_distributed_without_secure_aggregation(tmp_path):
+    config = SimulationConfig.from_flat(RUN | {"dp": "distributed", "out": str(tmp_path)})
+    with pytest.raises(UnsupportedDeployment, match="secure aggregation"):
+        run_deployment(config, DeploymentSettings(), lambda: [1], lambda *a: [])
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\ndp = "distributed+user"\n')
+    with pytest.raises(ServerConfigError, match="secure aggregation"):
+        load_server_config(path)
+
+
+def test_server_config_and_run_config_split(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[server]\nport = 9999\ncertificates = "c"\n[run]\nrounds = 3\nmin-nodes = 5\n')
+    server = load_server_config(path)
+    assert server.port == 9999 and server.certificates == tmp_path / "c"
+    assert server.connect == "127.0.0.1:9999" and not server.insecure
+    settings, flat = split_run_config(server.run | {"deployment": True})
+    assert settings == DeploymentSettings(deployment=True, min_nodes=5)
+    assert flat["rounds"] == 3 and "min-nodes" not in flat
+    path.write_text("[server]\nportt = 1\n")
+    with pytest.raises(ServerConfigError, match="unknown"):
+        load_server_config(path)
+
+
+def test_tls_and_device_authentication_are_the_default(tmp_path):
+    from fedrec.server.superlink import ServerConfig, superlink_command
+
+    secure = superlink_command(ServerConfig(certificates=tmp_path, database=tmp_path / "s.db"))
+    assert "--insecure" not in secure and "--enable-supernode-auth" in secure
+    assert secure[secure.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
+    assert secure[secure.index("--database") + 1] == str(tmp_path / "s.db")
+    insecure = superlink_command(ServerConfig(insecure=True))
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure

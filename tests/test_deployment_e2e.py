@@ -1,0 +1,279 @@
+"""End to end on loopback with real processes: `fedrec server start` (a SuperLink with TLS,
+node authentication and a database) and one `fedrec client start` SuperNode per device, each
+device with its own store filled by `fedrec client ingest`.
+
+One federation runs through the scenarios in order, so the suite pays for process start-up
+once: rounds 1-2 with three healthy devices, a device whose store is corrupted (it replies
+with the error, the rounds complete) and a device whose key was never registered (refused);
+then the server is restarted over the same run folder (it resumes at round 3), a device is
+killed during round 3 (the round completes with the others) and restarted (its ledger and
+state continue), and the server is killed during round 4 and restarted (round 4 is redone
+once, the numbering stays 1..4). Every process is started and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedrec.simulations.launcher import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ROUND_TIMEOUT_S = 45  # how long a round waits for a killed device
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found through /proc)."""
+    parents: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def running_clientapp(proc: subprocess.Popen) -> bool:
+    """Whether a device is working on a message right now: a `flwr-clientapp` process, or a
+    child forked by the warm executor."""
+    for pid in descendants(proc.pid):
+        cmd = _cmdline(pid)
+        if b"flwr-clientapp" in cmd or (
+            b"warm_exec" in cmd and b"warm_exec" in _cmdline(_parent(pid))
+        ):
+            return True
+    return False
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal a process and every process it started (each by PID), then reap it."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc, signal.SIGKILL)
+
+
+class Deployment:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.env = os.environ | {
+            "FLWR_HOME": str(root / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.server: subprocess.Popen | None = None
+        self.devices: dict[str, subprocess.Popen] = {}
+
+    def fedrec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedrec.common.cli", *args], cwd=self.root, env=self.env,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"fedrec {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedrec.common.cli", *args], cwd=self.root, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def write_run(self, rounds: int, min_nodes: int) -> None:
+        (self.root / "run.toml").write_text(
+            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\ncertificates = "certs"\n'
+            f'devices = "registered"\nout = "run"\ndatabase = "state.db"\n'
+            f'[run]\nrounds = {rounds}\nclients-per-round = 10\ndp = "local"\n'
+            f"local-steps = 2\nmin-nodes = {min_nodes}\n"
+            f"round-timeout-s = {ROUND_TIMEOUT_S}\nwait-nodes-s = 240\n"
+        )
+
+    def start_server(self) -> subprocess.Popen:
+        self.server = self.spawn("server", "server", "start", "--config", "run.toml")
+        return self.server
+
+    def wait_for(self, what, timeout: float, message: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = what()
+            if value:
+                return value
+            time.sleep(0.2)
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log"))
+        )
+        run_log = self.root / "run" / "flower" / "run.log"
+        if run_log.exists():
+            logs += f"\n--- run.log\n{run_log.read_text()[-4000:]}"
+        raise AssertionError(f"timed out: {message}\n{logs}")
+
+    def server_says(self, text: str) -> bool:
+        log = self.root / "server.log"
+        return log.exists() and log.read_text().count(text) > 0
+
+    def start_device(self, name: str) -> subprocess.Popen:
+        proc = self.spawn(name, "client", "start", "--config", f"{name}.toml", "--port",
+                          str(free_port()))  # fmt: skip
+        self.devices[name] = proc
+        return proc
+
+    def rounds(self) -> list[int]:
+        path = self.root / "run" / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line)["round"] for line in path.read_text().splitlines()]
+
+    def devices_log(self) -> list[dict]:
+        path = self.root / "run" / "devices.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def status(self, name: str) -> dict:
+        return json.loads(
+            self.fedrec("client", "status", "--config", f"{name}.toml", "--json").stdout
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                kill_tree(proc, signal.SIGTERM)
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    # the catalogue's text features are cached once here, not by four processes at once
+    from fedrec.client.runtime import template_for
+    from fedrec.common.data.loaders import load_builtin
+    from fedrec.simulations.config import SimulationConfig
+
+    template_for(SimulationConfig.from_flat({"rounds": 4}))
+    d = Deployment(tmp_path)
+    items = [str(i) for i in load_builtin().catalogue.item_ids]
+    d.fedrec("certs", "server", "--host", "127.0.0.1", "--out", "certs")
+    d.fedrec("certs", "device", "dev1", "dev2", "dev3", "dev4", "rogue", "--out", "certs")
+    (tmp_path / "registered").mkdir()
+    for name in ("dev1", "dev2", "dev3", "dev4"):  # the rogue device's key is never registered
+        (tmp_path / "certs" / "devices" / f"{name}.pub").rename(
+            tmp_path / "registered" / f"{name}.pub"
+        )
+    for k, name in enumerate(("dev1", "dev2", "dev3", "dev4", "rogue")):
+        (tmp_path / f"{name}.toml").write_text(
+            f'[device]\nstore = "{name}"\n[policy]\nepsilon = 200.0\n'
+            f'[connection]\nsuperlink = "127.0.0.1:{d.port}"\n'
+            f'root-certificates = "certs/ca.pem"\nkey = "certs/devices/{name}.key"\n'
+        )
+        rnd = random.Random(k)
+        lines = ["item,timestamp"] + [
+            f"{item},{1_400_000_000 + 3600 * j}" for j, item in enumerate(rnd.sample(items, 16))
+        ]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        d.fedrec("client", "ingest", "--config", f"{name}.toml", f"{name}.csv")
+    # dev4's store is corrupted on disk
+    (tmp_path / "dev4" / "store.sqlite").write_bytes(b"\x00garbage" * 512)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "dev4" / f"store.sqlite{suffix}").unlink(missing_ok=True)
+    yield d
+    d.stop()
+
+
+def test_deployment_end_to_end(deployment):
+    d = deployment
+    started = time.monotonic()
+    # -- rounds 1-2: three healthy devices, one corrupted store, one unregistered device ------
+    d.write_run(rounds=2, min_nodes=4)
+    d.start_server()
+    d.wait_for(lambda: d.server_says("run "), 120, "server started and devices registered")
+    for name in ("dev1", "dev2", "dev3", "dev4"):
+        d.start_device(name)
+    rogue = d.start_device("rogue")
+    assert rogue.wait(60) != 0  # refused: its key is not registered
+    assert "Failed to activate SuperNode" in (d.root / "rogue.log").read_text()
+    assert d.server.wait(300) == 0, (d.root / "server.log").read_text()
+    assert d.rounds() == [1, 2]
+    checkpoints = d.root / "run" / "checkpoints"
+    assert {p.name for p in checkpoints.glob("round-*.npz")} == {"round-0001.npz", "round-0002.npz"}
+    assert json.loads((checkpoints / "latest.json").read_text())["round"] == 2
+    for entry in d.devices_log():
+        outcomes = sorted(x["outcome"] for x in entry["devices"])
+        assert outcomes == ["failed", "sent", "sent", "sent"], entry
+        assert entry["summed"] == 3
+        failed = next(x for x in entry["devices"] if x["outcome"] == "failed")
+        assert "store.sqlite" in failed["reason"]  # the corrupted store's clear error
+    for name in ("dev1", "dev2", "dev3"):
+        status = d.status(name)
+        assert status["rounds_trained"] == [1, 2]
+        assert 0 < status["max_epsilon"] <= status["budget_epsilon"]
+    top = d.fedrec("client", "recommend", "--config", "dev1.toml", "-k", "5", "--json").stdout
+    recommended = [r["item"] for r in json.loads(top)]
+    seen = {line.split(",")[0] for line in (d.root / "dev1.csv").read_text().splitlines()[1:]}
+    assert len(recommended) == 5 and not set(recommended) & seen
+    # -- restart over the same folder with 4 rounds: resumes at round 3 ----------------------
+    d.write_run(rounds=4, min_nodes=2)
+    d.start_server()
+    d.wait_for(lambda: d.server_says("submitted"), 120, "server restarted")
+    # the devices reconnect by themselves; dev3 is killed while it works on round 3
+    dev3 = d.devices.pop("dev3")
+    d.wait_for(lambda: running_clientapp(dev3), 180, "dev3 working on round 3")
+    kill_tree(dev3)
+    d.wait_for(lambda: d.rounds() == [1, 2, 3], 240, "round 3 completed without dev3")
+    round3 = d.devices_log()[-1]
+    assert round3["round"] == 3 and round3["summed"] >= 2
+    # dev3 comes back; the server is killed during round 4 and restarted
+    d.start_device("dev3")
+    d.wait_for(lambda: running_clientapp(d.devices["dev1"]), 180, "round 4 running")
+    kill_tree(d.server)
+    assert d.rounds() == [1, 2, 3]
+    d.start_server()
+    d.wait_for(lambda: d.server.poll() is not None, 300, "restarted server finished")
+    assert d.server.returncode == 0, (d.root / "server.log").read_text()
+    assert d.rounds() == [1, 2, 3, 4]  # resumed at the right round, each round once
+    assert json.loads((checkpoints / "latest.json").read_text())["round"] == 4
+    for name in ("dev1", "dev2", "dev3"):
+        status = d.status(name)
+        assert status["max_epsilon"] <= status["budget_epsilon"]
+        assert status["rounds_trained"][:2] == [1, 2]  # the ledger continued, never reset
+    assert 4 in d.status("dev1")["rounds_trained"]
+    print(f"deployment e2e: {time.monotonic() - started:.0f}s")
