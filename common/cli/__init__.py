@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from fedrec.common.cli import data_cmd, simulate_cmd, train_cmd
+from fedrec.common.cli import audit_cmd, data_cmd, simulate_cmd, train_cmd
 
 app = typer.Typer(
     help=(
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.command("data")(data_cmd.data)
 app.command("train")(train_cmd.train)
 app.command("simulate")(simulate_cmd.simulate)
+app.command("audit")(audit_cmd.audit)
 
 
 def main() -> None:
