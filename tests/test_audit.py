@@ -325,3 +325,15 @@ def test_device_store_folder_and_torn_tail(run_dir, tmp_path):
     result = audit(folder, AuditOptions(budget=BUDGET))
     assert result.exit_code == 0 and any("torn" in n for n in result.notes)
     assert write_report(result, tmp_path / "report")[0].exists()
+
+
+def test_report_states_the_empirical_bound_beside_the_analytic(run_dir, tmp_path):
+    row = {"epsilon_lower_bound": 0.0, "confidence": 0.95, "guesses": 40, "correct": 21}
+    empirical = {
+        "dp": row | {"dp": "local", "canaries": 200, "analytic_epsilon": 7.41},
+        "control": row | {"dp": "off", "canaries": 200, "analytic_epsilon": math.inf},
+    }
+    write_report(audit(run_dir), tmp_path, empirical)
+    text = (tmp_path / "audit.md").read_text()
+    assert "Empirical audit" in text and "| control | off |" in text
+    assert json.loads((tmp_path / "audit.json").read_text())["empirical"]["control"]["dp"] == "off"

@@ -117,12 +117,21 @@ def markdown(result: AuditResult, empirical: dict | None, plots: list[str]) -> s
         )
     lines.append("")
     if empirical is not None:
-        lines += ["## Empirical audit (one training run)", ""]
         lines += [
-            f"- **{k.replace('_', ' ')}**: {fmt(v)}"
-            for k, v in empirical.items()
-            if not isinstance(v, (list, dict))
+            "## Empirical audit (one training run, Steinke, Nasr & Jagielski 2023)",
+            "",
+            "A separate small federation with canaries (see README); the DP run and its no-DP "
+            "control differ only in DP.",
+            "",
+            "| run | dp | ε lower bound | confidence | guesses | correct | canaries | analytic ε |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        for name in ("dp", "control"):
+            r = empirical[name]
+            lines.append(
+                f"| {name} | {r['dp']} | {fmt(r['epsilon_lower_bound'])} | {r['confidence']} | "
+                f"{r['guesses']} | {r['correct']} | {r['canaries']} | {fmt(r['analytic_epsilon'])} |"
+            )
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
