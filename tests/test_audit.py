@@ -337,3 +337,11 @@ def test_report_states_the_empirical_bound_beside_the_analytic(run_dir, tmp_path
     text = (tmp_path / "audit.md").read_text()
     assert "Empirical audit" in text and "| control | off |" in text
     assert json.loads((tmp_path / "audit.json").read_text())["empirical"]["control"]["dp"] == "off"
+
+
+def test_rewritten_server_record_is_caught(copy):
+    """An earlier checkpoint whose user-level record is not a prefix of the final one."""
+    meta = {"extra": {"user_privacy": {"rounds": [{"round": 1, "mechanism": {"rewritten": 1}}]}}}
+    text = json.dumps(meta).encode()
+    np.savez(copy / "checkpoints" / "round-0001.npz", __meta__=np.frombuffer(text, np.uint8))
+    assert any("not a prefix" in f.what for f in audit(copy).findings)

@@ -8,6 +8,7 @@ code from the recorded parameters; fedrec's own accountant is never called.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -40,6 +41,7 @@ from fedrec.common.audit.records import (
     Finding,
     Ledger,
     RecordsError,
+    earlier_records,
     load_ledgers,
     parse_heads,
     read_bytes,
@@ -326,23 +328,34 @@ def _user_level(root, summary, rec, findings, notes) -> dict[str, Any] | None:
                 f"{where}: {len(rounds)} rounds recorded, {summary['rounds']} published",
             )
         )
-    _check_metrics(root, per_round, findings, notes)
+    out["sampled_per_round"] = _check_metrics(root, per_round, findings, notes)
+    # An earlier checkpoint's record must be a prefix of the final one: spend is never erased.
+    for earlier, rounds_then in earlier_records(root).items():
+        if rounds_then != record["rounds"][: len(rounds_then)]:
+            findings.append(
+                Finding(
+                    "guarantee",
+                    f"{where}: the record in {earlier.name} is not a prefix of "
+                    f"the final record: published rounds were rewritten or removed",
+                )
+            )
     return out
 
 
-def _check_metrics(root, per_round, findings, notes) -> None:
+def _check_metrics(root, per_round, findings, notes) -> list[int]:
+    """Per-round user-level ε of metrics.jsonl against the record; returns devices sampled."""
     path = root / "metrics.jsonl"
+    sampled: list[int] = []
     if not path.exists():
         notes.append(f"{path}: missing, per-round user-level ε not checked")
-        return
-    import json
-
+        return sampled
     for number, line in enumerate(read_bytes(path).decode().splitlines(), start=1):
         try:
             row = json.loads(line)
         except ValueError as err:
             raise RecordsError(f"{path}: line {number} is not valid JSON") from err
         reported, rnd = row.get("user_epsilon"), row.get("round")
+        sampled.append(row.get("sampled"))
         if reported is None:
             continue
         if rnd not in per_round:
@@ -359,3 +372,4 @@ def _check_metrics(root, per_round, findings, notes) -> None:
                     f"{path.name}: round {rnd} user ε={reported} != recomputed {per_round[rnd]}",
                 )
             )
+    return sampled

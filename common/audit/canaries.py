@@ -108,7 +108,7 @@ def train(config: EmpiricalConfig, canaries: Canaries, dp: str, out: Path):
             "local-noise-multiplier": config.local_noise_multiplier,
             "delta": config.delta,
             "local-lr": config.local_lr,
-            "model-id-embeddings": True,  # a per-item row a single interaction can move
+            "model-id-embeddings": config.id_embeddings,
             "num-negatives": config.num_negatives,
             "local-steps": config.local_steps,
             "seed": config.seed,

@@ -101,6 +101,7 @@ class EmpiricalConfig:
     rounds: int = 2
     num_negatives: int = 20
     local_steps: int = 4
+    id_embeddings: bool = True  # per-item rows a single example can move (the attack's signal)
     dp: str = "local"  # per-interaction DP with each device's own noise (the earned guarantee)
     epsilon: float = 8.0  # per-interaction budget of the DP run
     local_noise_multiplier: float = 1.0

@@ -329,3 +329,16 @@ def server_record(root: Path) -> tuple[dict[str, Any], Path]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RecordsError(f"{path}: no readable user-level record ({err})") from err
     return record, path
+
+
+def earlier_records(root: Path) -> dict[Path, list[Any]]:
+    """The user-level record of every round file (earlier checkpoints kept by the run)."""
+    out = {}
+    for path in sorted((root / "checkpoints").glob("round-*.npz")):
+        try:
+            with np.load(path, allow_pickle=False) as z:  # reads only the metadata member
+                meta = json.loads(z["__meta__"].tobytes().decode())
+            out[path] = meta["extra"]["user_privacy"]["rounds"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RecordsError(f"{path}: no readable user-level record ({err})") from err
+    return out

@@ -154,7 +154,8 @@ def _plots(result: AuditResult, out: Path) -> list[Path]:
     if budget:
         ax.axvline(budget["epsilon"], color="red", ls="--", label=f"budget {budget['epsilon']:g}")
     ax.set(title="per-interaction ε (recomputed, RDP)", xlabel="ε", ylabel="cohorts")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     paths.append(_save(fig, out / PLOTS[0]))
 
     view = budget["view"] if budget else next(iter(f["views"]))
@@ -170,8 +171,8 @@ def _plots(result: AuditResult, out: Path) -> list[Path]:
     if budget:
         ax.axhline(budget["epsilon"], color="red", ls="--", label="budget")
         ax.legend(fontsize=8)
-    ax.set(title=f"per-client spend over time ({view}, max over its cohorts; ≤200 clients)",
-           xlabel="round", ylabel="ε")  # fmt: skip
+    ax.set(title=f"per-client ε over time ({view}, ≤200 clients)", xlabel="round", ylabel="ε")
+    ax.set_ylim(bottom=0)
     paths.append(_save(fig, out / PLOTS[1]))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))

@@ -106,6 +106,7 @@ def _user(g, figures) -> dict[str, Any]:
         "sigma": sorted({m["noise_multiplier"] for m in mechs}),
         "sampling": "Poisson sampling of each registered device per round, rate "
         + ", ".join(f"{m['sample_rate']:g}" for m in mechs),
+        "devices_sampled_per_round": _mean(user.get("sampled_per_round")),
         "steps": user.get("rounds"),
         "clip_norm": sorted({m["clip_norm"] for m in mechs}),
         "budget": user.get("budget"),
@@ -116,6 +117,11 @@ def _user(g, figures) -> dict[str, Any]:
         "earned": g.get("earned", True),
         "why_not": g.get("why_not"),
     }
+
+
+def _mean(values: list | None) -> float | None:
+    values = [v for v in values or [] if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
 
 
 def fmt(x: Any) -> str:
