@@ -8,7 +8,6 @@ code from the recorded parameters; fedrec's own accountant is never called.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -31,7 +30,6 @@ from fedrec.common.audit.recompute import (
     RDP_REL_TOL,
     AccountingConfig,
     Recomputer,
-    key_of,
     pld_below,
     quantiles,
     rdp_agrees,
@@ -41,14 +39,12 @@ from fedrec.common.audit.records import (
     Finding,
     Ledger,
     RecordsError,
-    earlier_records,
     load_ledgers,
     parse_heads,
-    read_bytes,
     read_json,
-    server_record,
 )
 from fedrec.common.audit.statement import guarantee_kind, statements
+from fedrec.common.audit.user_level import user_level
 
 
 @dataclass(frozen=True)
@@ -132,8 +128,8 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
         "delta": delta,
         "budget": None if budget is None else {"epsilon": budget.epsilon, "view": budget.view},
         "accountant": {
-            "rdp": "dp_accounting RdpAccountant (integer orders) + quadrature (fractional "
-            "orders), add/remove-one, conversion of Balle et al. 2020",
+            "rdp": "dp_accounting RdpAccountant (integer orders) + numerical integration "
+            "(fractional orders), add/remove-one, conversion of Balle et al. 2020",
             "orders": list(ORDERS),
             "pld": f"dp_accounting PLDAccountant, pessimistic, interval {rec.config.pld_interval:g}"
             if rec.config.pld
@@ -147,7 +143,7 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     }
     if summary is not None:
         figures["reported"] = _compare_reported(privacy, per_view, budget, findings)
-        figures["user_level"] = _user_level(root, summary, rec, findings, notes)
+        figures["user_level"] = user_level(root, summary, rec, findings, notes)
     figures["guarantees"] = statements(summary, figures, per_view)
     figures["clients"] = _clients(ledgers, replays, views, rec, delta)
     figures["seconds"] = time.perf_counter() - started
@@ -268,108 +264,3 @@ def _compare(name, reported, figures, findings) -> dict[str, Any]:
     if not row["above_pld"]:
         findings.append(Finding("recompute", f"{name}: reported ε={reported} < PLD ε {pld}"))
     return row
-
-
-def _user_level(root, summary, rec, findings, notes) -> dict[str, Any] | None:
-    """User-level ε recomputed from the server's own record (checkpoint), checked against the
-    summary, the per-round log and the user-level budget."""
-    privacy, dp = summary.get("privacy", {}), summary.get("dp", {})
-    if "user" not in dp.get("mode", ""):
-        return None
-    record, path = server_record(root)
-    delta = float(privacy.get("delta"))
-    counts: Counter = Counter()
-    rounds, per_round = [], {}
-    for item in record["rounds"]:
-        m = item["mechanism"]
-        counts[(float(m["sample_rate"]), float(m["noise_multiplier"]))] += int(m["steps"])
-        rounds.append(item["round"])
-        per_round[item["round"]] = rec.epsilon(key_of(counts), delta)
-    key = key_of(counts)
-    eps, pld = rec.epsilon(key, delta), rec.epsilon_pld(key, delta)
-    mechanisms = {
-        (
-            m["mechanism"]["sample_rate"],
-            m["mechanism"]["noise_multiplier"],
-            m["mechanism"]["clip_norm"],
-        )
-        for m in record["rounds"]
-    }
-    out = {
-        "record": str(path),
-        "rounds": len(rounds),
-        "mechanisms": [
-            {"sample_rate": q, "noise_multiplier": z, "clip_norm": c}
-            for q, z, c in sorted(mechanisms)
-        ],
-        "epsilon_rdp": eps,
-        "epsilon_pld": pld,
-        "reported": privacy.get("user_epsilon"),
-        "budget": privacy.get("user_budget_epsilon"),
-        "per_round": per_round,
-    }
-    where = f"user-level ({path.name})"
-    reported = privacy.get("user_epsilon")
-    if reported is not None and not rdp_agrees(float(reported), eps):
-        findings.append(Finding("recompute", f"{where}: reported ε={reported} != recomputed {eps}"))
-    if reported is not None and not pld_below(float(reported), pld):
-        findings.append(Finding("recompute", f"{where}: reported ε={reported} < PLD ε {pld}"))
-    budget = privacy.get("user_budget_epsilon")
-    if budget is not None and eps > float(budget) * (1 + 1e-9):
-        findings.append(Finding("budget", f"{where}: ε={eps:.4f} > user budget {budget}"))
-    if (z := dp.get("user_noise_multiplier")) is not None and {m[1] for m in mechanisms} - {z}:
-        findings.append(Finding("guarantee", f"{where}: recorded noise != summary's {z}"))
-    if (q := dp.get("client_sample_rate")) is not None and {m[0] for m in mechanisms} - {q}:
-        findings.append(Finding("guarantee", f"{where}: recorded sampling rate != summary's {q}"))
-    if summary.get("rounds") is not None and summary["rounds"] != len(rounds):
-        findings.append(
-            Finding(
-                "guarantee",
-                f"{where}: {len(rounds)} rounds recorded, {summary['rounds']} published",
-            )
-        )
-    out["sampled_per_round"] = _check_metrics(root, per_round, findings, notes)
-    # An earlier checkpoint's record must be a prefix of the final one: spend is never erased.
-    for earlier, rounds_then in earlier_records(root).items():
-        if rounds_then != record["rounds"][: len(rounds_then)]:
-            findings.append(
-                Finding(
-                    "guarantee",
-                    f"{where}: the record in {earlier.name} is not a prefix of "
-                    f"the final record: published rounds were rewritten or removed",
-                )
-            )
-    return out
-
-
-def _check_metrics(root, per_round, findings, notes) -> list[int]:
-    """Per-round user-level ε of metrics.jsonl against the record; returns devices sampled."""
-    path = root / "metrics.jsonl"
-    sampled: list[int] = []
-    if not path.exists():
-        notes.append(f"{path}: missing, per-round user-level ε not checked")
-        return sampled
-    for number, line in enumerate(read_bytes(path).decode().splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise RecordsError(f"{path}: line {number} is not valid JSON") from err
-        reported, rnd = row.get("user_epsilon"), row.get("round")
-        sampled.append(row.get("sampled"))
-        if reported is None:
-            continue
-        if rnd not in per_round:
-            findings.append(
-                Finding(
-                    "guarantee",
-                    f"{path.name}: round {rnd} published but not in the server's record",
-                )
-            )
-        elif not rdp_agrees(float(reported), per_round[rnd]):
-            findings.append(
-                Finding(
-                    "recompute",
-                    f"{path.name}: round {rnd} user ε={reported} != recomputed {per_round[rnd]}",
-                )
-            )
-    return sampled
