@@ -368,3 +368,12 @@ def test_a_real_simulation_passes_its_audit(tmp_path):
     assert result.exit_code == 0, [f.line() for f in result.findings]
     assert {g["kind"] for g in result.figures["guarantees"]} == {"user", "distributed", "local"}
     assert all(r["agrees"] and r["above_pld"] for r in result.figures["reported"])
+
+
+def test_heads_kept_elsewhere_catch_truncation_of_a_folder_of_ledgers(run_dir, tmp_path):
+    folder = Path(shutil.copytree(run_dir / "clients", tmp_path / "ledgers"))
+    entries = lines(tmp_path, "ledgers/1")
+    (folder / "1" / "ledger.jsonl").write_text("".join(canonical(e) + "\n" for e in entries[:-1]))
+    assert audit(folder).exit_code == 0  # a clean cut leaves a valid chain
+    found = audit(folder, AuditOptions(heads=run_dir / "summary.json")).findings
+    assert [(f.check, f.client) for f in found] == [("chain", "1")]
