@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ def run_empirical(config: EmpiricalConfig, out: Path) -> dict[str, Any]:
     from fedrec.common.audit.canaries import Canaries, score_canaries, train
 
     out = Path(out)
+    for ours in ("data", "dp", "control"):  # a previous audit's canary runs: start afresh
+        shutil.rmtree(out / ours, ignore_errors=True)
     canaries = Canaries.draw(config, out / "data")
     results: dict[str, Any] = {"config": dataclasses.asdict(config)}
     for name, dp in (("dp", config.dp), ("control", "off")):
