@@ -35,6 +35,7 @@ from fedrec.common.audit.recompute import (
     rdp_agrees,
 )
 from fedrec.common.audit.records import (
+    RETIRE,
     TRAIN,
     Finding,
     Ledger,
@@ -90,7 +91,6 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
         raise RecordsError(f"{root}: not a folder (a run, a device's store, or ledgers)")
     summary = read_json(root / "summary.json") if (root / "summary.json").exists() else None
     privacy = (summary or {}).get("privacy", {})
-    mode = (summary or {}).get("dp", {}).get("mode", "")
     heads, source = _heads(root, summary, options)
     notes: list[str] = []
     if not heads:
@@ -108,7 +108,7 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
         )
     calibrated = distributed_calibrated(ledgers)
     views = [LOCAL, DISTRIBUTED] if calibrated else [LOCAL]
-    budget = _budget(options, privacy, mode, calibrated, notes)
+    budget = _budget(options, summary, ledgers, calibrated, notes)
 
     rec = Recomputer(options.accounting)
     replays: dict[str, dict[str, Replay]] = {}
@@ -151,14 +151,34 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     return AuditResult(root, findings, notes, figures)
 
 
-def _budget(options, privacy, mode, calibrated, notes) -> Budget | None:
+def _budget(options, summary, ledgers, calibrated, notes) -> Budget | None:
+    """The per-interaction budget and the view it is held in.
+
+    The view: --guarantee; else the guarantee the devices' own retirements name; else the run's
+    DP mode (distributed unless a local user vector voids it, as fedrec decides); else, for bare
+    ledgers, distributed iff the devices recorded a K_min."""
+    privacy = (summary or {}).get("privacy", {})
     eps = options.budget if options.budget is not None else privacy.get("budget_epsilon")
+    named = {
+        e["guarantee"]
+        for ledger in ledgers
+        for e in ledger.entries
+        if e.get("kind") == RETIRE and not e.get("_malformed")
+    }
     view = options.budget_view
-    if view is None:
-        if mode:
-            view = DISTRIBUTED if "distributed" in mode else LOCAL if "local" in mode else None
-        else:
-            view = DISTRIBUTED if calibrated else LOCAL
+    if view is None and len(named) == 1:
+        view = named.pop()
+    elif view is None and summary is not None:
+        mode = summary.get("dp", {}).get("mode", "")
+        user_vector = bool(summary.get("config", {}).get("model-user-embedding", False))
+        if "distributed" in mode and not user_vector:
+            view = DISTRIBUTED
+        elif "distributed" in mode or "local" in mode:
+            view = LOCAL
+    elif view is None:
+        view = DISTRIBUTED if calibrated else LOCAL
+    if len(named) > 1:
+        notes.append(f"retirements name several guarantees {sorted(named)}: budget in {view}")
     if eps is None or view is None:
         notes.append("no per-interaction budget recorded or given (--budget): budgets not checked")
         return None
@@ -247,7 +267,7 @@ def _compare_reported(privacy, per_view, budget, findings) -> list[dict[str, Any
         rows.append(_compare(name, float(privacy[name]), per_view[view], findings))
     for g in privacy.get("guarantees", []):
         view = guarantee_kind(g)
-        if view in per_view:
+        if view in per_view and g.get("epsilon") is not None:  # None: stated as not claimed
             rows.append(
                 _compare(f"guarantee: {g['name']}", float(g["epsilon"]), per_view[view], findings)
             )
