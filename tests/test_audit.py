@@ -377,3 +377,24 @@ def test_heads_kept_elsewhere_catch_truncation_of_a_folder_of_ledgers(run_dir, t
     assert audit(folder).exit_code == 0  # a clean cut leaves a valid chain
     found = audit(folder, AuditOptions(heads=run_dir / "summary.json")).findings
     assert [(f.check, f.client) for f in found] == [("chain", "1")]
+
+
+def test_discard_delta_is_recomputed(copy):
+    """A run that discards rounds below K_min states an extra user-level δ: checked."""
+    from scipy.stats import binom
+
+    summary = json.loads((copy / "summary.json").read_text())
+    eps = summary["privacy"]["user_epsilon"]
+    summary["dp"] |= {"min_survivors": 9}
+    summary["config"] = {"clients-per-round": 20}  # q = 0.1: N = 200
+    extra = ROUNDS * (1 + math.exp(eps)) * binom.cdf(8, 199, 0.1)
+    user = summary["privacy"]["guarantees"][0]
+    user |= {"delta": DELTA + extra, "delta_from_discarded_rounds": extra}
+    (copy / "summary.json").write_text(json.dumps(summary))
+    result = audit(copy)
+    assert result.findings == [] and math.isclose(
+        result.figures["user_level"]["discard_delta"], extra
+    )
+    user["delta_from_discarded_rounds"] = extra / 10
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert any("discard" in f.what for f in audit(copy).findings)

@@ -10,6 +10,7 @@ earlier checkpoint's record must be a prefix of the final one.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from typing import Any
 
@@ -82,6 +83,7 @@ def user_level(root, summary, rec, findings, notes) -> dict[str, Any] | None:
             )
         )
     out["sampled_per_round"] = _check_metrics(root, per_round, findings, notes)
+    out["discard_delta"] = _discard_delta(summary, eps, len(rounds), findings, notes)
     # An earlier checkpoint's record must be a prefix of the final one: spend is never erased.
     for earlier, rounds_then in earlier_records(root).items():
         if rounds_then != record["rounds"][: len(rounds_then)]:
@@ -126,3 +128,44 @@ def _check_metrics(root, per_round, findings, notes) -> list[int]:
                 )
             )
     return sampled
+
+
+def _discard_delta(summary, eps: float, rounds: int, findings, notes) -> float | None:
+    """The extra δ a run that discards rounds with fewer than K_min survivors states for it
+    (`delta_from_discarded_rounds` of the user-level guarantee), recomputed:
+    rounds·(1 + e^ε)·P[Binomial(N - 1, q) < K_min], with N = clients per round / q."""
+    from scipy.stats import binom
+
+    g = next(
+        (g for g in summary["privacy"].get("guarantees", []) if "delta_from_discarded_rounds" in g),
+        None,
+    )
+    if g is None:
+        return None
+    dp, config = summary.get("dp", {}), summary.get("config", {})
+    q, k_min, expected = (
+        dp.get("client_sample_rate"),
+        dp.get("min_survivors"),
+        config.get("clients-per-round"),
+    )
+    if q is None or k_min is None or expected is None or q >= 1:
+        notes.append("discard δ not recomputed: the population N is not recorded (q = 1)")
+        return None
+    n = round(float(expected) / float(q))  # q = expected / N when expected <= N
+    extra = 0.0
+    if k_min > 1 and rounds > 0:
+        tail = float(binom.cdf(k_min - 1, max(n - 1, 0), q))
+        extra = min(1.0, rounds * (1.0 + math.exp(min(eps, 700.0))) * tail)
+    reported = float(g["delta_from_discarded_rounds"])
+    if not math.isclose(reported, extra, rel_tol=1e-6, abs_tol=1e-300):
+        findings.append(
+            Finding("recompute", f"user-level: discard δ {reported} != recomputed {extra}")
+        )
+    base = float(summary["privacy"]["delta"])
+    if not math.isclose(float(g["delta"]), base + extra, rel_tol=1e-9):
+        findings.append(
+            Finding(
+                "guarantee", f"user-level: stated δ {g['delta']} != δ + discard δ {base + extra}"
+            )
+        )
+    return extra
