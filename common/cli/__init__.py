@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import typer
 
-from fedrec.common.cli import certs_cmd, client_cmd, data_cmd, server_cmd, simulate_cmd, train_cmd
+from fedrec.common.cli import (
+    audit_cmd,
+    certs_cmd,
+    client_cmd,
+    data_cmd,
+    server_cmd,
+    simulate_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     help=(
@@ -22,6 +30,7 @@ app.command("simulate")(simulate_cmd.simulate)
 app.add_typer(client_cmd.app, name="client")
 app.add_typer(certs_cmd.app, name="certs")
 app.add_typer(server_cmd.app, name="server")
+app.command("audit")(audit_cmd.audit)
 
 
 def main() -> None:
