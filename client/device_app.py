@@ -23,6 +23,17 @@ def is_device(context: Context) -> bool:
     return STORE_KEY in context.node_config
 
 
+def ledger_head(folder: Path) -> str:
+    """The head hash of the device's ledger (verified on open), reported every round."""
+    from fedrec.client.device import LEDGER_FILE
+    from fedrec.client.ledger import PrivacyLedger
+
+    if not (folder / LEDGER_FILE).exists():
+        return ""
+    with PrivacyLedger.open(folder / LEDGER_FILE) as ledger:
+        return ledger.head_hash
+
+
 def train_on_device(msg: Message, context: Context) -> Message:
     import time
 
@@ -49,6 +60,7 @@ def train_on_device(msg: Message, context: Context) -> Message:
             metrics["message_seconds"] = time.perf_counter() - start
         params_out = result.params
         status["declined"] = result.declined or ""
+        status["ledger_head"] = ledger_head(Path(device.store))
     except Exception as err:  # the reply carries it; the device stays as it was
         status["error"] = f"{type(err).__name__}: {err}"
     content = RecordDict(

@@ -69,7 +69,9 @@ def unpack(user: int, reply: Message) -> DeviceReply:
         return DeviceReply(user, None, 0, {}, error=str(reply.error.reason))
     content = reply.content
     metrics = dict(content["metrics"])
-    error = str(content["status"]["error"]) if "status" in content else ""
+    status = content["status"] if "status" in content else {}
+    error = str(status.get("error", ""))
+    head = str(status.get("ledger_head", "")) or None
     params = None
     if "arrays" in content:
         params = {k: np.asarray(a.numpy()) for k, a in content["arrays"].items()}
@@ -79,6 +81,7 @@ def unpack(user: int, reply: Message) -> DeviceReply:
         int(metrics.pop("num-examples", 0)),
         {k: float(v) for k, v in metrics.items()},
         error=error or None,
+        ledger_head=head,
     )
 
 

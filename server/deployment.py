@@ -132,6 +132,8 @@ def record_devices(
         entry: dict[str, Any] = {"node": str(r.user), "outcome": outcome}
         if r.error or declined:
             entry["reason"] = r.error or declined
+        if r.ledger_head:
+            entry["ledger_head"] = r.ledger_head
         for key in (
             "max_interaction_epsilon",
             "seconds",

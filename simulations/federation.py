@@ -55,6 +55,9 @@ class DeviceReply:
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the device failed (bad store, bad parameters, crash)
+    # head hash of the device's ledger after its round (deployment: reported every round, so
+    # an auditor can later detect a truncated or rewritten ledger)
+    ledger_head: str | None = None
 
 
 class RunExistsError(RuntimeError):

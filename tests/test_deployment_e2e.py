@@ -276,4 +276,7 @@ def test_deployment_end_to_end(deployment):
         assert status["max_epsilon"] <= status["budget_epsilon"]
         assert status["rounds_trained"][:2] == [1, 2]  # the ledger continued, never reset
     assert 4 in d.status("dev1")["rounds_trained"]
+    # every device that sent an update reported its ledger head with it (for audits)
+    sent = [o for r in d.devices_log() for o in r["devices"] if o["outcome"] == "sent"]
+    assert sent and all(len(o.get("ledger_head", "")) == 64 for o in sent)
     print(f"deployment e2e: {time.monotonic() - started:.0f}s")
