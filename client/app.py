@@ -1,8 +1,8 @@
 """Flower ClientApp: unpack the message, run the device's round, pack the reply.
 
 In simulation the virtual SuperNodes are execution slots: the ServerApp names, in each
-message, which user's device the slot plays (`user` in the config record); every device's
-state lives in its own folder, so any slot can serve any device.
+message, which users' devices the slot plays (`users` in the config record), one after the
+other; every device's state lives in its own folder, so any slot can serve any device.
 
 In a deployment each SuperNode is one real device: its `--node-config` names the device's
 folder, and `fedrec.client.device_app` runs the round under the device's own privacy policy.
@@ -31,17 +31,20 @@ def train(msg: Message, context: Context) -> Message:
 
     config = SimulationConfig.from_flat(dict(context.run_config))
     instructions = msg.content["config"]
-    user, round_ = int(instructions["user"]), int(instructions["round"])
+    users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
     params = {name: array.numpy() for name, array in msg.content["arrays"].items()}
-    reply = device_reply(config, user, round_, params)
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {"user": user, "num-examples": reply.num_examples, **reply.metrics}
-            ),
-            "status": ConfigRecord({"error": reply.error or ""}),
-        }
-    )
-    if reply.params is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in reply.params.items()})
+    # Several devices per message: Flower's per-message cost is paid once for all of them.
+    # Keys are "<user>/<name>"; the ServerApp splits them back (fedrec.server.app.unpack).
+    metrics, status, arrays = {}, {}, {}
+    for user in users:
+        reply = device_reply(config, user, round_, params)
+        metrics |= {f"{user}/{k}": v for k, v in reply.metrics.items()}
+        metrics[f"{user}/num-examples"] = reply.num_examples
+        status[f"{user}/error"] = reply.error or ""
+        if reply.params is not None:
+            arrays |= {f"{user}/{k}": Array(v) for k, v in reply.params.items()}
+    status["users"] = users  # replies come back in any order: each names its devices
+    content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
+    if arrays:
+        content["arrays"] = ArrayRecord(arrays)
     return Message(content, reply_to=msg)

@@ -151,6 +151,10 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["privacy"]["failed_clients"] == 0
     assert "user_epsilon" in summary["privacy"]
+    # several devices per message: every device's metrics came back to the server, split
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["sampled"] for r in rows) > 8 and sum(r["preq_count"] for r in rows) > 0
+    assert all(r["aggregated"] + r["declined"] - r["noise_only"] <= r["sampled"] for r in rows)
     assert "NDCG@10" in proc.stdout
     leftovers = subprocess.run(["pgrep", "-f", str(out / "flower")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # every process the run started is gone
