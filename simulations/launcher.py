@@ -277,7 +277,10 @@ def _follow(config: SimulationConfig, logs: subprocess.Popen, timeout: float, sh
 
 
 def describe_round(row: dict) -> str:
-    parts = [f"trained {row['aggregated']}", f"declined {row['declined']}"]
+    idle = row.get("noise_only", 0)  # declined devices that still sent their noise
+    parts = [f"trained {row['aggregated'] - idle}", f"declined {row['declined']}"]
+    if row.get("discarded"):
+        parts.append("DISCARDED (< K_min survivors)")
     if row.get("failed"):
         parts.append(f"failed {row['failed']}")
     if row.get("loss") is not None:
