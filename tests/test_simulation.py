@@ -265,3 +265,11 @@ def test_server_bias_decay_fades_item_biases_only(tmp_path):
     assert all(np.array_equal(run.params[k], before[k]) for k in before if k != "item_table.weight")
     with pytest.raises(ValueError, match="server-bias-decay"):
         small(tmp_path, **{"server-bias-decay": 1.0})
+
+
+def test_progress_line_counts_idle_devices_as_declined_not_trained():
+    from fedrec.simulations.launcher import describe_round
+
+    line = describe_round({"round": 2, "aggregated": 10, "noise_only": 4, "declined": 4})
+    assert "trained 6" in line and "declined 4" in line and "DISCARDED" not in line
+    assert "DISCARDED" in describe_round({"aggregated": 3, "declined": 0, "discarded": True})
