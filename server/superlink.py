@@ -23,7 +23,15 @@ from typing import Any
 from fedrec.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, device_public_keys
 from fedrec.common.deployment import DeploymentSettings, split_run_config
 from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.launcher import APP_PYPROJECT, _children, run_config_arg, toml_value
+from fedrec.simulations.launcher import (
+    APP_PYPROJECT,
+    _children,
+    flwr_json,
+    kill_groups,
+    run_config_arg,
+    terminate_group,
+    toml_value,
+)
 
 CONNECTION = "fedrec"
 INSECURE_WARNING = (
@@ -32,6 +40,8 @@ INSECURE_WARNING = (
 )
 # Deployment defaults that differ from the simulation's (a handful of real devices).
 RUN_DEFAULTS = {"dp": "local+user", "clients-per-round": 10, "rounds": 10}
+
+FLWR_TIMEOUT_S = 120  # a `flwr` CLI call against our own SuperLink
 
 
 class ServerConfigError(ValueError):
@@ -162,23 +172,14 @@ def wait_healthy(config: ServerConfig, link: subprocess.Popen, timeout: float = 
     raise TimeoutError("flower-superlink did not become healthy")
 
 
-def flwr_json(env: dict, *args: str, timeout: float = 120) -> dict:
-    out = subprocess.run(
-        ["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    try:
-        return json.loads(out.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "stdout": out.stdout[-2000:], "stderr": out.stderr[-2000:]}
-
-
 def register_devices(env: dict, config: ServerConfig) -> list[str]:
     """Register every device public key; one already registered (a restart) is fine."""
     folder = config.devices or config.certificates
     messages = []
     for key in device_public_keys(folder):
-        answer = flwr_json(env, "supernode", "register", str(key), CONNECTION)
+        answer = flwr_json(
+            env, "supernode", "register", str(key), CONNECTION, timeout=FLWR_TIMEOUT_S
+        )
         if answer.get("success"):
             messages.append(f"registered {key.stem}: node {answer['node-id']}")
         elif "already in use" in json.dumps(answer).lower():
@@ -189,22 +190,12 @@ def register_devices(env: dict, config: ServerConfig) -> list[str]:
 
 
 def stop(link: subprocess.Popen, children: list[int]) -> None:
-    if link.poll() is None:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-            link.wait()
-    for pid in children:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    terminate_group(link, grace=20)
+    kill_groups(children)
 
 
 def final_status(env: dict, run_id: str) -> tuple[str, str]:
-    listing = flwr_json(env, "ls", CONNECTION, "--run-id", run_id)
+    listing = flwr_json(env, "ls", CONNECTION, "--run-id", run_id, timeout=FLWR_TIMEOUT_S)
     if listing.get("success") and listing.get("runs"):
         run = listing["runs"][0]
         return run["status"], run.get("status-details", "")
@@ -239,7 +230,13 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
                 echo(message)
         flat = dict(config.run) | {"deployment": True, "out": str(out), "resume": True}
         submitted = flwr_json(
-            env, "run", str(app_dir), CONNECTION, "--run-config", run_config_arg(flat)
+            env,
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--run-config",
+            run_config_arg(flat),
+            timeout=FLWR_TIMEOUT_S,
         )
         if not submitted.get("success"):
             echo(f"error: flwr run failed: {submitted}")
@@ -259,7 +256,7 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
                     os.killpg(logs.pid, signal.SIGTERM)
                     logs.wait(10)
         if status[0] == "timeout":
-            flwr_json(env, "stop", run_id, CONNECTION)
+            flwr_json(env, "stop", run_id, CONNECTION, timeout=FLWR_TIMEOUT_S)
             return 124
         if not status[0].endswith("completed"):
             echo(f"error: run {run_id} ended {status[0]}: {status[1]}")

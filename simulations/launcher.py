@@ -120,18 +120,8 @@ def _stop(link: subprocess.Popen, superexec: list[int], ray_tmp: Path) -> None:
     """SIGTERM the SuperLink's group; then SIGKILL what a stopped run leaves behind: the
     superexec session (flwr-simulation, Ray agents that ignore SIGTERM) and any process
     still holding files in our private Ray folder (never ourselves or our parents)."""
-    if link.poll() is None:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-            link.wait()
-    for pgid in superexec:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    terminate_group(link, grace=15)
+    kill_groups(superexec)
     prefix, spare = str(ray_tmp) + os.sep, _ancestors()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) in spare:
@@ -143,9 +133,34 @@ def _stop(link: subprocess.Popen, superexec: list[int], ray_tmp: Path) -> None:
             pass
 
 
-def _flwr_json(env: dict, *args: str) -> dict:
+def terminate_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group `proc` leads; SIGKILL it if not gone after `grace` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def kill_groups(pgids: list[int]) -> None:
+    """SIGKILL process groups that may already be gone."""
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def flwr_json(env: dict, *args: str, timeout: float = 300) -> dict:
+    """`flwr ... --format json`, parsed; output that is not JSON becomes a failure record."""
     out = subprocess.run(
-        ["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=300
+        ["flwr", *args, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     try:
         return json.loads(out.stdout)
@@ -188,7 +203,7 @@ def simulate(config: SimulationConfig, *, timeout: float = 3600, show_progress: 
         _wait_healthy(port, link)
         superexec = _children(link.pid)
         flat = config.to_flat() | {"expected-nodes": slots}
-        submitted = _flwr_json(
+        submitted = flwr_json(
             env, "run", str(app_dir), "sim", "--run-config", run_config_arg(flat),
             "--federation-config", f"num-supernodes={slots} client-resources-num-cpus=1",
         )  # fmt: skip
@@ -204,7 +219,7 @@ def simulate(config: SimulationConfig, *, timeout: float = 3600, show_progress: 
         )
         status = _follow(config, logs, timeout, show_progress)
         if status == "timeout":
-            _flwr_json(env, "stop", run_id, "sim")
+            flwr_json(env, "stop", run_id, "sim")
         final = _final_status(env, run_id)
         if not final[0].endswith("completed"):
             print(
@@ -237,7 +252,7 @@ def _final_status(env: dict, run_id: str) -> tuple[str, str]:
     deadline = time.monotonic() + 60
     status, details = "unknown", ""
     while time.monotonic() < deadline:
-        listing = _flwr_json(env, "ls", "sim", "--run-id", run_id)
+        listing = flwr_json(env, "ls", "sim", "--run-id", run_id)
         if listing.get("success") and listing.get("runs"):
             status = listing["runs"][0]["status"]
             details = listing["runs"][0].get("status-details", "")

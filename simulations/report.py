@@ -57,7 +57,7 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                 f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g}",
             }
         )
-    if "distributed" in config.dp and config.distributed_holds:
+    if config.distributed_holds:
         out.append(
             {
                 "name": "per-interaction DP against the server, with secure aggregation",
