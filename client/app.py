@@ -11,6 +11,7 @@ Heavy modules (torch, opacus, the data) are imported inside the handlers, when n
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,14 +36,27 @@ def train(msg: Message, context: Context) -> Message:
     params = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     # Several devices per message: Flower's per-message cost is paid once for all of them.
     # Keys are "<user>/<name>"; the ServerApp splits them back (fedrec.server.app.unpack).
-    metrics, status, arrays = {}, {}, {}
+    # Updates of the global parameters' shapes travel stacked, one array per parameter (a
+    # Flower Array is an object hashed and stored on its own: 6 per device cost more than
+    # the training); any other update travels alone under "<user>/<name>" and the server's
+    # validation drops it with its reason.
+    metrics, status, arrays, stacked = {}, {}, {}, []
+    shapes = {name: value.shape for name, value in params.items()}
     for user in users:
         reply = device_reply(config, user, round_, params)
         metrics |= {f"{user}/{k}": v for k, v in reply.metrics.items()}
         metrics[f"{user}/num-examples"] = reply.num_examples
         status[f"{user}/error"] = reply.error or ""
-        if reply.params is not None:
+        if reply.params is None:
+            continue
+        if {k: v.shape for k, v in reply.params.items()} == shapes:
+            stacked.append((user, reply.params))
+        else:
             arrays |= {f"{user}/{k}": Array(v) for k, v in reply.params.items()}
+    if stacked:
+        for name in shapes:
+            arrays[f"stacked/{name}"] = Array(np.stack([p[name] for _, p in stacked]))
+    status["stacked"] = [user for user, _ in stacked]
     status["users"] = users  # replies come back in any order: each names its devices
     content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
     if arrays:

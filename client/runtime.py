@@ -17,7 +17,7 @@ import torch
 
 from fedrec.client.ledger import PrivacyLedger
 from fedrec.client.store import ClientStore
-from fedrec.client.training import LocalResult, LocalTrainConfig, local_round
+from fedrec.client.training import LocalResult, LocalTrainConfig, idle_result, local_round
 from fedrec.common.config import DataConfig
 from fedrec.common.model import ModelConfig, RecModel, Scope
 from fedrec.common.privacy.accounting import Guarantee
@@ -77,7 +77,12 @@ def _template(key: str) -> tuple[RecModel, dict[str, int]]:
     return model, index
 
 
+_LAST_TEMPLATE: list = []  # [(config, template)]: devices of one message share a config
+
+
 def template_for(config: SimulationConfig) -> tuple[RecModel, dict[str, int]]:
+    if _LAST_TEMPLATE and _LAST_TEMPLATE[0][0] is config:
+        return _LAST_TEMPLATE[0][1]
     key = json.dumps(
         {
             "data": dataclasses.asdict(config.data),
@@ -86,7 +91,9 @@ def template_for(config: SimulationConfig) -> tuple[RecModel, dict[str, int]]:
         },
         sort_keys=True,
     )
-    return _template(key)
+    template = _template(key)
+    _LAST_TEMPLATE[:] = [(config, template)]
+    return template
 
 
 def client_dir(config: SimulationConfig, user_id: str) -> Path:
@@ -102,7 +109,56 @@ def simulated_device_round(
     stream = load_stream(config.data, config.rounds)
     user_id = str(stream.dataset.user_ids[user])
     folder = client_dir(config, user_id)
-    with ClientStore(folder) as store, PrivacyLedger.open(folder / "ledger.jsonl") as ledger:
+    if not folder.exists() and not stream.deliveries(user, 0, round):
+        # Nothing has arrived on this device yet: the reply an empty store would give, without
+        # creating one (most devices sampled early in a run are still empty).
+        reason = "no trainable pair: nothing has arrived on this device yet"
+        return idle_result(global_params, local_config(config, _seed(config, user)), round, reason)
+    idle = _still_idle(folder, stream, user, round)
+    if idle is not None:
+        reason = "no trainable pair: nothing new since the last round it had nothing to train"
+        return idle_result(
+            global_params, local_config(config, _seed(config, user)), round, reason, idle
+        )
+    result = _device_round(config, model, index, stream, user, folder, round, global_params)
+    if result.declined and not result.metrics.get("retired_now"):
+        _remember_idle(folder, round, result.metrics)
+    return result
+
+
+# A simulated device that had nothing to train stays so until something new arrives: it
+# only needs its noise (or a decline) again, not its store and ledger opened (measured: most of
+# a 1000-device round). The marker is a cache, checked against the stream: it is trusted only
+# while nothing was delivered since, so a stale or lost one can never skip real work.
+IDLE_FILE = "idle.json"
+
+
+def _still_idle(folder: Path, stream: Stream, user: int, round: int) -> dict | None:
+    try:
+        marker = json.loads((folder / IDLE_FILE).read_text())
+        since, metrics = int(marker["round"]), dict(marker["metrics"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if since >= round or stream.deliveries(user, since, round):
+        return None
+    return metrics
+
+
+def _remember_idle(folder: Path, round: int, metrics: dict) -> None:
+    # what arrived this round was ranked this round (prequential): not part of a later reply
+    lasting = {k: v for k, v in metrics.items() if not k.startswith("preq_")}
+    tmp = folder / (IDLE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"round": round, "metrics": lasting}))
+    tmp.replace(folder / IDLE_FILE)
+
+
+def _device_round(config, model, index, stream, user, folder, round, global_params):
+    # the simulation's stores are rebuilt from the stream (re-delivery is idempotent): no
+    # fsync there; the ledger keeps its own
+    with (
+        ClientStore(folder, durable=False) as store,
+        PrivacyLedger.open(folder / "ledger.jsonl") as ledger,
+    ):
         delivered = int(store.get_meta(DELIVERED_KEY, "0"))
         new_cohorts = set()
         for delivery in stream.deliveries(user, delivered, round):
@@ -111,7 +167,6 @@ def simulated_device_round(
             )
             new_cohorts.add(delivery.cohort)
         store.set_meta(DELIVERED_KEY, str(max(delivered, round)))
-        seed = None if config.seed is None else config.seed * 100_003 + user
         return local_round(
             model,
             global_params,
@@ -120,9 +175,13 @@ def simulated_device_round(
             index,
             round=round,
             new_cohorts=frozenset(new_cohorts),
-            config=local_config(config, seed),
+            config=local_config(config, _seed(config, user)),
             now=int(stream.window_end[round - 1]),
         )
+
+
+def _seed(config: SimulationConfig, user: int) -> int | None:
+    return None if config.seed is None else config.seed * 100_003 + user
 
 
 def global_parameters(model: RecModel) -> dict[str, np.ndarray]:

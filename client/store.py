@@ -63,15 +63,22 @@ class StoredInteractions:
 class ClientStore:
     """Typed access to one device's folder. Every write is a transaction or an atomic rename."""
 
-    def __init__(self, folder: str | Path, *, verify: bool = False):
+    def __init__(self, folder: str | Path, *, verify: bool = False, durable: bool = True):
         """Open (or create) the store. `verify` runs SQLite's quick_check over every page: a
         device does it at start-up; a simulation opening thousands of stores skips it, and a
-        corrupted file still fails on the first read with a StoreError."""
+        corrupted file still fails on the first read with a StoreError.
+
+        `durable=False` skips fsync (SQLite `synchronous=OFF`): safe if the process crashes,
+        but an OS crash or power loss can corrupt the file, so only for stores that can be
+        rebuilt, like a simulation's (windows are re-delivered idempotently). Privacy state
+        never lives here: the ledger is its own fsync'ed file."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / STORE_FILE
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            if not durable:
+                self._db.execute("PRAGMA synchronous=OFF")
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
@@ -188,5 +195,8 @@ class ClientStore:
             raise StoreError(f"{path}: unreadable local state: {err}") from err
 
     def save_local_state(self, state: dict[str, np.ndarray]) -> None:
-        """Atomic: a crash leaves the previous state or the new one, never a mix."""
+        """Atomic: a crash leaves the previous state or the new one, never a mix. A model
+        without local parameters has nothing to keep (no file, no fsync per round)."""
+        if not state:
+            return
         atomic_write(self.folder / LOCAL_STATE_FILE, lambda f: np.savez(f, **state))

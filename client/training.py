@@ -31,6 +31,7 @@ update: the number of devices in the sum (and so its noise) must not depend on a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.data.schema import Interactions
 from fedrec.common.evaluation import rank_test_items
 from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
-from fedrec.common.model import ModelScorer, RecModel, Scope
+from fedrec.common.model import ModelScorer, RecModel, Scope, catalogue_vectors
 from fedrec.common.privacy.accounting import Guarantee, Mechanism
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
@@ -146,8 +147,29 @@ def _examples(data: StoredInteractions, item_index: dict[str, int], trainable: s
     return as_tensor(first), as_tensor(second), as_tensor(when), cohorts
 
 
+_CATALOGUE_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _catalogue_for(model: RecModel, global_params: Params, now: int | None):
+    """The catalogue's vectors under these global parameters, computed once per process for
+    all the devices of a round that share them (they do not depend on a device's own state)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(global_params):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(global_params[name]).tobytes())
+    key = (id(model), digest.digest(), now)
+    if key not in _CATALOGUE_CACHE:
+        _CATALOGUE_CACHE.clear()  # one round's parameters at a time
+        _CATALOGUE_CACHE[key] = catalogue_vectors(model, now)
+    return _CATALOGUE_CACHE[key]
+
+
 def prequential_ranks(
-    model: RecModel, history_items: np.ndarray, new_items: np.ndarray, now: int | None = None
+    model: RecModel,
+    history_items: np.ndarray,
+    new_items: np.ndarray,
+    now: int | None = None,
+    catalogue: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """1-based full-catalogue ranks of newly arrived items, scored BEFORE training on them,
     from the history that preceded them (the evaluation protocol's ranking and tie rule)."""
@@ -166,7 +188,7 @@ def prequential_ranks(
         item=new_items.astype(np.int64),
         timestamp=np.arange(len(new_items), dtype=np.int64),
     )
-    scorer = ModelScorer(model, history, now=now)
+    scorer = ModelScorer(model, history, now=now, catalogue=catalogue)
     return rank_test_items(
         scorer, test=arrived, history=history, num_items=model.num_items, sampled_negatives=0
     ).full
@@ -196,7 +218,8 @@ def local_round(
         is_new = np.isin(data.cohort, list(new_cohorts))
         known = np.array([item_index[i] for i in data.item[~is_new]], dtype=np.int64)
         fresh = np.array([item_index[i] for i in data.item[is_new]], dtype=np.int64)
-        ranks = prequential_ranks(model, known, fresh, now)
+        catalogue = _catalogue_for(model, global_params, now)
+        ranks = prequential_ranks(model, known, fresh, now, catalogue)
         metrics["preq_count"] = float(len(ranks))
         metrics["preq_hits@10"] = float(np.sum(ranks <= 10))
         metrics["preq_ndcg@10"] = float(np.sum(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0)))
@@ -221,19 +244,10 @@ def local_round(
         cohorts = trainable
     first, second, when, present = _examples(data, item_index, set(cohorts))
     metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
-    generator = torch.Generator()
-    if config.seed is None:
-        generator.seed()  # non-deterministic: the server cannot reproduce the device's noise
-    else:
-        generator.manual_seed(config.seed * 1_000_003 + round)
+    generator = _generator(config, round)
     if len(first) == 0:
         reason = "no trainable pair: every interaction is unpaired or retired"
-        metrics |= {"declined": 1.0, "examples": 0.0}
-        if config.private and config.noise_only_when_idle:
-            # nothing of this device's data is in it, so nothing is charged
-            noise = _noise_only(global_params, config, generator)
-            return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
-        return LocalResult(None, 0, metrics, declined=reason)
+        return idle_result(global_params, config, round, reason, metrics, generator)
 
     # 3. local steps
     new_params, loss = _train(model, first, second, when, config, generator)
@@ -252,6 +266,33 @@ def local_round(
         "seconds": time.perf_counter() - start,
     }
     return LocalResult(new_params, len(first), metrics)
+
+
+def _generator(config: LocalTrainConfig, round: int) -> torch.Generator:
+    generator = torch.Generator()
+    if config.seed is None:
+        generator.seed()  # non-deterministic: the server cannot reproduce the device's noise
+    else:
+        generator.manual_seed(config.seed * 1_000_003 + round)
+    return generator
+
+
+def idle_result(
+    global_params: Params,
+    config: LocalTrainConfig,
+    round: int,
+    reason: str,
+    metrics: Metrics | None = None,
+    generator: torch.Generator | None = None,
+) -> LocalResult:
+    """The reply of a device with nothing to train: a decline, with its share of the sum's
+    noise under DISTRIBUTED (nothing of its data is in it, so nothing is charged)."""
+    metrics = dict(metrics or {"interactions": 0.0, "retired_cohorts": 0.0})
+    metrics |= {"declined": 1.0, "examples": 0.0}
+    if config.private and config.noise_only_when_idle:
+        noise = _noise_only(global_params, config, generator or _generator(config, round))
+        return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
+    return LocalResult(None, 0, metrics, declined=reason)
 
 
 def load_parameters(model: RecModel, global_params: Params, local: Params) -> None:
@@ -292,31 +333,12 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     names = model.parameter_names(Scope.GLOBAL)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     n = len(first)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    criterion = PairSoftmaxLoss()
-    module = model
     if config.private:
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.optimizers import DPOptimizerFastGradientClipping
-        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-        silence_known_opacus_warnings()
-        register_gram_embedding()
-        module = GradSampleModuleFastGradientClipping(
-            model, max_grad_norm=config.clip_norm, use_ghost_clipping=GRAD_SAMPLE_MODE == "ghost"
-        )
-        # All steps run at the same parameters and only their mean leaves, so the sum of S
-        # independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²): the same
-        # output distribution (a post-processing of the S noisy steps the ledger records) at
-        # 1/S of the cost of generating noise for every parameter each step.
-        optimizer = DPOptimizerFastGradientClipping(
-            optimizer,
-            noise_multiplier=0.0,
-            max_grad_norm=config.clip_norm,
-            expected_batch_size=config.reference_batch,  # the public B, the same on every device
-            generator=generator,
-        )
-        criterion = DPLossFastGradientClipping(module, optimizer, criterion)
+        module, optimizer, criterion = _dp_step_machinery(model, config)
+        module.enable_hooks()
+    else:
+        module, optimizer = model, torch.optim.SGD(model.parameters(), lr=config.lr)
+        criterion = PairSoftmaxLoss()
     # a step moves the global parameters by -lr·(clipped sum)/B: at most lr·C after projection
     radius = config.lr * config.clip_norm
     accumulated = {name: torch.zeros_like(p) for name, p in start.items()}
@@ -351,7 +373,7 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
                     p.copy_(start[name])
         optimizer.zero_grad(set_to_none=True)
     if module is not model:
-        module.remove_hooks()  # the template model is reused by the next client
+        module.disable_hooks()  # the template is used outside DP-SGD too (inference)
     with torch.no_grad():
         delta = {n: accumulated[n] / config.steps for n in names}
         if config.private:
@@ -364,6 +386,67 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
             delta = {n: d * scale for n, d in delta.items()}
         new = {n: (start[n] + delta[n]).numpy() for n in names}
     return new, float(np.mean(losses)) if losses else math.nan
+
+
+_DP_MACHINERY: dict[tuple, tuple] = {}
+
+
+def _dp_step_machinery(model: RecModel, config: LocalTrainConfig):
+    """Opacus's grad-sample module, DP optimizer and loss around the template `model`, built
+    once per (template, clip norm, B, lr) and reused by every device of the process: wrapping
+    a model registers hooks on every layer (measured: ~1 ms per device round).
+
+    Per-sample gradients: Opacus's hooks (one backward pass, per-sample gradients kept) for
+    the content model, whose item table has a few columns; ghost clipping (two backward
+    passes, norms only) when per-item id vectors make per-sample gradients large. Measured
+    on the default job: DP ÷ plain 2.65 uncached with ghost clipping, 1.6 cached with hooks.
+
+    noise_multiplier 0: all steps run at the same parameters and only their mean leaves, so
+    the sum of S independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²):
+    the same output distribution (a post-processing of the S noisy steps the ledger records)
+    at 1/S of the cost of noising every parameter each step. B (expected_batch_size) is the
+    public reference batch, the same on every device."""
+    ghost = model.config.id_embeddings
+    key = (id(model), config.clip_norm, config.reference_batch, config.lr, ghost)
+    if key not in _DP_MACHINERY:
+        silence_known_opacus_warnings()
+        register_gram_embedding()
+        for old_module, *_ in _DP_MACHINERY.values():
+            old_module._close()  # one template in use at a time: its hooks come off
+        _DP_MACHINERY.clear()
+        sgd = torch.optim.SGD(model.parameters(), lr=config.lr)
+        if ghost:
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            module = GradSampleModuleFastGradientClipping(
+                model,
+                max_grad_norm=config.clip_norm,
+                use_ghost_clipping=GRAD_SAMPLE_MODE == "ghost",
+            )
+            optimizer = DPOptimizerFastGradientClipping(
+                sgd,
+                noise_multiplier=0.0,
+                max_grad_norm=config.clip_norm,
+                expected_batch_size=config.reference_batch,
+            )
+            criterion = DPLossFastGradientClipping(module, optimizer, PairSoftmaxLoss())
+        else:
+            from opacus.grad_sample import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            optimizer = DPOptimizer(
+                sgd,
+                noise_multiplier=0.0,
+                max_grad_norm=config.clip_norm,
+                expected_batch_size=config.reference_batch,
+                loss_reduction="mean",
+            )
+            criterion = PairSoftmaxLoss()
+        _DP_MACHINERY[key] = (module, optimizer, criterion)
+    return _DP_MACHINERY[key]
 
 
 def _noise_only(global_params: Params, config: LocalTrainConfig, generator) -> Params:

@@ -24,7 +24,7 @@ import numpy as np
 
 from fedrec.common.deployment import DeploymentSettings
 from fedrec.common.io import atomic_write_json
-from fedrec.server.user_privacy import calibrate_noise_multiplier, client_sample_rate
+from fedrec.server.user_privacy import client_sample_rate
 from fedrec.simulations.config import SimulationConfig
 from fedrec.simulations.federation import DeviceReply, FederatedRun
 
@@ -69,13 +69,7 @@ class DeploymentRun(FederatedRun):
             expected_clients=min(self.config.clients_per_round, len(nodes)),
             registered_clients=len(nodes),
         )
-        if self.user_dp:
-            self.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=self.config.user_epsilon,
-                delta=self.config.delta,
-                sample_rate=self.sample_rate,
-                rounds=self.config.rounds,
-            )
+        self.calibrate_user_noise()
 
     def sample(self, round: int) -> np.ndarray:
         rng = np.random.default_rng([self.config.seed, round])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,14 +78,11 @@ class FederatedRun:
         )
         self.opt_config = ServerOptConfig(name=config.server_optimizer, lr=config.server_lr)
         self.user_dp = "user" in config.dp
-        self.noise_multiplier = 0.0
-        if self.user_dp:
-            self.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=config.user_epsilon,
-                delta=config.delta,
-                sample_rate=self.sample_rate,
-                rounds=config.rounds,
-            )
+        # user-level noise multipliers: `noise_multiplier` is what every published sum carries
+        # (and what the accountant charges); the server adds `server_noise_multiplier` on top
+        # of the devices' own noise (SimulationConfig.user_noise_from_devices)
+        self.noise_multiplier = self.server_noise_multiplier = 0.0
+        self.calibrate_user_noise()
         if self.user_dp and "distributed" in config.dp:
             extra = discard_delta(
                 epsilon=config.user_epsilon,
@@ -120,6 +118,19 @@ class FederatedRun:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "config.json", config.to_flat())
         self.probe = self._early_window_probe()
+
+    def calibrate_user_noise(self) -> None:
+        if not self.user_dp:
+            return
+        needed = calibrate_noise_multiplier(
+            target_epsilon=self.config.user_epsilon,
+            delta=self.config.delta,
+            sample_rate=self.sample_rate,
+            rounds=self.config.rounds,
+        )
+        from_devices = self.config.user_noise_from_devices
+        self.noise_multiplier = max(needed, from_devices)
+        self.server_noise_multiplier = math.sqrt(max(0.0, needed**2 - from_devices**2))
 
     def _early_window_probe(self):
         """Forgetting probe: the second window's interactions, each ranked from the history its
@@ -212,7 +223,7 @@ class FederatedRun:
             noise_std = 0.0
             if self.user_dp:
                 noise_std = aggregate_noise_std(
-                    noise_multiplier=self.noise_multiplier,
+                    noise_multiplier=self.server_noise_multiplier,
                     clip_norm=self.config.user_sensitivity,
                     expected_clients=expected,
                 )
@@ -255,6 +266,8 @@ class FederatedRun:
         return row
 
     def _decay_item_biases(self, decay: float) -> None:
+        if "item_table.weight" not in self.params:  # frozen (ModelConfig.train_only)
+            return
         table = self.params["item_table.weight"].copy()
         columns = self.model.item_columns
         for part in ("bias", "time_bias"):

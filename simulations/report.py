@@ -48,13 +48,23 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
             {
                 "name": "user-level DP of the published global model",
                 "unit": "one device (all its interactions, whatever it computes)",
+                "adjacency": "zero-out: one user's data replaced by none (its device is still "
+                "sampled, and under 'distributed' still sends its noise share)",
                 "threat_model": "anyone who sees a published global model; trusts the server "
-                "to add the noise and devices to bound their own update (lr*C, or clipping)",
+                "to add its noise and devices to bound their own update (lr*C, or clipping)"
+                + (
+                    " and, for the part of the noise they supply, the devices of each sum "
+                    "(at least K_min) to add theirs"
+                    if config.user_noise_from_devices > 0
+                    else ""
+                ),
                 "epsilon": user_eps,
                 "delta": delta + extra,
                 "delta_from_discarded_rounds": extra,
                 "accountant": "RDP, Poisson client sampling at rate "
-                f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g}",
+                f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g} "
+                f"(server {run.server_noise_multiplier:.4g}, devices at least "
+                f"{config.user_noise_from_devices:.4g})",
             }
         )
     if config.distributed_holds:
@@ -162,6 +172,8 @@ def finalize(run: FederatedRun) -> dict:
             "min_survivors": config.min_survivors,
             "clip_norm": config.clip_norm,
             "user_noise_multiplier": run.noise_multiplier,
+            "user_server_noise_multiplier": run.server_noise_multiplier,
+            "user_noise_from_devices": config.user_noise_from_devices,
             "user_sensitivity": config.user_sensitivity,
             "client_sample_rate": run.sample_rate,
         },

@@ -86,9 +86,16 @@ def split_min_user() -> int:
     return ProtocolConfig("loo").min_user
 
 
+_LAST_STREAM: list = []  # [(data, rounds, stream)]: skips re-serializing the key per device
+
+
 def load_stream(data: DataConfig, rounds: int) -> Stream:
     """One copy per process: simulation workers serve many clients from it."""
-    return _load_stream(json.dumps(dataclasses.asdict(data), sort_keys=True), rounds)
+    if _LAST_STREAM and _LAST_STREAM[0][0] is data and _LAST_STREAM[0][1] == rounds:
+        return _LAST_STREAM[0][2]
+    stream = _load_stream(json.dumps(dataclasses.asdict(data), sort_keys=True), rounds)
+    _LAST_STREAM[:] = [(data, rounds, stream)]
+    return stream
 
 
 @lru_cache(maxsize=2)

@@ -19,10 +19,11 @@ ITEM_IDS = [f"i{k}" for k in range(NUM_ITEMS)]
 INDEX = {item: k for k, item in enumerate(ITEM_IDS)}
 
 
-def template() -> RecModel:
+def template(id_embeddings: bool = True) -> RecModel:
     rng = np.random.default_rng(0)
     text = rng.normal(size=(NUM_ITEMS, 384)).astype(np.float32)
-    return RecModel(ModelConfig(dim=8, text_dim=8), text, None, time_range=(0, 100))
+    config = ModelConfig(dim=8, text_dim=8, id_embeddings=id_embeddings)
+    return RecModel(config, text, None, time_range=(0, 100))
 
 
 global_params = global_parameters
@@ -219,13 +220,14 @@ def _update_norm(model, first, second, config) -> float:
     return float(np.sqrt(sum(np.sum((new[n] - start[n]) ** 2) for n in start)))
 
 
-def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c():
+@pytest.mark.parametrize("id_embeddings", [True, False])  # ghost clipping / Opacus hooks
+def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c(id_embeddings):
     """Without noise, a device's update is at most lr·C however many examples it holds (the
     user-level sensitivity), and a one-example device moves by at most lr·C/B (its example's
     contribution, in the same unit as everyone's)."""
     import torch
 
-    model = template()
+    model = template(id_embeddings)
     config = LocalTrainConfig(
         steps=2,
         sample_rate=1.0,

@@ -35,6 +35,16 @@ def test_every_parameter_is_declared_exactly_once(overrides):
     assert "user.weight" not in model.parameter_names(Scope.GLOBAL)
 
 
+def test_train_only_freezes_the_other_global_parameters():
+    model = make_model(text_bias=True, train_only="text_bias.weight, year_table.weight")
+    assert sorted(model.parameter_names(Scope.GLOBAL)) == ["text_bias.weight", "year_table.weight"]
+    frozen = model.parameter_names(Scope.FROZEN)
+    assert "item_table.weight" in frozen and "ctx_text.weight" in frozen
+    assert all(not model.get_parameter(n).requires_grad for n in frozen)
+    with pytest.raises(ValueError, match="unknown parameters"):
+        make_model(text_bias=True, train_only="no_such.weight")
+
+
 def test_year_buckets():
     assert year_bucket(np.array([0, 1950, 1989, 1990, 2000, 2014, 2030])).tolist() == [
         0,

@@ -44,7 +44,7 @@ def test_config_round_trips_and_rejects_unknown_settings():
     config = SimulationConfig()
     assert SimulationConfig.from_flat(config.to_flat()) == config
     assert config.dp == {"user", "distributed"}
-    assert config.device_noise_multiplier == pytest.approx(0.7 / np.sqrt(100))
+    assert config.device_noise_multiplier == pytest.approx(0.7 / np.sqrt(config.min_survivors))
     with pytest.raises(ValueError, match="unknown simulation settings"):
         SimulationConfig.from_flat({"roundz": 3})
     parsed = SimulationConfig.from_flat({"model-id-embeddings": "false", "resume": "true"})
@@ -273,3 +273,100 @@ def test_progress_line_counts_idle_devices_as_declined_not_trained():
     line = describe_round({"round": 2, "aggregated": 10, "noise_only": 4, "declined": 4})
     assert "trained 6" in line and "declined 4" in line and "DISCARDED" not in line
     assert "DISCARDED" in describe_round({"aggregated": 3, "declined": 0, "discarded": True})
+
+
+def test_user_level_noise_counts_the_devices_share_under_distributed(tmp_path):
+    """Under user+distributed every published sum already carries the devices' noise (n >=
+    K_min devices, each σ/√K_min in the lr·C/B unit): the server adds only the rest, and the
+    accountant charges the total, which is what every published round carries."""
+    import math
+
+    alone = FederatedRun(small(tmp_path / "a", dp="user"))
+    both = FederatedRun(small(tmp_path / "b", dp="user+distributed"))
+    assert alone.server_noise_multiplier == alone.noise_multiplier > 0
+    from_devices = both.config.user_noise_from_devices
+    # σ_agg / (B·√S): SMALL has B = 1 and S = 2 local steps (their mean carries σ/√S)
+    assert from_devices == pytest.approx(3.0 / math.sqrt(2))
+    assert both.noise_multiplier == pytest.approx(max(alone.noise_multiplier, from_devices))
+    expected = math.sqrt(max(0.0, alone.noise_multiplier**2 - from_devices**2))
+    assert both.server_noise_multiplier == pytest.approx(expected)
+    assert both.server_noise_multiplier < alone.server_noise_multiplier
+    run = run_in_process(small(tmp_path / "c", dp="user+distributed"))
+    recorded = {r.mechanism.noise_multiplier for r in run.accountant._records}
+    assert recorded == {run.noise_multiplier}
+
+
+def test_a_sampled_device_with_nothing_delivered_yet_sends_noise_without_a_store(tmp_path):
+    from fedrec.client.runtime import client_dir, simulated_device_round
+    from fedrec.simulations.stream import load_stream
+
+    config = small(tmp_path)
+    run = FederatedRun(config)
+    stream = load_stream(config.data, config.rounds)
+    late = [
+        int(u)
+        for u in run.registered
+        if not stream.deliveries(int(u), 0, 1) and stream.deliveries(int(u), 0, config.rounds)
+    ]
+    assert late
+    user = late[0]
+    result = simulated_device_round(config, user, 1, run.params)
+    folder = client_dir(config, str(stream.dataset.user_ids[user]))
+    assert not folder.exists()
+    assert result.declined and result.metrics["noise_only"] == 1.0
+    assert set(result.params) == set(run.params)
+    assert any(not np.array_equal(result.params[k], run.params[k]) for k in run.params)
+
+
+def test_a_run_that_trains_only_some_parameters_sends_only_those(tmp_path):
+    config = small(
+        tmp_path, dp="local", **{"model-text-bias": True, "model-train-only": "text_bias.weight"}
+    )
+    run = run_in_process(config)
+    assert set(run.params) == {"text_bias.weight"}
+    assert np.any(run.params["text_bias.weight"] != 0)
+    run.load_into_model()
+    assert not run.model.item_table.weight.detach().numpy().any()  # frozen at its zero init
+    summary = finalize(run)
+    assert summary["rounds"] == config.rounds and summary["test"]["ndcg@10"] >= 0
+
+
+def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
+    """A device with nothing to train stays so until something new arrives; the marker that
+    skips opening its store must give exactly the full path's reply, and is ignored once
+    something new arrived."""
+    from fedrec.client.runtime import (
+        DELIVERED_KEY,
+        IDLE_FILE,
+        client_dir,
+        simulated_device_round,
+    )
+    from fedrec.client.store import ClientStore
+    from fedrec.simulations.stream import load_stream
+
+    config = small(tmp_path, rounds=6)
+    run = run_in_process(config)
+    stream = load_stream(config.data, config.rounds)
+    checked = 0
+    for user in run.registered:
+        user = int(user)
+        folder = client_dir(config, str(stream.dataset.user_ids[user]))
+        marker = folder / IDLE_FILE
+        if not marker.exists():
+            continue
+        since = json.loads(marker.read_text())["round"]
+        with ClientStore(folder) as store:
+            if int(store.get_meta(DELIVERED_KEY, "0")) != since:
+                continue  # it trained after the marker: the marker is stale (never used)
+        later = list(range(since + 1, config.rounds + 1))
+        quiet = [r for r in later if not stream.deliveries(user, since, r)]
+        if not quiet:
+            continue
+        round_ = quiet[-1]
+        cached = simulated_device_round(config, user, round_, run.params)
+        marker.unlink()
+        full = simulated_device_round(config, user, round_, run.params)
+        assert cached.metrics == full.metrics and cached.declined and full.declined
+        assert all(np.array_equal(cached.params[k], full.params[k]) for k in full.params)
+        checked += 1
+    assert checked > 0
