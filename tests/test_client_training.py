@@ -245,3 +245,24 @@ def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c(id_embeddings):
     assert 0.9 * config.lr * config.clip_norm < big <= config.lr * config.clip_norm * (1 + 1e-5)
     one = _update_norm(model, many[0][:1], many[1][:1], config)
     assert 0 < one <= config.lr * config.clip_norm / config.reference_batch * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("id_embeddings", [True, False])  # ghost clipping / Opacus hooks
+def test_empty_poisson_batches_are_steps_in_both_clipping_modes(id_embeddings):
+    """At a tiny sampling rate every batch is empty: each is still a (zero-sum, noised)
+    step, under ghost clipping and under Opacus's per-sample hooks alike."""
+    import torch
+
+    model = template(id_embeddings)
+    config = LocalTrainConfig(
+        steps=3,
+        sample_rate=1e-9,
+        num_negatives=5,
+        noise_multiplier=0.0,
+        budget_guarantee=Guarantee.LOCAL,
+        seed=0,
+    )
+    pair = torch.tensor([[1, 2], [3, 4]])
+    assert _update_norm(model, pair[0], pair[1], config) == 0.0
+    noisy = LocalTrainConfig(**{**config.__dict__, "noise_multiplier": 1.0})
+    assert _update_norm(model, pair[0], pair[1], noisy) > 0.0

@@ -17,13 +17,20 @@ def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:
     analysis of Poisson-subsampled Gaussian assumes every sampling round releases an output).
     Opacus's ghost-clipping norm samplers cannot run on a zero-size batch, so instead of
     forward/backward we hand the DP optimizer zero gradients, which it accumulates, noises,
-    scales and reports to the accountant exactly like any other step.
+    scales and reports to the accountant exactly like any other step. With Opacus's hooks
+    (per-sample gradients kept) the optimizer reads `grad_sample` instead: one zero "sample",
+    whose clipped contribution is zero, stands for the empty batch.
     """
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
     optimizer.zero_grad(set_to_none=True)
+    per_sample = not isinstance(optimizer, DPOptimizerFastGradientClipping)
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.requires_grad:
                 param.grad = torch.zeros_like(param)
+                if per_sample:
+                    param.grad_sample = torch.zeros((1, *param.shape), dtype=param.dtype)
     optimizer.step()
 
 
