@@ -109,18 +109,17 @@ def simulated_device_round(
     stream = load_stream(config.data, config.rounds)
     user_id = str(stream.dataset.user_ids[user])
     folder = client_dir(config, user_id)
+    device = local_config(config, _seed(config, user))
     if not folder.exists() and not stream.deliveries(user, 0, round):
         # Nothing has arrived on this device yet: the reply an empty store would give, without
         # creating one (most devices sampled early in a run are still empty).
         reason = "no trainable pair: nothing has arrived on this device yet"
-        return idle_result(global_params, local_config(config, _seed(config, user)), round, reason)
+        return idle_result(global_params, device, round, reason)
     idle = _still_idle(folder, stream, user, round)
     if idle is not None:
         reason = "no trainable pair: nothing new since the last round it had nothing to train"
-        return idle_result(
-            global_params, local_config(config, _seed(config, user)), round, reason, idle
-        )
-    result = _device_round(config, model, index, stream, user, folder, round, global_params)
+        return idle_result(global_params, device, round, reason, idle)
+    result = _device_round(device, model, index, stream, user, folder, round, global_params)
     if result.declined and not result.metrics.get("retired_now"):
         _remember_idle(folder, round, result.metrics)
     return result
@@ -152,7 +151,7 @@ def _remember_idle(folder: Path, round: int, metrics: dict) -> None:
     tmp.replace(folder / IDLE_FILE)
 
 
-def _device_round(config, model, index, stream, user, folder, round, global_params):
+def _device_round(device, model, index, stream, user, folder, round, global_params):
     # the simulation's stores are rebuilt from the stream (re-delivery is idempotent): no
     # fsync there; the ledger keeps its own
     with (
@@ -175,7 +174,7 @@ def _device_round(config, model, index, stream, user, folder, round, global_para
             index,
             round=round,
             new_cohorts=frozenset(new_cohorts),
-            config=local_config(config, _seed(config, user)),
+            config=device,
             now=int(stream.window_end[round - 1]),
         )
 
