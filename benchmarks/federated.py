@@ -8,6 +8,7 @@ Writes OUT/federated.json and OUT/federated.md. Every ratio is measured within o
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import resource
@@ -55,15 +56,19 @@ def speed(tmp: Path) -> dict:
         "simulation_wall_s": flower_wall,
         "sequential_wall_s": seq_wall,
         "dp_over_plain_step": dp_step_ratio(),
+        "dp_over_plain_single_step": single_step_ratio(),
     }
 
 
 def dp_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
     """Time of one device's local round with DP-SGD / without, same examples, same model:
-    the median over alternating blocks (the machine is shared: alternation cancels drift)."""
+    the median over alternating blocks (the machine is shared: alternation cancels drift).
+    The plain round runs on a copy of the model that Opacus never wrapped, as a device
+    without DP-SGD would (hooks left on a model slow its plain steps too)."""
     from fedrec.client.runtime import local_config, template_for
 
     model, _ = template_for(SimulationConfig())
+    plain_model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     first, second = (
         torch.randint(model.num_items, (6,), generator=g),
@@ -71,18 +76,70 @@ def dp_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
     )
     when = torch.full((6,), int(model.knots[-1]))
     job = local_config(SimulationConfig(), seed=0)  # the default job's device settings
-    configs = {True: job, False: dataclasses.replace(job, budget_guarantee=None)}
-    for config in configs.values():  # warm-up: Opacus wrapping, first-call allocations
-        _train(model, first, second, when, config, g)
+    configs = {
+        True: (model, job),
+        False: (plain_model, dataclasses.replace(job, budget_guarantee=None)),
+    }
+    for on, config in configs.values():  # warm-up: Opacus wrapping, first-call allocations
+        _train(on, first, second, when, config, g)
     ratios = []
     for _ in range(blocks):
         times = {}
-        for private, config in configs.items():
+        for private, (on, config) in configs.items():
             start = time.perf_counter()
             for _ in range(repeats):
-                _train(model, first, second, when, config, g)
+                _train(on, first, second, when, config, g)
             times[private] = time.perf_counter() - start
         ratios.append(times[True] / times[False])
+    return float(np.median(ratios))
+
+
+def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
+    """One optimizer step alone on the default job's batch (forward, loss, backward, step; for
+    DP also the step's Gaussian noise, which the device round draws once for all its steps),
+    DP-SGD ÷ plain SGD on a model Opacus never wrapped: without the device round's shared
+    work (sampling, negatives, the fixed-point bookkeeping), so the larger of the two ratios."""
+    from fedrec.client.runtime import local_config, template_for
+    from fedrec.client.training import _dp_step_machinery, _gaussian_like
+    from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
+
+    model, _ = template_for(SimulationConfig())
+    plain_model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    first, second = (
+        torch.randint(model.num_items, (6,), generator=g),
+        torch.randint(model.num_items, (6,), generator=g),
+    )
+    when = torch.full((6,), int(model.knots[-1]))
+    negatives, hits = sample_negatives(first, second, model.num_items, 100, g)
+    job = local_config(SimulationConfig(), seed=0)
+    module, dp_optimizer, dp_loss = _dp_step_machinery(model, job)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=job.lr)
+
+    def step(private: bool) -> None:
+        net, optimizer = (module, dp_optimizer) if private else (plain_model, plain_optimizer)
+        optimizer.zero_grad(set_to_none=True)  # before the forward: "ew" requires it
+        loss = (dp_loss if private else PairSoftmaxLoss())(
+            net(first, second, negatives, when), hits
+        )
+        loss.backward()
+        optimizer.step()
+        if private:
+            _gaussian_like(trained, job.update_noise_std(), g)
+
+    for private in (True, False):
+        step(private)
+    ratios = []
+    for _ in range(blocks):
+        times = {}
+        for private in (True, False):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step(private)
+            times[private] = time.perf_counter() - start
+        ratios.append(times[True] / times[False])
+    dp_optimizer.zero_grad(set_to_none=True)
     return float(np.median(ratios))
 
 
@@ -117,6 +174,7 @@ def scale(tmp: Path) -> list[dict]:
 # Local DP's noise drowns per-item parameters: its runs use the experiment file's settings
 # (a content-popularity model with few coordinates), the others the defaults.
 LOCAL_DP = Path(__file__).resolve().parent.parent / "simulations" / "local_dp.toml"
+NO_DP = LOCAL_DP.with_name("no_dp.toml")
 
 
 def settings_for(dp: str) -> dict:
@@ -180,14 +238,18 @@ def privacy_utility(tmp: Path, out: Path) -> dict:
                 {key: value, "epsilon": eps, "ndcg@10": summary["test"]["ndcg@10"]}
             )
             print(dp, key, value, eps, summary["test"]["ndcg@10"], flush=True)
+    # the line to compare with: federated without DP at its own tuned settings (no_dp.toml;
+    # `--dp off` with the DP-tuned defaults diverges)
+    no_dp = tomllib.loads(NO_DP.read_text())["simulation"]
     plain = finalize(
-        run_in_process(SimulationConfig.from_flat({"dp": "off", "out": str(tmp / "curve-off")}))
+        run_in_process(SimulationConfig.from_flat({**no_dp, "out": str(tmp / "curve-off")}))
     )
     plot_curves(curves, plain["test"]["ndcg@10"], out)
     return {"curves": curves, "no_dp_ndcg@10": plain["test"]["ndcg@10"]}
 
 
 POPULARITY_NDCG = 0.1152  # protocol (a), benchmarks/results/centralized.json
+CENTRALIZED_NDCG = 0.1290  # the same file: the non-private centralized model
 
 
 def plot_curves(curves: dict[str, list[dict]], no_dp: float, out: Path) -> None:
@@ -203,7 +265,8 @@ def plot_curves(curves: dict[str, list[dict]], no_dp: float, out: Path) -> None:
             [p["epsilon"] for p in points], [p["ndcg@10"] for p in points], marker="o", label=dp
         )
     ax.axhline(POPULARITY_NDCG, color="green", linestyle=":", label="popularity")
-    ax.axhline(no_dp, color="gray", linestyle="--", label="federated, no DP (DP-tuned defaults)")
+    ax.axhline(no_dp, color="gray", linestyle="--", label="federated, no DP (no_dp.toml, FedAdam)")
+    ax.axhline(CENTRALIZED_NDCG, color="black", linestyle="-.", label="centralized, no DP")
     ax.set(
         xscale="log",
         xlabel="ε of the calibration's guarantee (δ = 1e-5)",
@@ -239,8 +302,11 @@ def main() -> None:
         if not args.skip_quality:
             results["quality"] = quality(Path(tmp))
             print(json.dumps(results["quality"], indent=2), flush=True)
+    # sections not re-measured this time keep their previous figures
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "federated.json").write_text(json.dumps(results, indent=2))
+    path = args.out / "federated.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(previous | results, indent=2))
 
 
 if __name__ == "__main__":

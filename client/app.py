@@ -40,8 +40,13 @@ def train(msg: Message, context: Context) -> Message:
     # Flower Array is an object hashed and stored on its own: 6 per device cost more than
     # the training); any other update travels alone under "<user>/<name>" and the server's
     # validation drops it with its reason.
+    # The noise shares of idle devices (`noise_only`: nothing of anyone's data in them) travel
+    # as ONE sum per message, "pooled/<name>": the server may only ever use their sum (secure
+    # aggregation), and at every device per round they were most of a round's bytes and of
+    # the server's per-update work. Their own replies still come back, without parameters.
     metrics, status, arrays, stacked = {}, {}, {}, []
     shapes = {name: value.shape for name, value in params.items()}
+    pooled, pooled_users = {name: np.zeros(s, np.float64) for name, s in shapes.items()}, []
     for user in users:
         reply = device_reply(config, user, round_, params)
         metrics |= {f"{user}/{k}": v for k, v in reply.metrics.items()}
@@ -49,14 +54,23 @@ def train(msg: Message, context: Context) -> Message:
         status[f"{user}/error"] = reply.error or ""
         if reply.params is None:
             continue
-        if {k: v.shape for k, v in reply.params.items()} == shapes:
+        same_shapes = {k: v.shape for k, v in reply.params.items()} == shapes
+        if same_shapes and reply.metrics.get("noise_only") == 1.0:
+            for name, value in reply.params.items():
+                pooled[name] += value - params[name]
+            pooled_users.append(user)
+        elif same_shapes:
             stacked.append((user, reply.params))
         else:
             arrays |= {f"{user}/{k}": Array(v) for k, v in reply.params.items()}
     if stacked:
         for name in shapes:
             arrays[f"stacked/{name}"] = Array(np.stack([p[name] for _, p in stacked]))
+    if pooled_users:
+        for name, total in pooled.items():
+            arrays[f"pooled/{name}"] = Array(total.astype(np.float32))
     status["stacked"] = [user for user, _ in stacked]
+    status["pooled"] = pooled_users
     status["users"] = users  # replies come back in any order: each names its devices
     content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
     if arrays:

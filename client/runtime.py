@@ -71,7 +71,7 @@ def build_model(data: DataConfig, model_config: ModelConfig, stream: Stream) -> 
 def _template(key: str) -> tuple[RecModel, dict[str, int]]:
     values = json.loads(key)
     data = DataConfig(**values["data"])
-    stream = load_stream(data, values["rounds"])
+    stream = load_stream(data, values["rounds"], values["protocol"])
     model = build_model(data, ModelConfig(**values["model"]), stream)
     index = {str(item): i for i, item in enumerate(stream.dataset.catalogue.item_ids)}
     return model, index
@@ -88,6 +88,7 @@ def template_for(config: SimulationConfig) -> tuple[RecModel, dict[str, int]]:
             "data": dataclasses.asdict(config.data),
             "model": dataclasses.asdict(config.model),
             "rounds": config.rounds,
+            "protocol": config.protocol,
         },
         sort_keys=True,
     )
@@ -106,7 +107,7 @@ def simulated_device_round(
     """Round `round` (1-based) for the virtual device of dense user `user`: deliver the windows
     that arrived since its last round into its store, then run `local_round`."""
     model, index = template_for(config)
-    stream = load_stream(config.data, config.rounds)
+    stream = load_stream(config.data, config.rounds, config.protocol)
     user_id = str(stream.dataset.user_ids[user])
     folder = client_dir(config, user_id)
     device = local_config(config, _seed(config, user))
@@ -120,8 +121,8 @@ def simulated_device_round(
         reason = "no trainable pair: nothing new since the last round it had nothing to train"
         return idle_result(global_params, device, round, reason, idle)
     result = _device_round(device, model, index, stream, user, folder, round, global_params)
-    if result.declined and not result.metrics.get("retired_now"):
-        _remember_idle(folder, round, result.metrics)
+    if result.idle_metrics is not None:
+        _remember_idle(folder, round, result.idle_metrics)
     return result
 
 
@@ -144,10 +145,8 @@ def _still_idle(folder: Path, stream: Stream, user: int, round: int) -> dict | N
 
 
 def _remember_idle(folder: Path, round: int, metrics: dict) -> None:
-    # what arrived this round was ranked this round (prequential): not part of a later reply
-    lasting = {k: v for k, v in metrics.items() if not k.startswith("preq_")}
     tmp = folder / (IDLE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"round": round, "metrics": lasting}))
+    tmp.write_text(json.dumps({"round": round, "metrics": metrics}))
     tmp.replace(folder / IDLE_FILE)
 
 

@@ -38,7 +38,10 @@ def _warm_up(rounds_hint: int | None = None) -> None:
     # the first optimizer imports torch._dynamo (1.5 s, measured): once, here
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     import opacus  # noqa: F401
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping  # noqa: F401
+    from opacus.grad_sample import (  # noqa: F401
+        GradSampleModuleExpandedWeights,
+        GradSampleModuleFastGradientClipping,
+    )
 
     import fedrec.client.app
     import fedrec.client.device_round

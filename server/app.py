@@ -82,14 +82,12 @@ def main(grid: Grid, context: Context) -> None:
 # Virtual devices per simulation message: a device round takes ~10 ms, Flower's handling of a
 # message about as much again; 8 per message cut a round of 200 devices from 3.7 s to ~2 s.
 DEVICES_PER_MESSAGE = 8
-# A round's messages go out in waves of one per worker slot, and each wave waits for its
-# slowest message: no more than this many waves per round (1000 devices on 2 slots: 4 waves
-# of 125 per message, instead of 63 waves of 8).
-MAX_WAVES = 4
 
 
 def devices_per_message(devices: int, slots: int) -> int:
-    return max(DEVICES_PER_MESSAGE, math.ceil(devices / max(1, slots * MAX_WAVES)))
+    """At least 8, and few enough messages for one per slot: a round is one wave (a wave
+    waits for its slowest message)."""
+    return max(DEVICES_PER_MESSAGE, math.ceil(devices / max(1, slots)))
 
 
 def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
@@ -105,12 +103,22 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
         if k.startswith("stacked/")
     }
     row = {int(u): i for i, u in enumerate(status.get("stacked", []))}
+    pooled_users = {int(u) for u in status.get("pooled", [])}
     out = []
+    if pooled_users:  # the sum of those devices' noise shares (fedrec.client.app)
+        shares = {
+            k[len("pooled/") :]: np.asarray(a.numpy())
+            for k, a in arrays.items()
+            if k.startswith("pooled/")
+        }
+        out.append(DeviceReply(min(pooled_users), shares, 0, {}, pooled=len(pooled_users)))
     for user in users:
         prefix = f"{user}/"
         mine = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
         if user in row:
             params = {name: values[row[user]] for name, values in stacked.items()}
+        elif user in pooled_users:
+            params = {}  # its share is in the pooled sum
         else:
             params = {
                 k[len(prefix) :]: np.asarray(a.numpy())
@@ -186,8 +194,7 @@ def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -
             for node in nodes
         ]
         answered = {}
-        for reply in send_and_receive(grid, messages, settings.round_timeout_s):
-            node = int(reply.metadata.src_node_id)
+        for node, reply in send_and_receive(grid, messages, settings.round_timeout_s):
             declined = ""
             if not reply.has_error() and "status" in reply.content:
                 declined = str(reply.content["status"].get("declined", ""))
@@ -212,14 +219,22 @@ def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -
 REPLY_POLL_S = 0.2  # Flower's own send_and_receive polls every 3 s: most of a short round
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Push, then pull replies every REPLY_POLL_S until all arrived or `timeout` passed."""
-    pending = set(grid.push_messages(messages))
+def send_and_receive(
+    grid: Grid, messages: list[Message], timeout: float
+) -> list[tuple[int, Message]]:
+    """Push, then pull replies every REPLY_POLL_S until all arrived or `timeout` passed; each
+    reply with the node its message went to. (The SuperLink answers a message to a node that
+    missed its heartbeats with a NODE_UNAVAILABLE error reply of its own, whose source is the
+    SuperLink, not the node: the message id is what ties a reply to its device.)"""
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: int(m.metadata.dst_node_id) for mid, m in zip(ids, messages, strict=True)}
+    pending = set(ids)
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
+    replies: list[tuple[int, Message]] = []
     while pending:
         got = list(grid.pull_messages(pending))
-        replies.extend(got)
+        for reply in got:
+            replies.append((node_of[reply.metadata.reply_to_message_id], reply))
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or time.monotonic() > deadline:
             break

@@ -59,6 +59,10 @@ class DeviceReply:
     # head hash of the device's ledger after its round (deployment: reported every round, so
     # an auditor can later detect a truncated or rewritten ledger)
     ledger_head: str | None = None
+    # > 0: not one device's reply but the SUM of this many idle devices' noise shares (their
+    # updates minus the global parameters), pooled where they were computed; each of those
+    # devices also has its own reply, without parameters (see fedrec.client.app)
+    pooled: int = 0
 
 
 class RunExistsError(RuntimeError):
@@ -69,7 +73,7 @@ class FederatedRun:
     def __init__(self, config: SimulationConfig):
         self.config = config
         self.out = Path(config.out)
-        self.stream = load_stream(config.data, config.rounds)
+        self.stream = load_stream(config.data, config.rounds, config.protocol)
         self.model = build_model(config.data, config.model, self.stream)
         self.registered = self.stream.clients()
         self.sample_rate = client_sample_rate(
@@ -184,6 +188,18 @@ class FederatedRun:
 
     def finish_round(self, round: int, replies: Sequence[DeviceReply], seconds: float) -> dict:
         updates, dropped, declined, failed = [], [], 0, 0
+        survivors = 0  # devices whose update is in the sum (a pooled reply counts its devices)
+        pooled = [r for r in replies if r.pooled]
+        replies = [r for r in replies if not r.pooled]
+        for reply in pooled:  # validated like an update: same shapes, float32, finite
+            reason = validate_update(reply.params or {}, self.params)
+            if reason is not None:
+                dropped.append(reason)
+                log.warning("round %d: dropped %d pooled shares: %s", round, reply.pooled, reason)
+                continue
+            shares = {n: self.params[n] + reply.params[n] for n in self.params}
+            updates.append(ClientUpdate(f"pooled:{reply.user}", shares, 0))
+            survivors += reply.pooled
         for reply in replies:
             if reply.error is not None:
                 failed += 1
@@ -199,6 +215,7 @@ class FederatedRun:
                 log.warning("round %d: dropped update of device %d: %s", round, reply.user, reason)
                 continue
             updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))
+            survivors += 1
 
         # Secure aggregation with threshold K_min: fewer survivors and the server learns
         # nothing of the round (SecAgg+ cannot unmask), so the model stays as it was and the
@@ -206,13 +223,13 @@ class FederatedRun:
         # under-count. Idle devices send noise, so n does not depend on anyone's data; it can
         # still flip with one user's participation, which user-level DP pays for in δ
         # (`discard_delta`), negligible when q·N >> K_min.
-        discarded = "distributed" in self.config.dp and len(updates) < self.config.min_survivors
+        discarded = "distributed" in self.config.dp and survivors < self.config.min_survivors
         rng = np.random.default_rng([self.config.seed, round, 1])
         if discarded:
             log.warning(
                 "round %d: %d survivors < K_min=%d: nothing is revealed, the model stays",
                 round,
-                len(updates),
+                survivors,
                 self.config.min_survivors,
             )
             diag = None
@@ -246,7 +263,7 @@ class FederatedRun:
             self._decay_item_biases(self.config.server_bias_decay)
         if self.user_dp:
             self.accountant.record_round(self.user_mechanism(), round=round)
-        row = self._round_metrics(round, replies, len(updates), declined, failed, dropped)
+        row = self._round_metrics(round, replies, survivors, declined, failed, dropped)
         row["seconds"] = seconds
         # simulation-only oracle (the server knows the stream): does the model still rank the
         # early window as well as when it was fresh?
@@ -314,8 +331,8 @@ class FederatedRun:
         load_parameters(self.model, self.params, local={})
 
     def evaluate(self) -> dict:
-        """Protocol (a) test, comparable with `fedrec train` (simulation: the server knows the
-        held-out interactions; on real devices each one would rank its own)."""
+        """The protocol's test, comparable with `fedrec train --protocol` (simulation: the
+        server knows the held-out interactions; on real devices each one would rank its own)."""
         self.load_into_model()
         return evaluate_model(self.model, self.stream.split, self.stream.dataset.num_users)
 

@@ -13,6 +13,7 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.privacy.accounting import Guarantee
+from fedrec.common.reference import baseline_metrics
 from fedrec.server.user_privacy import discard_delta
 from fedrec.simulations.federation import FederatedRun
 
@@ -164,7 +165,12 @@ def finalize(run: FederatedRun) -> dict:
         privacy["user_budget_epsilon"] = config.user_epsilon
     summary = {
         "rounds": len(rows),
+        "protocol": config.protocol,
         "test": test,
+        # the same test, ranked by the non-personalised yardsticks (as `fedrec train` reports)
+        "test_baselines": baseline_metrics(
+            run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
+        ),
         "dp": {
             "mode": "+".join(sorted(config.dp)) or "off",
             "device_noise_multiplier": config.device_noise_multiplier,

@@ -1,9 +1,12 @@
 """The lifelong stream a simulation replays: which interactions reach which device, when.
 
 The data's timeline is cut into one window per round (equal interaction counts); round r
-delivers window r's interactions to their devices' stores, as one cohort per window. The
-per-user leave-last-out test (and validation) interactions of the foundation protocol (a) are
-held back from the stream, so the final evaluation is directly comparable with `fedrec train`.
+delivers window r's interactions to their devices' stores, as one cohort per window. The test
+(and validation) interactions of the chosen evaluation protocol are held back from the stream,
+so the final evaluation is directly comparable with `fedrec train` under that protocol:
+(a) `loo`, each user's last two interactions held back (users with fewer than 5 are streamed
+whole); (b) `temporal`, the stream ends at the global cutoff T and the test is each user's
+first interaction after it, so no device ever holds anything later than another's test.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class Delivery:
 @dataclass(frozen=True)
 class Stream:
     dataset: Dataset
-    split: Split  # protocol (a): test/valid held back from the stream
+    split: Split  # the protocol's test/valid, held back from the stream
     rows: Interactions  # every delivered interaction, time-ordered
     window: np.ndarray  # (N,) window index of each row
     window_end: np.ndarray  # (R,) last timestamp of each window
@@ -64,11 +67,14 @@ class Stream:
         return out
 
 
-def build_stream(dataset: Dataset, rounds: int) -> Stream:
-    split = make_split(dataset.interactions, ProtocolConfig("loo"))
-    counts = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
-    short = dataset.interactions.select(counts[dataset.interactions.user] < split_min_user())
-    delivered = Interactions.concat([split.train, short])
+def build_stream(dataset: Dataset, rounds: int, protocol: str = "loo") -> Stream:
+    split = make_split(dataset.interactions, ProtocolConfig(protocol))
+    if protocol == "loo":
+        counts = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
+        short = dataset.interactions.select(counts[dataset.interactions.user] < split_min_user())
+        delivered = Interactions.concat([split.train, short])
+    else:  # everything before the cutoff except the validation rows (as `fedrec train`)
+        delivered = split.train
     order = delivered.time_order()
     rows = delivered.select(order)
     bounds = np.linspace(0, len(rows), rounds + 1).round().astype(np.int64)
@@ -86,18 +92,19 @@ def split_min_user() -> int:
     return ProtocolConfig("loo").min_user
 
 
-_LAST_STREAM: list = []  # [(data, rounds, stream)]: skips re-serializing the key per device
+_LAST_STREAM: list = []  # [(data, rounds, protocol, stream)]: skips re-serializing the key
 
 
-def load_stream(data: DataConfig, rounds: int) -> Stream:
+def load_stream(data: DataConfig, rounds: int, protocol: str = "loo") -> Stream:
     """One copy per process: simulation workers serve many clients from it."""
-    if _LAST_STREAM and _LAST_STREAM[0][0] is data and _LAST_STREAM[0][1] == rounds:
-        return _LAST_STREAM[0][2]
-    stream = _load_stream(json.dumps(dataclasses.asdict(data), sort_keys=True), rounds)
-    _LAST_STREAM[:] = [(data, rounds, stream)]
+    if _LAST_STREAM and _LAST_STREAM[0][0] is data and _LAST_STREAM[0][1:3] == [rounds, protocol]:
+        return _LAST_STREAM[0][3]
+    key = json.dumps(dataclasses.asdict(data), sort_keys=True)
+    stream = _load_stream(key, rounds, protocol)
+    _LAST_STREAM[:] = [[data, rounds, protocol, stream]]
     return stream
 
 
 @lru_cache(maxsize=2)
-def _load_stream(data_json: str, rounds: int) -> Stream:
-    return build_stream(DataConfig(**json.loads(data_json)).load(), rounds)
+def _load_stream(data_json: str, rounds: int, protocol: str) -> Stream:
+    return build_stream(DataConfig(**json.loads(data_json)).load(), rounds, protocol)

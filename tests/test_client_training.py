@@ -115,7 +115,14 @@ def test_retirement_and_decline_when_the_budget_is_spent(tmp_path):
             config=config,
         )
         assert result.declined is None
-        assert ledger.entries[-1]["cohorts"] == {"w1": 2}
+        trains = [e for e in ledger.entries if e["kind"] == "train"]
+        assert trains[-1]["cohorts"] == {"w1": 2} and trains[-1]["round"] == 99
+        # what another round would push past the budget is retired right away (never later
+        # than the next plan would): the device has nothing left until something new arrives
+        after = ledger.entries[ledger.entries.index(trains[-1]) + 1 :]
+        assert [e["kind"] for e in after] == ["retire"] and after[0]["round"] == 99
+        assert "w1" in ledger.retired_cohorts() and result.idle_metrics is not None
+        assert result.metrics["retired_now"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -220,7 +227,7 @@ def _update_norm(model, first, second, config) -> float:
     return float(np.sqrt(sum(np.sum((new[n] - start[n]) ** 2) for n in start)))
 
 
-@pytest.mark.parametrize("id_embeddings", [True, False])  # ghost clipping / Opacus hooks
+@pytest.mark.parametrize("id_embeddings", [True, False])  # ghost clipping / ExpandedWeights
 def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c(id_embeddings):
     """Without noise, a device's update is at most lr·C however many examples it holds (the
     user-level sensitivity), and a one-example device moves by at most lr·C/B (its example's
@@ -247,10 +254,10 @@ def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c(id_embeddings):
     assert 0 < one <= config.lr * config.clip_norm / config.reference_batch * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("id_embeddings", [True, False])  # ghost clipping / Opacus hooks
+@pytest.mark.parametrize("id_embeddings", [True, False])  # ghost clipping / ExpandedWeights
 def test_empty_poisson_batches_are_steps_in_both_clipping_modes(id_embeddings):
     """At a tiny sampling rate every batch is empty: each is still a (zero-sum, noised)
-    step, under ghost clipping and under Opacus's per-sample hooks alike."""
+    step, under ghost clipping and under per-sample gradients (ExpandedWeights) alike."""
     import torch
 
     model = template(id_embeddings)
@@ -266,3 +273,54 @@ def test_empty_poisson_batches_are_steps_in_both_clipping_modes(id_embeddings):
     assert _update_norm(model, pair[0], pair[1], config) == 0.0
     noisy = LocalTrainConfig(**{**config.__dict__, "noise_multiplier": 1.0})
     assert _update_norm(model, pair[0], pair[1], noisy) > 0.0
+
+
+def test_expanded_weights_step_equals_opacus_hooks_step():
+    """The content model's DP step (Opacus "ew" mode, noise added later) moves the
+    parameters exactly as Opacus's hooks + DPOptimizer at noise 0 do: the same per-sample
+    gradients, clipped and summed by Opacus, divided by B."""
+    import copy
+
+    import torch
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from fedrec.client.training import _dp_step_machinery
+    from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
+
+    model = template(id_embeddings=False)
+    for p in model.parameters():  # away from the zero init, so every table has gradients
+        torch.nn.init.normal_(p, std=0.3)
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    config = LocalTrainConfig(lr=0.7, clip_norm=0.05, reference_batch=3, noise_multiplier=0.0)
+    g = torch.Generator().manual_seed(0)
+    first, second = (
+        torch.randint(NUM_ITEMS, (5,), generator=g),
+        torch.randint(NUM_ITEMS, (5,), generator=g),
+    )
+    negatives, hits = sample_negatives(first, second, NUM_ITEMS, 7, g)
+    when = torch.full((5,), 50, dtype=torch.int64)
+
+    module, optimizer, criterion = _dp_step_machinery(model, config)
+    criterion(module(first, second, negatives, when), hits).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    hooks = GradSampleModule(reference, batch_first=True, loss_reduction="mean")
+    expected = DPOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=config.lr),
+        noise_multiplier=0.0,
+        max_grad_norm=config.clip_norm,
+        expected_batch_size=config.reference_batch,
+    )
+    PairSoftmaxLoss()(hooks(first, second, negatives, when), hits).backward()
+    expected.step()
+    for (name, got), (_, want) in zip(
+        model.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in reference.parameters()])
+    assert float(norms.norm(dim=0).min()) > config.clip_norm  # every example was clipped
+    assert any(
+        not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters(), strict=True)
+    )

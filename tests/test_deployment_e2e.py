@@ -136,13 +136,13 @@ class Deployment:
         self.server = self.spawn("server", "server", "start", "--config", "run.toml")
         return self.server
 
-    def wait_for(self, what, timeout: float, message: str):
+    def wait_for(self, what, timeout: float, message: str, poll: float = 0.2):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = what()
             if value:
                 return value
-            time.sleep(0.2)
+            time.sleep(poll)
         logs = "\n".join(
             f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log"))
         )
@@ -256,14 +256,19 @@ def test_deployment_end_to_end(deployment):
     d.wait_for(lambda: d.server_says("submitted"), 120, "server restarted")
     # the devices reconnect by themselves; dev3 is killed while it works on round 3
     dev3 = d.devices.pop("dev3")
-    d.wait_for(lambda: running_clientapp(dev3), 180, "dev3 working on round 3")
+    # a warm device's message lasts well under a second: look often, or it is missed
+    d.wait_for(lambda: running_clientapp(dev3), 180, "dev3 working on round 3", poll=0.01)
     kill_tree(dev3)
     d.wait_for(lambda: d.rounds() == [1, 2, 3], 240, "round 3 completed without dev3")
     round3 = d.devices_log()[-1]
     assert round3["round"] == 3 and round3["summed"] >= 2
+    # noticed through its missed heartbeats (10 s interval), not at the round's timeout
+    failed = [x for x in round3["devices"] if x["outcome"] == "failed"]
+    lost = [x for x in failed if "store.sqlite" not in x["reason"]]  # not the corrupted one
+    assert len(lost) == 1 and "Node Unavailable" in lost[0]["reason"], round3
     # dev3 comes back; the server is killed during round 4 and restarted
     d.start_device("dev3")
-    d.wait_for(lambda: running_clientapp(d.devices["dev1"]), 180, "round 4 running")
+    d.wait_for(lambda: running_clientapp(d.devices["dev1"]), 180, "round 4 running", poll=0.01)
     kill_tree(d.server)
     assert d.rounds() == [1, 2, 3]
     d.start_server()

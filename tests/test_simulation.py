@@ -155,6 +155,10 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["sampled"] for r in rows) > 8 and sum(r["preq_count"] for r in rows) > 0
     assert all(r["aggregated"] + r["declined"] - r["noise_only"] <= r["sampled"] for r in rows)
+    # idle devices' noise shares travel pooled per message: still every device is in the sum
+    assert sum(r["noise_only"] for r in rows) > 0
+    assert all(r["failed"] == r["dropped"] == 0 for r in rows)
+    assert all(r["aggregated"] == r["sampled"] - r["declined"] + r["noise_only"] for r in rows)
     assert "NDCG@10" in proc.stdout
     leftovers = subprocess.run(["pgrep", "-f", str(out / "flower")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # every process the run started is gone
@@ -302,7 +306,7 @@ def test_a_sampled_device_with_nothing_delivered_yet_sends_noise_without_a_store
 
     config = small(tmp_path)
     run = FederatedRun(config)
-    stream = load_stream(config.data, config.rounds)
+    stream = load_stream(config.data, config.rounds, config.protocol)
     late = [
         int(u)
         for u in run.registered
@@ -346,7 +350,7 @@ def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
 
     config = small(tmp_path, rounds=6)
     run = run_in_process(config)
-    stream = load_stream(config.data, config.rounds)
+    stream = load_stream(config.data, config.rounds, config.protocol)
     checked = 0
     for user in run.registered:
         user = int(user)
@@ -370,3 +374,65 @@ def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
         assert all(np.array_equal(cached.params[k], full.params[k]) for k in full.params)
         checked += 1
     assert checked > 0
+
+
+def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
+    """Protocol (b): the stream stops at the global cutoff T, no device ever holds an
+    interaction from T on, and the summary ranks the first interaction after T for the model
+    and for the popularity yardsticks alike."""
+    from fedrec.client.store import ClientStore
+    from fedrec.simulations.stream import load_stream
+
+    config = small(tmp_path, protocol="temporal")
+    stream = load_stream(config.data, config.rounds, config.protocol)
+    cutoff = stream.split.cutoff
+    loo = load_stream(config.data, config.rounds, "loo")
+    assert int(stream.rows.timestamp.max()) < cutoff <= int(loo.rows.timestamp.max())
+    assert len(stream.split.test) > 0 and (stream.split.test.timestamp >= cutoff).all()
+    summary = finalize(run_in_process(config))
+    stores = sorted((config.out / "clients").glob("*/store.sqlite"))
+    assert stores
+    for path in stores:
+        with ClientStore(path.parent) as store:
+            held = store.interactions()
+            assert len(held) == 0 or int(held.timestamp.max()) < cutoff
+    assert summary["protocol"] == "temporal"
+    assert summary["test"]["users"] == len(stream.split.test)
+    assert set(summary["test_baselines"]) == {"popularity", "recent_popularity"}
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        small(tmp_path, protocol="random")
+
+
+def test_pooled_noise_shares_aggregate_like_the_devices_they_stand_for(tmp_path):
+    """A message's idle devices send one sum of their noise shares: the round's model, the
+    survivors counted against K_min and the round metrics are those of the devices' own
+    replies (up to float rounding)."""
+    from fedrec.simulations.federation import device_reply
+
+    each, pooled_run = FederatedRun(small(tmp_path / "a")), FederatedRun(small(tmp_path / "b"))
+    replies = [device_reply(each.config, int(u), 1, each.params) for u in each.sample(1)]
+    idle = [r for r in replies if r.metrics.get("noise_only") == 1.0]
+    assert idle and len(idle) < len(replies)
+    shares = {
+        n: np.sum([r.params[n] - each.params[n] for r in idle], axis=0, dtype=np.float64)
+        for n in each.params
+    }
+    shares = {n: v.astype(np.float32) for n, v in shares.items()}
+    ids = {id(r) for r in idle}
+    pooled_replies = [
+        DeviceReply(r.user, None, 0, r.metrics) if id(r) in ids else r for r in replies
+    ] + [DeviceReply(idle[0].user, shares, 0, {}, pooled=len(idle))]
+    row = each.finish_round(1, replies, 0.0)
+    pooled_row = pooled_run.finish_round(1, pooled_replies, 0.0)
+    for key in ("sampled", "aggregated", "declined", "noise_only", "preq_count"):
+        assert pooled_row[key] == row[key], key
+    for name in each.params:
+        np.testing.assert_allclose(pooled_run.params[name], each.params[name], atol=1e-5)
+    # a corrupted pool is dropped with its reason, and its devices are not counted
+    bad = {n: v.copy() for n, v in shares.items()}
+    next(iter(bad.values())).flat[0] = np.nan
+    broken = FederatedRun(small(tmp_path / "c"))
+    row = broken.finish_round(
+        1, [*pooled_replies[:-1], DeviceReply(idle[0].user, bad, 0, {}, pooled=len(idle))], 0.0
+    )
+    assert row["dropped"] == 1 and row["aggregated"] == pooled_row["aggregated"] - len(idle)

@@ -213,6 +213,12 @@ def start(
     sys.stdout.flush()
     if not warm:
         os.execv(exe or "flower-supernode", cmd)  # this process becomes the SuperNode (same PID)
+    from fedrec.client.supernode import heartbeat_interval
+
+    try:
+        heartbeat_interval()  # checked here, before anything starts
+    except ValueError as err:
+        raise fail(str(err)) from err
     raise typer.Exit(_supervise([sys.executable, "-m", "fedrec.client.supernode", *cmd[1:]], port))
 
 

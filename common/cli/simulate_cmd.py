@@ -31,6 +31,10 @@ def simulate(
     synthetic: SyntheticOpt = None,
     text_encoder: TextEncoderOpt = None,
     rounds: Annotated[int | None, typer.Option(help="federated rounds (= stream windows)")] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(help="test held back from the stream: loo (a) | temporal (b, global cutoff)"),
+    ] = None,
     clients_per_round: Annotated[
         int | None, typer.Option(help="expected devices per round (Poisson-sampled)")
     ] = None,
@@ -61,6 +65,7 @@ def simulate(
     for key, value in (
         ("dataset", dataset), ("data-dir", data_dir), ("columns", columns),
         ("synthetic", synthetic), ("text-encoder", text_encoder), ("rounds", rounds),
+        ("protocol", protocol),
         ("clients-per-round", clients_per_round), ("dp", "off" if no_dp else dp),
         ("epsilon", epsilon), ("user-epsilon", user_epsilon), ("seed", seed), ("out", out),
     ):  # fmt: skip
@@ -108,10 +113,12 @@ def simulate(
             err=True,
             fg="yellow",
         )
-    test = summary["test"]
+    test, protocol = summary["test"], summary.get("protocol", "loo")
     typer.echo(
-        f"test (loo, full ranking): HR@10 {test['hr@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}"
+        f"test ({protocol}, full ranking): HR@10 {test['hr@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}"
     )
+    for name, metrics in summary.get("test_baselines", {}).items():
+        typer.echo(f"  {name.replace('_', ' ')}: NDCG@10 {metrics['ndcg@10']:.4f}")
     for g in summary["privacy"]["guarantees"]:
         if not g.get("earned", True):
             typer.echo(f"  {g['name']}: NOT claimed: {g['why_not']}")

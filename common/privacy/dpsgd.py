@@ -17,9 +17,9 @@ def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:
     analysis of Poisson-subsampled Gaussian assumes every sampling round releases an output).
     Opacus's ghost-clipping norm samplers cannot run on a zero-size batch, so instead of
     forward/backward we hand the DP optimizer zero gradients, which it accumulates, noises,
-    scales and reports to the accountant exactly like any other step. With Opacus's hooks
-    (per-sample gradients kept) the optimizer reads `grad_sample` instead: one zero "sample",
-    whose clipped contribution is zero, stands for the empty batch.
+    scales and reports to the accountant exactly like any other step. With per-sample gradients
+    kept (Opacus's hooks or ExpandedWeights) the optimizer reads `grad_sample` instead: one
+    zero "sample", whose clipped contribution is zero, stands for the empty batch.
     """
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
@@ -75,3 +75,33 @@ def register_gram_embedding() -> None:
 
     register_grad_sampler(GramEmbedding)(compute_embedding_grad_sample)
     register_norm_sampler(GramEmbedding)(gram_embedding_norms)
+
+
+def noise_later_dp_optimizer(
+    optimizer: torch.optim.Optimizer, max_grad_norm: float, expected_batch_size: int
+) -> torch.optim.Optimizer:
+    """Opacus's DPOptimizer (per-sample gradients kept, mean loss) for callers that add the noise
+    themselves, once, after the steps (see client/training.py: fixed-point steps whose noises
+    sum to one draw). Clipping and accumulation are Opacus's own; only the noise stage, which
+    at noise_multiplier 0 would allocate and add a zero tensor per parameter, becomes the
+    division by B. Same output as DPOptimizer(noise_multiplier=0) (tested)."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class NoiseLaterDPOptimizer(DPOptimizer):
+        def add_noise(self) -> None:
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                p.grad = (p.summed_grad / self.expected_batch_size).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+        def scale_grad(self) -> None:  # done in add_noise
+            pass
+
+    return NoiseLaterDPOptimizer(
+        optimizer,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+    )
