@@ -251,7 +251,9 @@ def test_deployment_end_to_end(deployment):
     seen = {line.split(",")[0] for line in (d.root / "dev1.csv").read_text().splitlines()[1:]}
     assert len(recommended) == 5 and not set(recommended) & seen
     # -- restart over the same folder with 4 rounds: resumes at round 3 ----------------------
-    d.write_run(rounds=4, min_nodes=2)
+    # every device back online before a round starts: after a restart a device counts as
+    # online again only from its next heartbeat, and round 3 must include dev3
+    d.write_run(rounds=4, min_nodes=4)
     d.start_server()
     d.wait_for(lambda: d.server_says("submitted"), 120, "server restarted")
     # the devices reconnect by themselves; dev3 is killed while it works on round 3
