@@ -60,11 +60,9 @@ def speed(tmp: Path) -> dict:
     }
 
 
-def dp_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
-    """Time of one device's local round with DP-SGD / without, same examples, same model:
-    the median over alternating blocks (the machine is shared: alternation cancels drift).
-    The plain round runs on a copy of the model that Opacus never wrapped, as a device
-    without DP-SGD would (hooks left on a model slow its plain steps too)."""
+def _default_job_batch():
+    """The default job's model (and a copy Opacus never wraps), device settings, a seeded
+    generator and a batch of 6 pairs at the serving time: what both DP ÷ plain ratios time."""
     from fedrec.client.runtime import local_config, template_for
 
     model, _ = template_for(SimulationConfig())
@@ -76,22 +74,41 @@ def dp_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
     )
     when = torch.full((6,), int(model.knots[-1]))
     job = local_config(SimulationConfig(), seed=0)  # the default job's device settings
+    return model, plain_model, job, g, (first, second, when)
+
+
+def _alternating_ratio(run, repeats: int, blocks: int) -> float:
+    """Median over blocks of time(run(True) x repeats) / time(run(False) x repeats), after one
+    warm-up call each; the blocks alternate, so drift on a shared machine cancels."""
+    for private in (True, False):
+        run(private)
+    ratios = []
+    for _ in range(blocks):
+        times = {}
+        for private in (True, False):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run(private)
+            times[private] = time.perf_counter() - start
+        ratios.append(times[True] / times[False])
+    return float(np.median(ratios))
+
+
+def dp_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
+    """Time of one device's local round with DP-SGD / without, same examples, same model.
+    The plain round runs on a copy of the model that Opacus never wrapped, as a device
+    without DP-SGD would (hooks left on a model slow its plain steps too)."""
+    model, plain_model, job, g, batch = _default_job_batch()
     configs = {
         True: (model, job),
         False: (plain_model, dataclasses.replace(job, budget_guarantee=None)),
     }
-    for on, config in configs.values():  # warm-up: Opacus wrapping, first-call allocations
-        _train(on, first, second, when, config, g)
-    ratios = []
-    for _ in range(blocks):
-        times = {}
-        for private, (on, config) in configs.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                _train(on, first, second, when, config, g)
-            times[private] = time.perf_counter() - start
-        ratios.append(times[True] / times[False])
-    return float(np.median(ratios))
+
+    def device_round(private: bool) -> None:
+        on, config = configs[private]
+        _train(on, *batch, config, g)
+
+    return _alternating_ratio(device_round, repeats, blocks)
 
 
 def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
@@ -99,20 +116,11 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
     DP also the step's Gaussian noise, which the device round draws once for all its steps),
     DP-SGD ÷ plain SGD on a model Opacus never wrapped: without the device round's shared
     work (sampling, negatives, the fixed-point bookkeeping), so the larger of the two ratios."""
-    from fedrec.client.runtime import local_config, template_for
     from fedrec.client.training import _dp_step_machinery, _gaussian_like
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
-    model, _ = template_for(SimulationConfig())
-    plain_model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    first, second = (
-        torch.randint(model.num_items, (6,), generator=g),
-        torch.randint(model.num_items, (6,), generator=g),
-    )
-    when = torch.full((6,), int(model.knots[-1]))
+    model, plain_model, job, g, (first, second, when) = _default_job_batch()
     negatives, hits = sample_negatives(first, second, model.num_items, 100, g)
-    job = local_config(SimulationConfig(), seed=0)
     module, dp_optimizer, dp_loss = _dp_step_machinery(model, job)
     trained = [p for p in model.parameters() if p.requires_grad]
     plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=job.lr)
@@ -128,19 +136,9 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
         if private:
             _gaussian_like(trained, job.update_noise_std(), g)
 
-    for private in (True, False):
-        step(private)
-    ratios = []
-    for _ in range(blocks):
-        times = {}
-        for private in (True, False):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                step(private)
-            times[private] = time.perf_counter() - start
-        ratios.append(times[True] / times[False])
+    ratio = _alternating_ratio(step, repeats, blocks)
     dp_optimizer.zero_grad(set_to_none=True)
-    return float(np.median(ratios))
+    return ratio
 
 
 def scale(tmp: Path) -> list[dict]:
