@@ -55,26 +55,41 @@ def speed(tmp: Path) -> dict:
         "simulation_over_sequential_rounds_2_on": rounds_flower / rounds_seq,
         "simulation_wall_s": flower_wall,
         "sequential_wall_s": seq_wall,
-        "dp_over_plain_step": dp_step_ratio(),
-        "dp_over_plain_single_step": single_step_ratio(),
+        **dp_ratios(training_batch_sizes(tmp / "flower")),
     }
 
 
-def _default_job_batch():
+def _default_job_batch(pairs: int = 6):
     """The default job's model (and a copy Opacus never wraps), device settings, a seeded
-    generator and a batch of 6 pairs at the serving time: what both DP ÷ plain ratios time."""
+    generator and a batch of `pairs` pairs at the serving time: what the DP ÷ plain ratios time."""
     from fedrec.client.runtime import local_config, template_for
 
     model, _ = template_for(SimulationConfig())
     plain_model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
-    first, second = (
-        torch.randint(model.num_items, (6,), generator=g),
-        torch.randint(model.num_items, (6,), generator=g),
-    )
-    when = torch.full((6,), int(model.knots[-1]))
     job = local_config(SimulationConfig(), seed=0)  # the default job's device settings
-    return model, plain_model, job, g, (first, second, when)
+    return model, plain_model, job, g, _pairs(model, pairs, g)
+
+
+def _pairs(model, pairs: int, g: torch.Generator):
+    first, second = (
+        torch.randint(model.num_items, (pairs,), generator=g),
+        torch.randint(model.num_items, (pairs,), generator=g),
+    )
+    return first, second, torch.full((pairs,), int(model.knots[-1]))
+
+
+def training_batch_sizes(run_dir: Path) -> dict[int, int]:
+    """Pairs per training device round of a finished run, from its devices' ledgers (a train
+    entry counts each present interaction; a pair is two)."""
+    counts: dict[int, int] = {}
+    for ledger in (run_dir / "clients").glob("*/ledger.jsonl"):
+        for line in ledger.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["kind"] == "train":
+                pairs = sum(entry["cohorts"].values()) // 2
+                counts[pairs] = counts.get(pairs, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _alternating_ratio(run, repeats: int, blocks: int) -> float:
@@ -94,21 +109,32 @@ def _alternating_ratio(run, repeats: int, blocks: int) -> float:
     return float(np.median(ratios))
 
 
-def dp_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
-    """Time of one device's local round with DP-SGD / without, same examples, same model.
-    The plain round runs on a copy of the model that Opacus never wrapped, as a device
-    without DP-SGD would (hooks left on a model slow its plain steps too)."""
-    model, plain_model, job, g, batch = _default_job_batch()
+def dp_step_ratio(repeats: int = 100, blocks: int = 7, pairs: tuple[int, ...] = (6,)) -> float:
+    """Time of device local rounds with DP-SGD / without, same examples, same model: one round
+    per batch size in `pairs` (cycled). The plain round runs on a copy of the model that
+    Opacus never wrapped, as a device without DP-SGD would (hooks left on a model slow its
+    plain steps too)."""
+    model, plain_model, job, g, _ = _default_job_batch()
+    batches = [_pairs(model, n, g) for n in pairs]
     configs = {
         True: (model, job),
         False: (plain_model, dataclasses.replace(job, budget_guarantee=None)),
     }
 
-    def device_round(private: bool) -> None:
+    def device_rounds(private: bool) -> None:
         on, config = configs[private]
-        _train(on, *batch, config, g)
+        for batch in batches:
+            _train(on, *batch, config, g)
 
-    return _alternating_ratio(device_round, repeats, blocks)
+    return _alternating_ratio(device_rounds, max(1, repeats // len(batches)), blocks)
+
+
+def job_mix(sizes: dict[int, int], rounds: int = 100, seed: int = 0) -> tuple[int, ...]:
+    """`rounds` batch sizes drawn from a run's distribution of pairs per training round."""
+    values = np.array(list(sizes), dtype=np.int64)
+    weights = np.array(list(sizes.values()), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    return tuple(int(v) for v in rng.choice(values, size=rounds, p=weights / weights.sum()))
 
 
 def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
@@ -172,6 +198,23 @@ def scale(tmp: Path) -> list[dict]:
 # Local DP's noise drowns per-item parameters: its runs use the experiment file's settings
 # (a content-popularity model with few coordinates), the others the defaults.
 LOCAL_DP = Path(__file__).resolve().parent.parent / "simulations" / "local_dp.toml"
+
+
+def dp_ratios(sizes: dict[int, int]) -> dict:
+    """DP ÷ plain on the default job's device rounds: at the job's own mix of batch sizes
+    (most hold one pair, which skips the per-sample machinery), at one pair, and at six
+    pairs (the 99th percentile), plus one optimizer step alone at six pairs."""
+    one = sizes.get(1, 0) / max(1, sum(sizes.values()))
+    return {
+        "training_rounds_by_pairs": {str(k): v for k, v in sizes.items()},
+        "share_of_training_rounds_with_one_pair": one,
+        "dp_over_plain_step_job_mix": dp_step_ratio(pairs=job_mix(sizes)),
+        "dp_over_plain_step_one_pair": dp_step_ratio(pairs=(1,)),
+        "dp_over_plain_step": dp_step_ratio(),  # six pairs
+        "dp_over_plain_single_step": single_step_ratio(),
+    }
+
+
 NO_DP = LOCAL_DP.with_name("no_dp.toml")
 
 
@@ -180,6 +223,11 @@ def settings_for(dp: str) -> dict:
         return {}
     table = tomllib.loads(LOCAL_DP.read_text())["simulation"]
     return {k: v for k, v in table.items() if k not in ("dp", "out")}
+
+
+def _mean_last10(prequential: list[dict]) -> float | None:
+    values = [r["ndcg@10"] for r in prequential[-10:] if r["ndcg@10"] is not None]
+    return float(np.mean(values)) if values else None
 
 
 def quality(tmp: Path) -> list[dict]:
@@ -197,6 +245,7 @@ def quality(tmp: Path) -> list[dict]:
                 "hr@10": summary["test"]["hr@10"],
                 "guarantees": {g["name"]: g["epsilon"] for g in summary["privacy"]["guarantees"]},
                 "last_preq_ndcg@10": summary["prequential"][-1]["ndcg@10"],
+                "prequential_last10_ndcg@10": _mean_last10(summary["prequential"]),
             }
         )
     return out

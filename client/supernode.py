@@ -13,6 +13,13 @@ message to a node that missed 2 intervals with a NODE_UNAVAILABLE error reply; s
 killed mid-round was noticed only at the round's timeout. Here the interval is
 FEDREC_HEARTBEAT_S (default 10 s, the least the SuperLink accepts): a killed device's round
 ends for it within ~20 s, with Flower's "Node Unavailable" error as the reason.
+
+Reconnection: while the SuperLink is down (a server restart), Flower's SuperNode retries with
+exponential backoff of up to 20 s. Its heartbeat thread reconnects on its own schedule, so
+the SuperLink counted the device online again while its message loop still slept up to 20 s,
+and a round started after a restart could time out (45 s) before the device even fetched its
+message (seen once in the end-to-end test). Here the backoff is capped at FEDREC_RETRY_MAX_S
+(default 2 s): a device is back at work within ~2 s of the SuperLink's return.
 """
 
 from __future__ import annotations
@@ -53,6 +60,15 @@ def shorten_heartbeat(interval: float) -> None:
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval
 
 
+def cap_retry_backoff(max_delay: float) -> None:
+    """The most Flower's connection retries wait between attempts (module globals read each
+    time a retry invoker is made, i.e. at connection)."""
+    from flwr.supercore.retry import grpc_retry, http_retry
+
+    http_retry.MAX_RETRY_DELAY = max_delay
+    grpc_retry.MAX_RETRY_DELAY = max_delay
+
+
 def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
@@ -63,6 +79,7 @@ def main() -> None:
     start_client_internal.time = _CappedSleep(cap)
     shorten_flower_backoff()
     shorten_heartbeat(heartbeat_interval())
+    cap_retry_backoff(float(os.environ.get("FEDREC_RETRY_MAX_S", "2")))
     flower_supernode()
 
 

@@ -232,7 +232,7 @@ def send_and_receive(
     deadline = time.monotonic() + timeout
     replies: list[tuple[int, Message]] = []
     while pending:
-        got = list(grid.pull_messages(pending))
+        got = _pull_replies(grid, pending)
         for reply in got:
             replies.append((node_of[reply.metadata.reply_to_message_id], reply))
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -240,3 +240,41 @@ def send_and_receive(
             break
         time.sleep(REPLY_POLL_S)
     return replies
+
+
+def _pull_replies(grid: Grid, pending: set[str]) -> list[Message]:
+    """The replies that arrived; none this time when the SuperLink failed transiently. Under
+    load (10 devices on 2 cores) the SuperLink's SQLite state answered a pull with
+    `database is locked` (HTTP 500), which ended the whole run; the failed pull's transaction
+    is rolled back, so the replies are still there at the next poll."""
+    try:
+        return list(grid.pull_messages(pending))
+    except Exception as err:
+        if not is_transient_transport_error(err):
+            raise
+        log.warning("pulling replies failed (%s); retrying at the next poll", err)
+        return []
+
+
+def is_transient_transport_error(err: BaseException) -> bool:
+    """A SuperLink error worth retrying: an HTTP 5xx, or gRPC UNAVAILABLE / INTERNAL /
+    DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED. Anything else (4xx: a bad request, an unknown
+    run) is not transient."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500
+    code = getattr(err, "code", None)
+    if callable(code):
+        import grpc
+
+        try:
+            value = code()
+        except Exception:
+            return False
+        return value in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    return False

@@ -275,17 +275,19 @@ def test_empty_poisson_batches_are_steps_in_both_clipping_modes(id_embeddings):
     assert _update_norm(model, pair[0], pair[1], noisy) > 0.0
 
 
-def test_expanded_weights_step_equals_opacus_hooks_step():
-    """The content model's DP step (Opacus "ew" mode, noise added later) moves the
-    parameters exactly as Opacus's hooks + DPOptimizer at noise 0 do: the same per-sample
-    gradients, clipped and summed by Opacus, divided by B."""
+@pytest.mark.parametrize("batch", [1, 5])
+def test_private_step_equals_opacus_hooks_step(batch):
+    """The content model's DP step (Opacus "ew" mode, or for one example the plain gradient
+    clipped by clip_grad_norm_; noise added later) moves the parameters exactly as Opacus's
+    hooks + DPOptimizer at noise 0 do: the same per-sample gradients, clipped and summed,
+    divided by B."""
     import copy
 
     import torch
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from fedrec.client.training import _dp_step_machinery
+    from fedrec.client.training import _dp_step_machinery, _private_step
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
     model = template(id_embeddings=False)
@@ -295,15 +297,14 @@ def test_expanded_weights_step_equals_opacus_hooks_step():
     config = LocalTrainConfig(lr=0.7, clip_norm=0.05, reference_batch=3, noise_multiplier=0.0)
     g = torch.Generator().manual_seed(0)
     first, second = (
-        torch.randint(NUM_ITEMS, (5,), generator=g),
-        torch.randint(NUM_ITEMS, (5,), generator=g),
+        torch.randint(NUM_ITEMS, (batch,), generator=g),
+        torch.randint(NUM_ITEMS, (batch,), generator=g),
     )
     negatives, hits = sample_negatives(first, second, NUM_ITEMS, 7, g)
-    when = torch.full((5,), 50, dtype=torch.int64)
+    when = torch.full((batch,), 50, dtype=torch.int64)
 
     module, optimizer, criterion = _dp_step_machinery(model, config)
-    criterion(module(first, second, negatives, when), hits).backward()
-    optimizer.step()
+    _private_step(model, module, optimizer, criterion, (first, second, negatives, when), hits)
     optimizer.zero_grad(set_to_none=True)
 
     hooks = GradSampleModule(reference, batch_first=True, loss_reduction="mean")

@@ -130,3 +130,41 @@ def test_tls_and_device_authentication_are_the_default(tmp_path):
     assert secure[secure.index("--database") + 1] == str(tmp_path / "s.db")
     insecure = superlink_command(ServerConfig(insecure=True))
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+
+
+def test_a_transient_superlink_error_while_pulling_replies_is_retried(monkeypatch):
+    """A SuperLink under load answered a reply pull with HTTP 500 (`database is locked`),
+    which ended the whole run: the ServerApp now polls again; a 4xx still raises."""
+    from types import SimpleNamespace
+
+    import httpx
+
+    from fedrec.server import app
+
+    monkeypatch.setattr(app, "REPLY_POLL_S", 0.0)
+    request = httpx.Request("POST", "https://127.0.0.1:1/v1/runtime/pull-messages")
+
+    def http_error(status: int) -> httpx.HTTPStatusError:
+        response = httpx.Response(status, request=request)
+        return httpx.HTTPStatusError(f"{status}", request=request, response=response)
+
+    class Grid:
+        def __init__(self, failures):
+            self.failures, self.pulls = list(failures), 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i in range(len(messages))]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12)]
+    grid = Grid([http_error(500), http_error(503)])
+    replies = app.send_and_receive(grid, messages, timeout=5)
+    assert sorted(node for node, _ in replies) == [11, 12]
+    assert grid.pulls == 3
+    with pytest.raises(httpx.HTTPStatusError):
+        app.send_and_receive(Grid([http_error(404)]), messages, timeout=5)
