@@ -189,6 +189,28 @@ def register_devices(env: dict, config: ServerConfig) -> list[str]:
     return messages
 
 
+def stop_stale_runs(env: dict) -> list[str]:
+    """Stop every run the SuperLink still lists as unfinished: after a server was killed, its
+    run stays "running" in the SuperLink's persisted state, but the message objects it had
+    sent lived in the killed SuperLink's memory. A device that was fetching one when the
+    server died keeps asking for it (Flower retries object pulls for up to 2 h), and its
+    SuperNode takes no new message meanwhile: seen in the end-to-end test, where the resumed
+    round got no reply from any device. Stopped, the old run answers "Run is finished" and
+    the device drops the message at its next try."""
+    listing = flwr_json(env, "ls", CONNECTION, timeout=FLWR_TIMEOUT_S)
+    if not listing.get("success", True) and "runs" not in listing:
+        raise RuntimeError(f"could not list the SuperLink's runs: {json.dumps(listing)[:500]}")
+    stopped = []
+    for run in listing.get("runs", []):
+        if not str(run.get("status", "")).startswith("finished"):
+            run_id = str(run["run-id"])
+            answer = flwr_json(env, "stop", run_id, CONNECTION, timeout=FLWR_TIMEOUT_S)
+            if not answer.get("success"):
+                raise RuntimeError(f"could not stop the stale run {run_id}: {answer}")
+            stopped.append(f"stopped run {run_id}, left {run.get('status')} by a previous server")
+    return stopped
+
+
 def stop(link: subprocess.Popen, children: list[int]) -> None:
     terminate_group(link, grace=20)
     kill_groups(children)
@@ -228,6 +250,8 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
         if not config.insecure:
             for message in register_devices(env, config):
                 echo(message)
+        for message in stop_stale_runs(env):
+            echo(message)
         flat = dict(config.run) | {"deployment": True, "out": str(out), "resume": True}
         submitted = flwr_json(
             env,

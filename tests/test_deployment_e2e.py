@@ -277,6 +277,8 @@ def test_deployment_end_to_end(deployment):
     d.wait_for(lambda: d.server.poll() is not None, 300, "restarted server finished")
     assert d.server.returncode == 0, (d.root / "server.log").read_text()
     assert d.rounds() == [1, 2, 3, 4]  # resumed at the right round, each round once
+    # the killed server's run was stopped first (devices fetching it would stall otherwise)
+    assert "by a previous server" in (d.root / "server.log").read_text()
     assert json.loads((checkpoints / "latest.json").read_text())["round"] == 4
     for name in ("dev1", "dev2", "dev3"):
         status = d.status(name)
