@@ -15,11 +15,9 @@ FEDREC_HEARTBEAT_S (default 10 s, the least the SuperLink accepts): a killed dev
 ends for it within ~20 s, with Flower's "Node Unavailable" error as the reason.
 
 Reconnection: while the SuperLink is down (a server restart), Flower's SuperNode retries with
-exponential backoff of up to 20 s. Its heartbeat thread reconnects on its own schedule, so
-the SuperLink counted the device online again while its message loop still slept up to 20 s,
-and a round started after a restart could time out (45 s) before the device even fetched its
-message (seen once in the end-to-end test). Here the backoff is capped at FEDREC_RETRY_MAX_S
-(default 2 s): a device is back at work within ~2 s of the SuperLink's return.
+exponential backoff of up to 20 s, so a device could come back up to 20 s after the
+SuperLink did, while its heartbeat thread (reconnecting on its own schedule) already had it
+counted online. Here the backoff is capped at FEDREC_RETRY_MAX_S (default 2 s).
 """
 
 from __future__ import annotations
