@@ -59,16 +59,16 @@ def speed(tmp: Path) -> dict:
     }
 
 
-def _default_job_batch(pairs: int = 6):
+def _default_job_batch():
     """The default job's model (and a copy Opacus never wraps), device settings, a seeded
-    generator and a batch of `pairs` pairs at the serving time: what the DP ÷ plain ratios time."""
+    generator and a batch of six pairs at the serving time: what the DP ÷ plain ratios time."""
     from fedrec.client.runtime import local_config, template_for
 
     model, _ = template_for(SimulationConfig())
     plain_model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     job = local_config(SimulationConfig(), seed=0)  # the default job's device settings
-    return model, plain_model, job, g, _pairs(model, pairs, g)
+    return model, plain_model, job, g, _pairs(model, 6, g)
 
 
 def _pairs(model, pairs: int, g: torch.Generator):

@@ -403,14 +403,7 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
                 a, b, model.num_items, config.num_negatives, generator
             )
             inputs = (a, b, negatives, t)
-            if config.private:
-                losses.append(_private_step(model, module, optimizer, criterion, inputs, hits))
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(module(*inputs), hits)
-                loss.backward()
-                losses.append(float(loss.item()))
-                optimizer.step()
+            losses.append(_step(model, module, optimizer, criterion, inputs, hits, config.private))
         # keep the step's update, then return to the received parameters
         with torch.no_grad():
             step = {name: p - start[name] for name, p in model.named_parameters() if name in names}
@@ -439,21 +432,20 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     return new, float(np.mean(losses)) if losses else math.nan
 
 
-def _private_step(model, module, optimizer, criterion, inputs, hits) -> float:
-    """One DP-SGD step whose noise is added later; returns the loss. A batch of one example on
-    the content model skips the per-sample machinery (`single_example_step`: same step);
-    ghost clipping's hooks sit on the layers themselves, so the id model always goes through
-    Opacus."""
+def _step(model, module, optimizer, criterion, inputs, hits, private: bool) -> float:
+    """One SGD step, or one DP-SGD step whose noise is added later; returns the loss. A private
+    batch of one example on the content model skips the per-sample machinery
+    (`single_example_step`: same step); ghost clipping's hooks sit on the layers themselves,
+    so the id model always goes through Opacus."""
     # before the forward: ExpandedWeights refuses to run over stale per-sample gradients
     # (say, of a device round that raised in this worker process)
     optimizer.zero_grad(set_to_none=True)
-    if len(inputs[0]) == 1 and not model.config.id_embeddings:
-        loss = criterion(model(*inputs), hits)
-        loss.backward()
+    one_example = private and len(inputs[0]) == 1 and not model.config.id_embeddings
+    loss = criterion((model if one_example else module)(*inputs), hits)
+    loss.backward()
+    if one_example:
         single_example_step(optimizer)
     else:
-        loss = criterion(module(*inputs), hits)
-        loss.backward()
         optimizer.step()
     return float(loss.item())
 
@@ -473,7 +465,7 @@ def _dp_step_machinery(model: RecModel, config: LocalTrainConfig):
     Measured on the default job's device round, against a plain round on a model Opacus never
     wrapped: ghost clipping rebuilt per round 2.65x, Opacus hooks cached ~1.95x, "ew" cached
     ~1.60x (same per-sample gradients as the hooks, tested), on six pairs. A round of one
-    pair (74% of the job's) skips the machinery (`_private_step`): 1.27x; 1.37x on the mix.
+    pair (74% of the job's) skips the machinery (`_step`): 1.27x; 1.37x on the mix.
 
     noise_multiplier 0: all steps run at the same parameters and only their mean leaves, so
     the sum of S independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²):

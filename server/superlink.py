@@ -198,7 +198,7 @@ def stop_stale_runs(env: dict) -> list[str]:
     round got no reply from any device. Stopped, the old run answers "Run is finished" and
     the device drops the message at its next try."""
     listing = flwr_json(env, "ls", CONNECTION, timeout=FLWR_TIMEOUT_S)
-    if not listing.get("success", True) and "runs" not in listing:
+    if not listing.get("success"):
         raise RuntimeError(f"could not list the SuperLink's runs: {json.dumps(listing)[:500]}")
     stopped = []
     for run in listing.get("runs", []):

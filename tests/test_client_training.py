@@ -287,7 +287,7 @@ def test_private_step_equals_opacus_hooks_step(batch):
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from fedrec.client.training import _dp_step_machinery, _private_step
+    from fedrec.client.training import _dp_step_machinery, _step
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
     model = template(id_embeddings=False)
@@ -304,7 +304,7 @@ def test_private_step_equals_opacus_hooks_step(batch):
     when = torch.full((batch,), 50, dtype=torch.int64)
 
     module, optimizer, criterion = _dp_step_machinery(model, config)
-    _private_step(model, module, optimizer, criterion, (first, second, negatives, when), hits)
+    _step(model, module, optimizer, criterion, (first, second, negatives, when), hits, True)
     optimizer.zero_grad(set_to_none=True)
 
     hooks = GradSampleModule(reference, batch_first=True, loss_reduction="mean")

@@ -84,8 +84,9 @@ def single_example_step(optimizer: torch.optim.Optimizer) -> None:
     `torch.nn.utils.clip_grad_norm_`'s (same formula, same 1e-6) and no per-sample gradient
     needs computing. 74% of the default job's training device rounds hold one pair; this
     spares them the per-sample machinery (tested equal to Opacus's hooks + DPOptimizer)."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    with_grad = [p for p in params if p.grad is not None]
+    with_grad = [
+        p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
     torch.nn.utils.clip_grad_norm_(with_grad, optimizer.max_grad_norm)
     for p in with_grad:
         p.grad.div_(optimizer.expected_batch_size)
