@@ -12,8 +12,9 @@ Flower's transport and polling.
     python benchmarks/deployment.py --devices 1 --rounds 4 --mode warm
     python benchmarks/deployment.py --devices 3 --rounds 3 --mode warm
     python benchmarks/deployment.py --devices 10 --rounds 3 --mode warm
+    python benchmarks/deployment.py --devices 1 --rounds 10 --poll-s 0.1 --tag poll-0.1
 
-Writes benchmarks/results/deployment-<mode>-<devices>.json.
+Writes benchmarks/results/deployment-<mode>-<devices>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mode", choices=("warm", "cold"), default="warm")
+    parser.add_argument("--poll-s", type=float, default=None, help="fedrec client start --poll-s")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
 
     from fedrec.client.device import ingest
@@ -77,6 +80,7 @@ def main() -> None:
     }
     cli = [sys.executable, "-m", "fedrec.common.cli"]
     log = open(root / "processes.log", "ab")
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     server = subprocess.Popen(
         [*cli, "server", "start", "--config", "run.toml"], cwd=root, env=env, stdout=log,
@@ -101,6 +105,7 @@ def main() -> None:
                         "--port",
                         str(free_port()),
                         "--warm" if args.mode == "warm" else "--cold",
+                        *(["--poll-s", str(args.poll_s)] if args.poll_s is not None else []),
                     ],
                     cwd=root,
                     env=env,
@@ -152,11 +157,14 @@ def main() -> None:
             r["overhead_beyond_handler_s"] for r in later
         )
         / len(later),
+        "poll_s": args.poll_s,  # None: the default (0.25 s)
+        "load_average_before": load_before,
         "folder": str(root),
         "cpus": os.cpu_count(),
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"deployment-{args.mode}-{args.devices}.json"
+    suffix = f"-{args.tag}" if args.tag else ""
+    out = RESULTS / f"deployment-{args.mode}-{args.devices}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedrec.common.deployment import PARAMETERS_KEY, REPLY_KEY, pack_parameters, reply_record
 
 STORE_KEY, CONFIG_KEY = "store", "device-config"
 # The run settings of the last message handled in this process, for a warm executor that
@@ -40,7 +42,7 @@ def train_on_device(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     from fedrec.client.device import load_device_config
     from fedrec.client.device_round import device_round, reply_metrics
-    from fedrec.common.deployment import split_run_config
+    from fedrec.common.deployment import split_run_config, unpack_parameters
 
     metrics: dict[str, float] = {}
     status = {"error": "", "declined": ""}
@@ -53,7 +55,7 @@ def train_on_device(msg: Message, context: Context) -> Message:
         _, run_flat = split_run_config(dict(context.run_config))
         last_run_settings[:] = [run_flat]
         round_ = int(msg.content["config"]["round"])
-        params = {name: np.asarray(a.numpy()) for name, a in msg.content["arrays"].items()}
+        params = unpack_parameters(np.asarray(msg.content["arrays"][PARAMETERS_KEY].numpy()))
         result = device_round(device, run_flat, round_, params)
         metrics = reply_metrics(result, device.policy)
         if device.policy.allow_evaluation_metrics:  # timings are the device's to share too
@@ -63,14 +65,8 @@ def train_on_device(msg: Message, context: Context) -> Message:
         status["ledger_head"] = ledger_head(Path(device.store))
     except Exception as err:  # the reply carries it; the device stays as it was
         status["error"] = f"{type(err).__name__}: {err}"
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {"num-examples": 1 if params_out is not None else 0, **metrics}
-            ),
-            "status": ConfigRecord(status),
-        }
-    )
+    metrics["num-examples"] = 1 if params_out is not None else 0
+    content = RecordDict({REPLY_KEY: ConfigRecord(reply_record(metrics, status))})
     if params_out is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in params_out.items()})
+        content["arrays"] = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(params_out))})
     return Message(content, reply_to=msg)

@@ -168,3 +168,109 @@ def test_a_transient_superlink_error_while_pulling_replies_is_retried(monkeypatc
     assert grid.pulls == 3
     with pytest.raises(httpx.HTTPStatusError):
         app.send_and_receive(Grid([http_error(404)]), messages, timeout=5)
+
+
+def test_parameters_travel_as_one_bundle_and_a_malformed_one_is_a_clear_error():
+    """A deployed message carries all tensors as one array (each Flower Array is several
+    objects, each one request per hop); names, dtypes and shapes survive exactly."""
+    import numpy as np
+
+    from fedrec.common.deployment import MalformedParameters, pack_parameters, unpack_parameters
+
+    params = {
+        "item_table.weight": np.arange(12, dtype=np.float32).reshape(6, 2),
+        "ctx/text.weight": np.full((2, 3), np.nan, dtype=np.float64),  # NaN kept: the server judges
+    }
+    packed = pack_parameters(params)
+    assert packed.dtype == np.uint8 and packed.ndim == 1
+    back = unpack_parameters(packed)
+    assert sorted(back) == sorted(params)
+    for name, value in params.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
+    with pytest.raises(MalformedParameters, match=r"not a readable \.npz"):
+        unpack_parameters(packed[: len(packed) // 2])
+    with pytest.raises(MalformedParameters, match="one uint8 byte array"):
+        unpack_parameters(np.zeros(4, np.float32))
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """The identity Flower gives a running task (a Message built outside one needs it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def test_a_reply_with_malformed_parameters_is_dropped_with_its_reason(flower_task):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedrec.common.deployment import PARAMETERS_KEY, REPLY_KEY, reply_record, split_reply
+    from fedrec.server.app import unpack
+
+    record = reply_record({"num-examples": 1, "loss": 0.5}, {"error": "", "ledger_head": "ab"})
+    assert split_reply(record) == (
+        {"num-examples": 1.0, "loss": 0.5},
+        {"error": "", "ledger_head": "ab"},
+    )
+    garbage = ArrayRecord({PARAMETERS_KEY: Array(np.frombuffer(b"not a zip", np.uint8))})
+    reply = Message(
+        RecordDict({REPLY_KEY: ConfigRecord(record), "arrays": garbage}),
+        dst_node_id=7,
+        message_type="train",
+    )
+    unpacked = unpack(7, reply)
+    assert unpacked.params is None and "malformed parameters in the reply" in unpacked.error
+    assert unpacked.num_examples == 1 and unpacked.metrics == {"loss": 0.5}
+    no_record = Message(RecordDict({"arrays": garbage}), dst_node_id=7, message_type="train")
+    assert "reply without" in unpack(7, no_record).error
+
+
+def test_a_device_answers_malformed_global_parameters_with_an_error_reply(
+    tmp_path, items, flower_task
+):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fedrec.client.device_app import train_on_device
+    from fedrec.common.deployment import PARAMETERS_KEY, REPLY_KEY, split_reply
+
+    ingest(tmp_path / "dev", ["1,1400000000"], set(items))
+    before = sorted(p.name for p in (tmp_path / "dev").iterdir())
+    message = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({PARAMETERS_KEY: Array(np.zeros(3, np.float32))}),
+                "config": ConfigRecord({"round": 1}),
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+    context = Context(1, 1, {"store": str(tmp_path / "dev")}, RecordDict(), {})
+    reply = train_on_device(message, context)
+    metrics, status = split_reply(dict(reply.content[REPLY_KEY]))
+    assert status["error"].startswith("MalformedParameters") and metrics["num-examples"] == 0
+    assert "arrays" not in reply.content
+    assert sorted(p.name for p in (tmp_path / "dev").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("FEDREC_RETRY_MAX_S", "soon", "FEDREC_RETRY_MAX_S must be a number of seconds"),
+        ("FEDREC_RETRY_MAX_S", "-1", "FEDREC_RETRY_MAX_S must be a finite number"),
+        ("FEDREC_SUPERNODE_POLL_S", "nan", "FEDREC_SUPERNODE_POLL_S must be a finite number"),
+        ("FEDREC_HEARTBEAT_S", "5", "FEDREC_HEARTBEAT_S must be a finite number of seconds >= 10"),
+        ("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "inf", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL must"),
+    ],
+)
+def test_supernode_settings_from_the_environment_are_validated(monkeypatch, name, value, message):
+    from fedrec.client.supernode import supernode_settings
+
+    assert supernode_settings()["retry_max"] == 2.0  # defaults when unset
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        supernode_settings()

@@ -163,10 +163,19 @@ def start(
         typer.Option(
             "--warm/--cold",
             help="warm: a long-lived executor forks each message with torch and the catalogue "
-            "already loaded, and the SuperNode polls every 0.25 s; cold: stock Flower (a new "
+            "already loaded, and the SuperNode polls every --poll-s; cold: stock Flower (a new "
             "process per message, 3 s polls)",
         ),
     ] = True,
+    poll_s: Annotated[
+        float | None,
+        typer.Option(
+            "--poll-s",
+            help="warm: how often the SuperNode asks the server for work and the executor asks "
+            "the SuperNode (default 0.25 s; 0.1 s cuts a message's latency by ~0.15 s at 2.5x "
+            "the requests to the server: README, Deployment)",
+        ),
+    ] = None,
 ) -> None:
     """Start this device's Flower SuperNode. Its ClientApp reads the store at --store and
     enforces the privacy policy of --config, whatever the server asks. Runs until stopped."""
@@ -213,10 +222,13 @@ def start(
     sys.stdout.flush()
     if not warm:
         os.execv(exe or "flower-supernode", cmd)  # this process becomes the SuperNode (same PID)
-    from fedrec.client.supernode import heartbeat_interval
+    from fedrec.client.supernode import supernode_settings
 
+    if poll_s is not None:  # both polls; the children inherit them
+        os.environ["FEDREC_SUPERNODE_POLL_S"] = repr(poll_s)
+        os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = repr(poll_s)
     try:
-        heartbeat_interval()  # checked here, before anything starts
+        supernode_settings()  # checked here, before anything starts
     except ValueError as err:
         raise fail(str(err)) from err
     raise typer.Exit(_supervise([sys.executable, "-m", "fedrec.client.supernode", *cmd[1:]], port))
