@@ -274,3 +274,59 @@ def test_supernode_settings_from_the_environment_are_validated(monkeypatch, name
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         supernode_settings()
+
+
+def test_the_supernode_wakes_the_warm_executor_when_a_message_arrives(tmp_path, monkeypatch):
+    """The SuperNode signals the executor (SIGUSR1, PID from a file) after storing a message;
+    the executor's poll sleep ends at once instead of at its next poll. A wake-up that comes
+    before the sleep starts still ends it."""
+    import os
+    import signal
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from fedrec.client.supernode import wake_executor_on_message
+    from fedrec.client.warm_exec import WakeableSleep
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        sleep = WakeableSleep()
+        start = time.monotonic()
+        sleep.sleep(0.05)  # nobody wakes it: the whole interval
+        assert time.monotonic() - start >= 0.05
+        pidfile = tmp_path / "executor.pid"
+        pidfile.write_text(str(os.getpid()))
+        arrivals = iter([None, 42])  # an empty pull, then a message of run 42
+        monkeypatch.setattr(loop, "_pull_and_store_message", lambda **_: next(arrivals))
+        wake_executor_on_message(pidfile)
+        assert loop._pull_and_store_message() is None  # nothing arrived: nobody woken
+        start = time.monotonic()
+        sleep.sleep(0.2)
+        assert time.monotonic() - start >= 0.2
+        assert loop._pull_and_store_message() == 42
+        start = time.monotonic()
+        sleep.sleep(30)
+        assert time.monotonic() - start < 5
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_supernode_polls_fast_right_after_a_reply_then_slowly(monkeypatch):
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from fedrec.client.supernode import PollPacer
+
+    monkeypatch.setattr(loop, "_push_messages", lambda **_: None)
+    pacer = PollPacer(slow=0.25, local=0.01, fast=0.1, window=0.3)
+    assert pacer.network_interval() == 0.25  # nothing sent yet
+    pacer.track_replies()
+    loop._push_messages()
+    assert pacer.network_interval() == 0.1
+    start = time.monotonic()
+    pacer.sleep(0.5)  # a local wait (Flower asks 0.5 s): capped at `local`
+    assert time.monotonic() - start < 0.2
+    time.sleep(0.35)
+    assert pacer.network_interval() == 0.25  # the window has passed
