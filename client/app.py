@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedrec.client.device_app import is_device, train_on_device
+from fedrec.common.deployment import PARAMETERS_KEY, pack_parameters, unpack_parameters
 
 app = ClientApp()
 
@@ -33,13 +34,14 @@ def train(msg: Message, context: Context) -> Message:
     config = SimulationConfig.from_flat(dict(context.run_config))
     instructions = msg.content["config"]
     users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
-    params = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    params = unpack_parameters(np.asarray(msg.content["arrays"][PARAMETERS_KEY].numpy()))
     # Several devices per message: Flower's per-message cost is paid once for all of them.
     # Keys are "<user>/<name>"; the ServerApp splits them back (fedrec.server.app.unpack).
     # Updates of the global parameters' shapes travel stacked, one array per parameter (a
     # Flower Array is an object hashed and stored on its own: 6 per device cost more than
-    # the training); any other update travels alone under "<user>/<name>" and the server's
-    # validation drops it with its reason.
+    # the training), and all arrays of the reply in one bundle (fedrec.common.deployment);
+    # any other update travels alone under "<user>/<name>" and the server's validation
+    # drops it with its reason.
     # The noise shares of idle devices (`noise_only`: nothing of anyone's data in them) travel
     # as ONE sum per message, "pooled/<name>": the server may only ever use their sum (secure
     # aggregation), and at every device per round they were most of a round's bytes and of
@@ -62,17 +64,17 @@ def train(msg: Message, context: Context) -> Message:
         elif same_shapes:
             stacked.append((user, reply.params))
         else:
-            arrays |= {f"{user}/{k}": Array(v) for k, v in reply.params.items()}
+            arrays |= {f"{user}/{k}": np.asarray(v) for k, v in reply.params.items()}
     if stacked:
         for name in shapes:
-            arrays[f"stacked/{name}"] = Array(np.stack([p[name] for _, p in stacked]))
+            arrays[f"stacked/{name}"] = np.stack([p[name] for _, p in stacked])
     if pooled_users:
         for name, total in pooled.items():
-            arrays[f"pooled/{name}"] = Array(total.astype(np.float32))
+            arrays[f"pooled/{name}"] = total.astype(np.float32)
     status["stacked"] = [user for user, _ in stacked]
     status["pooled"] = pooled_users
     status["users"] = users  # replies come back in any order: each names its devices
     content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
-    if arrays:
-        content["arrays"] = ArrayRecord(arrays)
+    if arrays:  # one bundle: every Flower Array is objects moved one request each
+        content["arrays"] = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(arrays))})
     return Message(content, reply_to=msg)

@@ -50,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
             break
         start = time.perf_counter()
         users = [int(u) for u in run.sample(round_)]
-        arrays = ArrayRecord({k: Array(v) for k, v in run.params.items()})  # once per round
+        arrays = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(run.params))})  # per round
         size = devices_per_message(len(users), len(slots))
         chunks = [users[i : i + size] for i in range(0, len(users), size)]
         replies = []
@@ -105,21 +105,19 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
         return [DeviceReply(u, None, 0, {}, error=str(reply.error.reason)) for u in users]
     content = reply.content
     metrics, status = dict(content["metrics"]), dict(content["status"])
-    arrays = dict(content["arrays"].items()) if "arrays" in content else {}
-    stacked = {
-        k[len("stacked/") :]: np.asarray(a.numpy())
-        for k, a in arrays.items()
-        if k.startswith("stacked/")
-    }
+    arrays = {}
+    if "arrays" in content:
+        try:
+            arrays = unpack_parameters(np.asarray(content["arrays"][PARAMETERS_KEY].numpy()))
+        except (KeyError, MalformedParameters) as err:
+            reason = f"malformed parameters in the reply: {err}"
+            return [DeviceReply(u, None, 0, {}, error=reason) for u in users]
+    stacked = {k[len("stacked/") :]: v for k, v in arrays.items() if k.startswith("stacked/")}
     row = {int(u): i for i, u in enumerate(status.get("stacked", []))}
     pooled_users = {int(u) for u in status.get("pooled", [])}
     out = []
     if pooled_users:  # the sum of those devices' noise shares (fedrec.client.app)
-        shares = {
-            k[len("pooled/") :]: np.asarray(a.numpy())
-            for k, a in arrays.items()
-            if k.startswith("pooled/")
-        }
+        shares = {k[len("pooled/") :]: v for k, v in arrays.items() if k.startswith("pooled/")}
         out.append(DeviceReply(min(pooled_users), shares, 0, {}, pooled=len(pooled_users)))
     for user in users:
         prefix = f"{user}/"
@@ -129,11 +127,7 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
         elif user in pooled_users:
             params = {}  # its share is in the pooled sum
         else:
-            params = {
-                k[len(prefix) :]: np.asarray(a.numpy())
-                for k, a in arrays.items()
-                if k.startswith(prefix)
-            }
+            params = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         error = str(status.get(f"{prefix}error", "missing from the reply"))
         out.append(
             DeviceReply(
