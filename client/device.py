@@ -77,6 +77,10 @@ class DeviceConfig:
     # the public catalogue interactions are validated against before any round has run
     data: DataConfig = field(default_factory=DataConfig)
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # The server's public catalogue file (public-catalogue.npz): with it the device never
+    # loads a dataset; without it, it loads the dataset the run names (the built-in one ships
+    # with the package).
+    catalogue: Path | None = None
 
 
 def load_device_config(path: Path | None, store: Path | None = None) -> DeviceConfig:
@@ -104,7 +108,12 @@ def load_device_config(path: Path | None, store: Path | None = None) -> DeviceCo
     if path is not None and not Path(chosen).is_absolute() and store is None:
         chosen = Path(path).parent / chosen
     data = DataConfig(dataset=str(device.get("dataset", "builtin")), path=device.get("data-dir"))
-    return DeviceConfig(store=Path(chosen), data=data, policy=policy)
+    catalogue = device.get("catalogue")
+    if catalogue is not None:
+        catalogue = Path(str(catalogue))
+        if path is not None and not catalogue.is_absolute():
+            catalogue = Path(path).parent / catalogue
+    return DeviceConfig(store=Path(chosen), data=data, policy=policy, catalogue=catalogue)
 
 
 # -- ingestion ---------------------------------------------------------------------------------
@@ -197,8 +206,12 @@ def validate_lines(
     return accepted, rejected
 
 
-def catalogue_items(data: DataConfig) -> list[str]:
-    """The public catalogue's item ids."""
+def catalogue_items(data: DataConfig, catalogue: Path | None = None) -> list[str]:
+    """The public catalogue's item ids: from the device's catalogue file when it has one."""
+    if catalogue is not None:
+        from fedrec.client.runtime import read_catalogue_file
+
+        return [str(i) for i in read_catalogue_file(catalogue).catalogue.item_ids]
     return [str(i) for i in data.load().catalogue.item_ids]
 
 
@@ -285,11 +298,18 @@ def status(store_dir: Path, policy: PrivacyPolicy) -> dict[str, Any]:
 
 # -- the global model on the device --------------------------------------------------------------
 def save_global(
-    store_dir: Path, params: dict[str, np.ndarray], spec: dict[str, Any], round: int
+    store_dir: Path,
+    params: dict[str, np.ndarray],
+    spec: dict[str, Any],
+    round: int,
+    catalogue_digest: str = "",
 ) -> None:
     """Keep the last global parameters received (and the public spec to rebuild the model)."""
     atomic_write(Path(store_dir) / GLOBAL_FILE, lambda f: np.savez(f, **params))
-    atomic_write_json(Path(store_dir) / GLOBAL_SPEC_FILE, {"round": round, "run_config": spec})
+    atomic_write_json(
+        Path(store_dir) / GLOBAL_SPEC_FILE,
+        {"round": round, "run_config": spec, "catalogue_digest": catalogue_digest},
+    )
 
 
 def load_global(store_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
@@ -305,10 +325,13 @@ def load_global(store_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any],
     return params, spec["run_config"], int(spec["round"])
 
 
-def recommend(store_dir: Path, k: int = 10) -> list[tuple[str, float]]:
+def recommend(
+    store_dir: Path, k: int = 10, catalogue: Path | None = None
+) -> list[tuple[str, float]]:
     """Top-k items for the device's user from the last global model plus its local state,
-    excluding what the user already has."""
-    from fedrec.client.runtime import template_for
+    excluding what the user already has. With `catalogue` (the device's public catalogue
+    file) the model is rebuilt from it, checked against the digest the run named."""
+    from fedrec.client.runtime import template_for, template_from_catalogue
     from fedrec.client.training import load_parameters
     from fedrec.common.data.history import UserHistories
     from fedrec.common.data.schema import Interactions
@@ -316,7 +339,14 @@ def recommend(store_dir: Path, k: int = 10) -> list[tuple[str, float]]:
     from fedrec.simulations.config import SimulationConfig
 
     params, spec, _ = load_global(store_dir)
-    model, index = template_for(SimulationConfig.from_flat(spec))
+    config = SimulationConfig.from_flat(spec)
+    if catalogue is not None:
+        digest = json.loads((Path(store_dir) / GLOBAL_SPEC_FILE).read_text()).get(
+            "catalogue_digest", ""
+        )
+        model, index = template_from_catalogue(catalogue, config, digest)
+    else:
+        model, index = template_for(config)
     with ClientStore(store_dir, verify=True) as store:
         load_parameters(model, params, store.load_local_state())
         data = store.interactions()

@@ -16,8 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fedrec.common.deployment import PARAMETERS_KEY, REPLY_KEY, pack_parameters, reply_record
 
 STORE_KEY, CONFIG_KEY = "store", "device-config"
-# The run settings of the last message handled in this process, for a warm executor that
-# forked it (fedrec.client.warm_exec): it prepares the same model before the next message.
+# The run settings (and the device's catalogue file) of the last message handled in this
+# process, for a warm executor that forked it (fedrec.client.warm_exec): it prepares the same
+# model before the next message.
 last_run_settings: list[dict] = []
 
 
@@ -52,11 +53,17 @@ def train_on_device(msg: Message, context: Context) -> Message:
         device = load_device_config(
             Path(config_file) if config_file else None, Path(str(context.node_config[STORE_KEY]))
         )
-        _, run_flat = split_run_config(dict(context.run_config))
-        last_run_settings[:] = [run_flat]
+        settings, run_flat = split_run_config(dict(context.run_config))
+        last_run_settings[:] = [
+            {
+                "run": run_flat,
+                "catalogue": str(device.catalogue) if device.catalogue else None,
+                "digest": settings.catalogue_digest,
+            }
+        ]
         round_ = int(msg.content["config"]["round"])
         params = unpack_parameters(np.asarray(msg.content["arrays"][PARAMETERS_KEY].numpy()))
-        result = device_round(device, run_flat, round_, params)
+        result = device_round(device, run_flat, round_, params, settings.catalogue_digest)
         metrics = reply_metrics(result, device.policy)
         if device.policy.allow_evaluation_metrics:  # timings are the device's to share too
             metrics["message_seconds"] = time.perf_counter() - start

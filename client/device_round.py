@@ -60,12 +60,17 @@ def round_settings(policy: PrivacyPolicy, run_flat: dict[str, Any]) -> LocalTrai
 
 
 def device_round(
-    device: DeviceConfig, run_flat: dict[str, Any], round: int, params: dict[str, np.ndarray]
+    device: DeviceConfig,
+    run_flat: dict[str, Any],
+    round: int,
+    params: dict[str, np.ndarray],
+    catalogue_digest: str = "",
 ) -> LocalResult:
     """Round `round` on this device. Declines (nothing trained, nothing in the ledger) when
-    the requested settings break the policy. Raises StoreError on an unreadable store."""
+    the requested settings break the policy. Raises StoreError on an unreadable store and
+    PublicCatalogueError on a catalogue file that is unreadable or not the run's."""
     from fedrec.client.ledger import PrivacyLedger
-    from fedrec.client.runtime import template_for
+    from fedrec.client.runtime import template_for, template_from_catalogue
     from fedrec.client.training import local_round
     from fedrec.simulations.config import SimulationConfig
 
@@ -73,7 +78,11 @@ def device_round(
     reason = policy_violation(device.policy, settings)
     if reason is not None:
         return LocalResult(None, 0, {"declined": 1.0}, declined=reason)
-    model, index = template_for(SimulationConfig.from_flat(run_flat))
+    config = SimulationConfig.from_flat(run_flat)
+    if device.catalogue is not None:
+        model, index = template_from_catalogue(device.catalogue, config, catalogue_digest)
+    else:
+        model, index = template_for(config)
     folder = Path(device.store)
     with ClientStore(folder, verify=True) as store:
         cohorts = set(store.cohorts())
@@ -97,7 +106,7 @@ def device_round(
                 new_cohorts=frozenset(cohorts - seen),
                 config=settings,
             )
-        save_global(folder, params, run_flat, round)  # validated by local_round
+        save_global(folder, params, run_flat, round, catalogue_digest)  # validated by local_round
         store.set_meta(SEEN_COHORTS_KEY, json.dumps(sorted(cohorts | seen)))
     return result
 

@@ -19,6 +19,11 @@ from fedrec.client.ledger import PrivacyLedger
 from fedrec.client.store import ClientStore
 from fedrec.client.training import LocalResult, LocalTrainConfig, idle_result, local_round
 from fedrec.common.config import DataConfig
+from fedrec.common.data.public_catalogue import (
+    PublicCatalogue,
+    PublicCatalogueError,
+    read_public_catalogue,
+)
 from fedrec.common.model import ModelConfig, RecModel, Scope
 from fedrec.common.privacy.accounting import Guarantee
 from fedrec.common.text import item_text_features
@@ -57,14 +62,27 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
     )
 
 
-def build_model(data: DataConfig, model_config: ModelConfig, stream: Stream) -> RecModel:
-    """A fresh model over the stream's catalogue. Knots span the whole stream: the model is
-    served at the end of the window the current round has reached."""
+def public_catalogue(data: DataConfig, stream: Stream) -> PublicCatalogue:
+    """What the model is built from: the stream's catalogue, its items' text features, and
+    the stream's span (the knots span the whole stream: the model is served at the end of
+    the window the current round has reached). A deployed device reads the same from a file
+    (fedrec.common.data.public_catalogue) instead of loading the dataset."""
     dataset = stream.dataset
     text = item_text_features(dataset.catalogue, data.text_encoder)
     span = (int(stream.rows.timestamp.min()), int(stream.rows.timestamp.max()))
-    torch.manual_seed(0)  # the initial global model is the same in every process
-    return RecModel(model_config, text, dataset.catalogue.years, time_range=span)
+    return PublicCatalogue(dataset.catalogue, text, span)
+
+
+def model_from(public: PublicCatalogue, model_config: ModelConfig) -> RecModel:
+    """A fresh model over a public catalogue; the same initial model in every process."""
+    torch.manual_seed(0)
+    return RecModel(
+        model_config, public.text_features, public.catalogue.years, time_range=public.time_range
+    )
+
+
+def build_model(data: DataConfig, model_config: ModelConfig, stream: Stream) -> RecModel:
+    return model_from(public_catalogue(data, stream), model_config)
 
 
 @lru_cache(maxsize=2)
@@ -75,6 +93,44 @@ def _template(key: str) -> tuple[RecModel, dict[str, int]]:
     model = build_model(data, ModelConfig(**values["model"]), stream)
     index = {str(item): i for i, item in enumerate(stream.dataset.catalogue.item_ids)}
     return model, index
+
+
+@lru_cache(maxsize=2)
+def _catalogue_file(path: str, mtime_ns: int) -> PublicCatalogue:
+    return read_public_catalogue(Path(path))
+
+
+def read_catalogue_file(path: Path) -> PublicCatalogue:
+    """A device's public catalogue file, read once per process while it is unchanged."""
+    path = Path(path).resolve()
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as err:
+        raise PublicCatalogueError(f"{path}: unreadable public catalogue: {err}") from err
+    return _catalogue_file(str(path), mtime)
+
+
+@lru_cache(maxsize=2)
+def _template_from_file(path: str, mtime_ns: int, model_key: str):
+    public = _catalogue_file(path, mtime_ns)
+    return model_from(public, ModelConfig(**json.loads(model_key))), public.item_index()
+
+
+def template_from_catalogue(
+    path: Path, config: SimulationConfig, digest: str
+) -> tuple[RecModel, dict[str, int]]:
+    """The model template of a run from a device's public catalogue file, checked against the
+    digest the run names (the server's copy): a different catalogue would train a different
+    model, so it is an error, never a guess."""
+    public = read_catalogue_file(path)
+    if public.digest != digest:
+        raise PublicCatalogueError(
+            f"{path}: this public catalogue (digest {public.digest[:12]}) is not the run's "
+            f"({digest[:12] or 'none named'}): copy the server's public-catalogue.npz"
+        )
+    resolved = Path(path).resolve()
+    model_key = json.dumps(dataclasses.asdict(config.model), sort_keys=True)
+    return _template_from_file(str(resolved), resolved.stat().st_mtime_ns, model_key)
 
 
 _LAST_TEMPLATE: list = []  # [(config, template)]: devices of one message share a config

@@ -19,16 +19,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
-def _warm_template(run_flat: dict) -> None:
-    from fedrec.client.runtime import template_for
+def _warm_template(used: dict) -> None:
+    """Build the model template a message used (`device_app.last_run_settings`), so the next
+    message's child forks with it ready."""
+    from fedrec.client.runtime import template_for, template_from_catalogue
     from fedrec.simulations.config import SimulationConfig
 
-    template_for(SimulationConfig.from_flat(run_flat))
+    config = SimulationConfig.from_flat(used.get("run", {}))
+    if used.get("catalogue"):
+        template_from_catalogue(Path(used["catalogue"]), config, used.get("digest", ""))
+    else:
+        template_for(config)
 
 
-def _warm_up(rounds_hint: int | None = None) -> None:
+def _warm_up(rounds_hint: int | None = None, catalogue: str | None = None) -> None:
     """Import what a round needs and read the public catalogue, before any fork."""
     import torch
 
@@ -48,11 +55,16 @@ def _warm_up(rounds_hint: int | None = None) -> None:
     import fedrec.client.device_round
     import fedrec.client.training  # noqa: F401
 
-    # the model template of the default catalogue; a run's own settings are warmed after its
-    # first message (see ForkExecutor.reconcile)
+    # the device's public catalogue file, or the model template of the default dataset; a
+    # run's own model is warmed after its first message (see ForkExecutor.reconcile)
     try:
-        _warm_template({} if rounds_hint is None else {"rounds": rounds_hint})
-    except Exception as err:  # a device without the built-in data still works, colder
+        if catalogue:
+            from fedrec.client.runtime import read_catalogue_file
+
+            read_catalogue_file(Path(catalogue))
+        else:
+            _warm_template({"run": {} if rounds_hint is None else {"rounds": rounds_hint}})
+    except Exception as err:  # the rounds report it; this process only starts colder
         print(f"warm_exec: could not pre-load the catalogue: {err}", file=sys.stderr)
 
 
@@ -206,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--rounds-hint", type=int, default=None)
+    parser.add_argument("--catalogue", default=None, help="the device's public catalogue file")
     parser.add_argument(
         "--pidfile", default=None, help="written once this process can be woken (SIGUSR1)"
     )
@@ -223,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     # fallback. Polling alone cost latency (0.125 s per message on average at 0.25 s) or CPU
     # (at 0.05 s, 10 co-located devices' rounds took 17.4 s against 10.3 s at 0.25 s).
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "1.0")
-    _warm_up(args.rounds_hint)
+    _warm_up(args.rounds_hint, args.catalogue)
 
     from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL
     from flwr.supercore.superexec import run_superexec as superexec

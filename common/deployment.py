@@ -21,6 +21,9 @@ class DeploymentSettings:
     # A round waits this long for replies; a device that does not answer in time (killed,
     # offline) is counted as failed and the round completes with the others.
     round_timeout_s: float = 300.0
+    # The digest of the public catalogue the server built the model from: a device that reads
+    # its own copy (fedrec.common.data.public_catalogue) checks it before training.
+    catalogue_digest: str = ""
 
     def __post_init__(self) -> None:
         if self.min_nodes < 1 or self.wait_nodes_s <= 0 or self.round_timeout_s <= 0:

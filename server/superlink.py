@@ -237,12 +237,31 @@ def final_status(env: dict, run_id: str) -> tuple[str, str]:
     return "unknown", json.dumps(listing)[:500]
 
 
+PUBLIC_CATALOGUE_FILE = "public-catalogue.npz"
+
+
+def write_run_catalogue(config: ServerConfig, path: Path) -> str:
+    """Write the public catalogue the run's model is built from (fedrec.common.data.
+    public_catalogue) for devices to copy; returns its digest, which the run names."""
+    from fedrec.client.runtime import public_catalogue
+    from fedrec.common.data.public_catalogue import write_public_catalogue
+    from fedrec.simulations.stream import load_stream
+
+    _, flat = split_run_config(dict(config.run))
+    run = SimulationConfig.from_flat(flat)
+    public = public_catalogue(run.data, load_stream(run.data, run.rounds, run.protocol))
+    write_public_catalogue(path, public)
+    return public.digest
+
+
 def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> int:
     """Start the SuperLink, register devices, run the federation to its end; 0 completed,
     2 failed, 124 timed out. Everything started here is stopped on the way out."""
     out = config.out.resolve()
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
+    digest = write_run_catalogue(config, out / PUBLIC_CATALOGUE_FILE)
+    echo(f"public catalogue for devices: {out / PUBLIC_CATALOGUE_FILE} (digest {digest[:12]})")
     config.database.parent.mkdir(parents=True, exist_ok=True)
     env = flower_env(work / "flwr-home")
     write_connection(Path(env["FLWR_HOME"]), config)
@@ -265,7 +284,12 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
                 echo(message)
         for message in stop_stale_runs(env):
             echo(message)
-        flat = dict(config.run) | {"deployment": True, "out": str(out), "resume": True}
+        flat = dict(config.run) | {
+            "deployment": True,
+            "out": str(out),
+            "resume": True,
+            "catalogue-digest": digest,
+        }
         submitted = flwr_json(
             env,
             "run",

@@ -199,9 +199,16 @@ def deployment(tmp_path):
         (tmp_path / "certs" / "devices" / f"{name}.pub").rename(
             tmp_path / "registered" / f"{name}.pub"
         )
+    # the devices read the run's public catalogue file and no dataset: the one they name
+    # does not exist (the server writes the same file into its run folder and checks its
+    # digest against each device's copy every round)
+    d.write_run(rounds=2, min_nodes=4)
+    d.fedrec("server", "catalogue", "--config", "run.toml", "--out", "public-catalogue.npz")
     for k, name in enumerate(("dev1", "dev2", "dev3", "dev4", "rogue")):
         (tmp_path / f"{name}.toml").write_text(
-            f'[device]\nstore = "{name}"\n[policy]\nepsilon = 200.0\n'
+            f'[device]\nstore = "{name}"\ncatalogue = "public-catalogue.npz"\n'
+            'dataset = "csv"\ndata-dir = "no-such-ratings.csv"\n'
+            f"[policy]\nepsilon = 200.0\n"
             f'[connection]\nsuperlink = "127.0.0.1:{d.port}"\n'
             f'root-certificates = "certs/ca.pem"\nkey = "certs/devices/{name}.key"\n'
         )
@@ -226,6 +233,7 @@ def test_deployment_end_to_end(deployment):
     d.write_run(rounds=2, min_nodes=4)
     d.start_server()
     d.wait_for(lambda: d.server_says("run "), 120, "server started and devices registered")
+    assert d.server_says("public catalogue for devices")
     for name in ("dev1", "dev2", "dev3", "dev4"):
         d.start_device(name)
     rogue = d.start_device("rogue")

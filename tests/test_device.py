@@ -160,3 +160,75 @@ def test_recommend_needs_a_global_model(tmp_path):
     with pytest.raises(StoreError, match="no global model"):
         recommend(tmp_path)
     assert json.loads(json.dumps(np.float64(1.0).item())) == 1.0
+
+
+def _run_catalogue(tmp_path):
+    """The public catalogue file of RUN, written the way `fedrec server start` writes it."""
+    from fedrec.server.superlink import ServerConfig, write_run_catalogue
+
+    path = tmp_path / "public-catalogue.npz"
+    return path, write_run_catalogue(ServerConfig(run=dict(RUN)), path)
+
+
+def test_a_device_with_the_public_catalogue_file_never_loads_a_dataset(tmp_path, synthetic_items):
+    """The model a device builds from the server's public catalogue file is the server's own
+    (same initial parameters and buffers), with no dataset anywhere on the device: its
+    DataConfig names a file that does not exist. A copy that is not the run's is an error."""
+    import torch
+
+    from fedrec.client.device import catalogue_items
+    from fedrec.client.runtime import build_model, template_for, template_from_catalogue
+    from fedrec.common.data.public_catalogue import PublicCatalogueError, read_public_catalogue
+    from fedrec.simulations.config import SimulationConfig
+    from fedrec.simulations.stream import load_stream
+
+    path, digest = _run_catalogue(tmp_path)
+    config = SimulationConfig.from_flat(RUN)
+    stream = load_stream(config.data, config.rounds, config.protocol)
+    server_model = build_model(config.data, config.model, stream)  # fresh, as the server builds
+    _, server_index = template_for(config)
+    device_model, device_index = template_from_catalogue(path, config, digest)
+    assert device_index == server_index
+    server_state, device_state = server_model.state_dict(), device_model.state_dict()
+    assert server_state.keys() == device_state.keys()
+    for name, value in server_state.items():
+        assert torch.equal(value, device_state[name]), name
+    assert torch.equal(server_model.text, device_model.text)
+    assert read_public_catalogue(path).digest == digest  # stable across a write and a read
+
+    store = tmp_path / "dev"
+    no_data = DataConfig(dataset="csv", path=str(tmp_path / "no-such-ratings.csv"))
+    device = DeviceConfig(
+        store=store, data=no_data, policy=PrivacyPolicy(epsilon=50.0), catalogue=path
+    )
+    known = set(catalogue_items(device.data, device.catalogue))
+    assert known == set(synthetic_items)
+    ingest(store, [f"{i},{1000 + n}" for n, i in enumerate(synthetic_items[:8])], known)
+    result = device_round(device, RUN, 1, _global(RUN), catalogue_digest=digest)
+    assert result.declined is None and result.params is not None
+    top = recommend(store, k=5, catalogue=path)
+    assert len(top) == 5 and not {i for i, _ in top} & set(synthetic_items[:8])
+    with pytest.raises(PublicCatalogueError, match="not the run's"):
+        device_round(device, RUN, 2, _global(RUN), catalogue_digest="0" * 64)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing key", "nan features"])
+def test_a_bad_public_catalogue_file_is_a_clear_error(tmp_path, damage):
+    from fedrec.common.data.public_catalogue import PublicCatalogueError, read_public_catalogue
+
+    path, _ = _run_catalogue(tmp_path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+        match = "unreadable public catalogue"
+    else:
+        with np.load(path, allow_pickle=False) as data:
+            values = {k: data[k] for k in data.files}
+        if damage == "missing key":
+            del values["time_range"]
+            match = r"missing \['time_range'\]"
+        else:
+            values["text_features"][0, 0] = np.nan
+            match = "finite values"
+        np.savez(path, **values)
+    with pytest.raises(PublicCatalogueError, match=match):
+        read_public_catalogue(path)

@@ -57,9 +57,12 @@ def ingest(
             lines = Path(source).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise fail(f"{source}: {err}") from err
+    from fedrec.common.data.public_catalogue import PublicCatalogueError
+
     try:
-        report = ingest_lines(device.store, lines, set(catalogue_items(device.data)))
-    except StoreError as err:
+        known = set(catalogue_items(device.data, device.catalogue))
+        report = ingest_lines(device.store, lines, known)
+    except (StoreError, PublicCatalogueError) as err:
         raise fail(str(err)) from err
     for message in report.rejected:
         typer.secho(f"rejected {message}", err=True, fg=typer.colors.YELLOW)
@@ -125,11 +128,12 @@ def recommend(
     excluding what the user already has."""
     from fedrec.client.device import recommend as device_recommend
     from fedrec.client.store import StoreError
+    from fedrec.common.data.public_catalogue import PublicCatalogueError
 
     device = _device(store, config)
     try:
-        top = device_recommend(device.store, k)
-    except StoreError as err:
+        top = device_recommend(device.store, k, catalogue=device.catalogue)
+    except (StoreError, PublicCatalogueError) as err:
         raise fail(str(err)) from err
     if as_json:
         typer.echo(json.dumps([{"item": i, "score": s} for i, s in top]))
@@ -229,10 +233,11 @@ def start(
         supernode_settings()  # checked here, before anything starts
     except ValueError as err:
         raise fail(str(err)) from err
-    raise typer.Exit(_supervise([sys.executable, "-m", "fedrec.client.supernode", *cmd[1:]], port))
+    supernode_cmd = [sys.executable, "-m", "fedrec.client.supernode", *cmd[1:]]
+    raise typer.Exit(_supervise(supernode_cmd, port, device.catalogue))
 
 
-def _supervise(supernode_cmd: list[str], port: int) -> int:
+def _supervise(supernode_cmd: list[str], port: int, catalogue: Path | None = None) -> int:
     """Run the SuperNode and the warm executor beside it; stop both when either ends or
     when this process is asked to stop. Returns the SuperNode's exit status."""
     import os
@@ -249,7 +254,8 @@ def _supervise(supernode_cmd: list[str], port: int) -> int:
     node = subprocess.Popen(supernode_cmd, env=os.environ | {EXECUTOR_PIDFILE_ENV: str(pidfile)})
     executor = subprocess.Popen(
         [sys.executable, "-m", "fedrec.client.warm_exec", "--runtime-api-address",
-         f"127.0.0.1:{port}", "--parent-pid", str(node.pid), "--pidfile", str(pidfile)]
+         f"127.0.0.1:{port}", "--parent-pid", str(node.pid), "--pidfile", str(pidfile),
+         *(["--catalogue", str(catalogue.resolve())] if catalogue else [])]
     )  # fmt: skip
 
     def stop(signum, _frame):

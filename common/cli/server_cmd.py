@@ -47,3 +47,24 @@ def start(
     except ServerConfigError as err:
         raise fail(str(err)) from err
     raise typer.Exit(start_server(server, echo=typer.echo))
+
+
+@app.command("catalogue")
+def catalogue(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="the run TOML `fedrec server start` reads")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="where to write it")] = Path(
+        "public-catalogue.npz"
+    ),
+) -> None:
+    """Write the public catalogue of the run (item ids, texts, years, text features, the
+    timeline's span) for devices to copy; `fedrec server start` writes the same file into its
+    run folder. A device that names it ([device] catalogue) never loads a dataset."""
+    from fedrec.server.superlink import ServerConfigError, load_server_config, write_run_catalogue
+
+    try:
+        digest = write_run_catalogue(load_server_config(config), out)
+    except (ServerConfigError, ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    typer.echo(f"wrote {out} (digest {digest[:12]})")
