@@ -121,7 +121,16 @@ def cap_retry_backoff(max_delay: float) -> None:
 EXECUTOR_PIDFILE_ENV = "FEDREC_EXECUTOR_PIDFILE"
 
 
-def wake_executor_on_message(pidfile: Path) -> None:
+def is_warm_executor(pid: int) -> bool:
+    """Whether `pid` is a running fedrec warm executor (a PID reused by another process after
+    the executor died must never get a signal whose default action ends it)."""
+    try:
+        return b"fedrec.client.warm_exec" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def wake_executor_on_message(pidfile: Path, is_executor=is_warm_executor) -> None:
     """After the SuperNode has stored a new message, wake the warm executor (SIGUSR1; see
     fedrec.client.warm_exec) instead of leaving the message until its next poll: that poll
     is what a warm message waited for most after its transport (0.125 s on average at a
@@ -139,7 +148,10 @@ def wake_executor_on_message(pidfile: Path) -> None:
         if run_id is not None:
             try:
                 pid[:] = pid or [int(pidfile.read_text())]
-                os.kill(pid[0], signal.SIGUSR1)
+                if is_executor(pid[0]):
+                    os.kill(pid[0], signal.SIGUSR1)
+                else:
+                    pid.clear()
             except (OSError, ValueError):
                 pid.clear()  # not there (yet): its poll finds the message
         return run_id

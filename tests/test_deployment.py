@@ -286,7 +286,7 @@ def test_the_supernode_wakes_the_warm_executor_when_a_message_arrives(tmp_path, 
 
     from flwr.supernode import start_client_internal as loop
 
-    from fedrec.client.supernode import wake_executor_on_message
+    from fedrec.client.supernode import is_warm_executor, wake_executor_on_message
     from fedrec.client.warm_exec import WakeableSleep
 
     previous = signal.getsignal(signal.SIGUSR1)
@@ -299,7 +299,8 @@ def test_the_supernode_wakes_the_warm_executor_when_a_message_arrives(tmp_path, 
         pidfile.write_text(str(os.getpid()))
         arrivals = iter([None, 42])  # an empty pull, then a message of run 42
         monkeypatch.setattr(loop, "_pull_and_store_message", lambda **_: next(arrivals))
-        wake_executor_on_message(pidfile)
+        assert not is_warm_executor(os.getpid())  # pytest: never signalled by a real SuperNode
+        wake_executor_on_message(pidfile, is_executor=lambda pid: pid == os.getpid())
         assert loop._pull_and_store_message() is None  # nothing arrived: nobody woken
         start = time.monotonic()
         sleep.sleep(0.2)
