@@ -89,9 +89,21 @@ def unpack_parameters(packed: np.ndarray) -> dict[str, np.ndarray]:
         raise MalformedParameters(
             f"parameters must be one uint8 byte array, got {packed.dtype} of shape {packed.shape}"
         )
+    raw = packed.tobytes()
     try:
-        with np.load(io.BytesIO(packed.tobytes()), allow_pickle=False) as bundle:
+        # `pack_parameters` stores entries uncompressed, so a bundle never unpacks to more
+        # than its own size: a compressed entry (a "zip bomb" from a malicious device) is
+        # refused before anything is decompressed
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            entries = archive.infolist()
+        if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+            raise MalformedParameters("parameters bundle has compressed entries")
+        if sum(e.file_size for e in entries) > len(raw):
+            raise MalformedParameters("parameters bundle declares more bytes than it holds")
+        with np.load(io.BytesIO(raw), allow_pickle=False) as bundle:
             return {name: bundle[name] for name in bundle.files}
+    except MalformedParameters:
+        raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         raise MalformedParameters(f"parameters are not a readable .npz bundle: {err}") from err
 

@@ -192,6 +192,14 @@ def test_parameters_travel_as_one_bundle_and_a_malformed_one_is_a_clear_error():
         unpack_parameters(packed[: len(packed) // 2])
     with pytest.raises(MalformedParameters, match="one uint8 byte array"):
         unpack_parameters(np.zeros(4, np.float32))
+    # a malicious device's "zip bomb": 64 MB of zeros in a few kB, refused undecompressed
+    import io
+
+    bomb = io.BytesIO()
+    np.savez_compressed(bomb, item_table=np.zeros((4096, 4096), np.float32))
+    assert len(bomb.getvalue()) < 1_000_000
+    with pytest.raises(MalformedParameters, match="compressed entries"):
+        unpack_parameters(np.frombuffer(bomb.getvalue(), np.uint8))
 
 
 @pytest.fixture
