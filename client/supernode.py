@@ -10,6 +10,10 @@ against a SuperLink that serves thousands. The waits for the ClientApp's reply a
 contents only read the SuperNode's own state, no network: they are capped at
 FEDREC_SUPERNODE_LOCAL_POLL_S (default 0.02 s). At 0.25 s that wait was ~0.12 s of every
 warm message on average (measured timeline: the reply sat 0.23 s before the SuperNode sent it).
+For FEDREC_SUPERNODE_FAST_WINDOW_S (1 s) after each reply it sent, when the next round's
+message usually comes, the SuperNode polls every FEDREC_SUPERNODE_FAST_POLL_S (0.1 s)
+(`PollPacer`). When a message has arrived it wakes the warm executor at once
+(`wake_executor_on_message`) instead of leaving it to the executor's next poll.
 The backoff of object pulls starts at 50 ms instead of 1 s (`shorten_flower_backoff`).
 
 Heartbeats: the SuperNode declares a 30 s heartbeat interval, and the SuperLink answers a
@@ -134,8 +138,9 @@ def wake_executor_on_message(pidfile: Path, is_executor=is_warm_executor) -> Non
     """After the SuperNode has stored a new message, wake the warm executor (SIGUSR1; see
     fedrec.client.warm_exec) instead of leaving the message until its next poll: that poll
     is what a warm message waited for most after its transport (0.125 s on average at a
-    0.25 s interval). The executor's PID is read from `pidfile`, written by `fedrec client
-    start`; without it the executor's own poll still finds the message."""
+    0.25 s interval). The executor's PID is read from `pidfile`, which the executor writes
+    once it can be woken (`fedrec client start` names the file to both); without it the
+    executor's own poll still finds the message."""
     import signal
 
     from flwr.supernode import start_client_internal as loop
