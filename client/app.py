@@ -12,11 +12,11 @@ Heavy modules (torch, opacus, the data) are imported inside the handlers, when n
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.client.device_app import is_device, train_on_device
-from fedrec.common.deployment import PARAMETERS_KEY, pack_parameters, unpack_parameters
+from fedrec.common.deployment import parameters_from, parameters_record
 
 app = ClientApp()
 
@@ -34,7 +34,7 @@ def train(msg: Message, context: Context) -> Message:
     config = SimulationConfig.from_flat(dict(context.run_config))
     instructions = msg.content["config"]
     users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
-    params = unpack_parameters(np.asarray(msg.content["arrays"][PARAMETERS_KEY].numpy()))
+    params = parameters_from(msg.content["arrays"])
     # Several devices per message: Flower's per-message cost is paid once for all of them.
     # Keys are "<user>/<name>"; the ServerApp splits them back (fedrec.server.app.unpack).
     # Updates of the global parameters' shapes travel stacked, one array per parameter (a
@@ -76,5 +76,5 @@ def train(msg: Message, context: Context) -> Message:
     status["users"] = users  # replies come back in any order: each names its devices
     content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
     if arrays:  # one bundle: every Flower Array is objects moved one request each
-        content["arrays"] = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(arrays))})
+        content["arrays"] = parameters_record(arrays)
     return Message(content, reply_to=msg)

@@ -312,7 +312,8 @@ def save_global(
     )
 
 
-def load_global(store_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
+def load_global(store_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], int, str]:
+    """(parameters, run config, round, catalogue digest) of the last global model kept."""
     folder = Path(store_dir)
     if not (folder / GLOBAL_FILE).exists() or not (folder / GLOBAL_SPEC_FILE).exists():
         raise StoreError(f"{folder}: no global model yet: the device has not taken part in a round")
@@ -322,7 +323,7 @@ def load_global(store_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any],
             params = {k: data[k] for k in data.files}
     except (OSError, ValueError) as err:
         raise StoreError(f"{folder}: unreadable global model: {err}") from err
-    return params, spec["run_config"], int(spec["round"])
+    return params, spec["run_config"], int(spec["round"]), spec.get("catalogue_digest", "")
 
 
 def recommend(
@@ -331,22 +332,15 @@ def recommend(
     """Top-k items for the device's user from the last global model plus its local state,
     excluding what the user already has. With `catalogue` (the device's public catalogue
     file) the model is rebuilt from it, checked against the digest the run named."""
-    from fedrec.client.runtime import template_for, template_from_catalogue
+    from fedrec.client.runtime import device_template
     from fedrec.client.training import load_parameters
     from fedrec.common.data.history import UserHistories
     from fedrec.common.data.schema import Interactions
     from fedrec.common.model import ModelScorer
     from fedrec.simulations.config import SimulationConfig
 
-    params, spec, _ = load_global(store_dir)
-    config = SimulationConfig.from_flat(spec)
-    if catalogue is not None:
-        digest = json.loads((Path(store_dir) / GLOBAL_SPEC_FILE).read_text()).get(
-            "catalogue_digest", ""
-        )
-        model, index = template_from_catalogue(catalogue, config, digest)
-    else:
-        model, index = template_for(config)
+    params, spec, _, digest = load_global(store_dir)
+    model, index = device_template(SimulationConfig.from_flat(spec), catalogue, digest)
     with ClientStore(store_dir, verify=True) as store:
         load_parameters(model, params, store.load_local_state())
         data = store.interactions()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedrec.common.deployment import PARAMETERS_KEY, REPLY_KEY, pack_parameters, reply_record
+from fedrec.common.deployment import REPLY_KEY, parameters_record, reply_record
 
 STORE_KEY, CONFIG_KEY = "store", "device-config"
 # The run settings (and the device's catalogue file) of the last message handled in this
@@ -43,7 +42,7 @@ def train_on_device(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     from fedrec.client.device import load_device_config
     from fedrec.client.device_round import device_round, reply_metrics
-    from fedrec.common.deployment import split_run_config, unpack_parameters
+    from fedrec.common.deployment import parameters_from, split_run_config
 
     metrics: dict[str, float] = {}
     status = {"error": "", "declined": ""}
@@ -62,7 +61,7 @@ def train_on_device(msg: Message, context: Context) -> Message:
             }
         ]
         round_ = int(msg.content["config"]["round"])
-        params = unpack_parameters(np.asarray(msg.content["arrays"][PARAMETERS_KEY].numpy()))
+        params = parameters_from(msg.content["arrays"])
         result = device_round(device, run_flat, round_, params, settings.catalogue_digest)
         metrics = reply_metrics(result, device.policy)
         if device.policy.allow_evaluation_metrics:  # timings are the device's to share too
@@ -75,5 +74,5 @@ def train_on_device(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = 1 if params_out is not None else 0
     content = RecordDict({REPLY_KEY: ConfigRecord(reply_record(metrics, status))})
     if params_out is not None:
-        content["arrays"] = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(params_out))})
+        content["arrays"] = parameters_record(params_out)
     return Message(content, reply_to=msg)

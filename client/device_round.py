@@ -70,7 +70,7 @@ def device_round(
     the requested settings break the policy. Raises StoreError on an unreadable store and
     PublicCatalogueError on a catalogue file that is unreadable or not the run's."""
     from fedrec.client.ledger import PrivacyLedger
-    from fedrec.client.runtime import template_for, template_from_catalogue
+    from fedrec.client.runtime import device_template
     from fedrec.client.training import local_round
     from fedrec.simulations.config import SimulationConfig
 
@@ -79,10 +79,7 @@ def device_round(
     if reason is not None:
         return LocalResult(None, 0, {"declined": 1.0}, declined=reason)
     config = SimulationConfig.from_flat(run_flat)
-    if device.catalogue is not None:
-        model, index = template_from_catalogue(device.catalogue, config, catalogue_digest)
-    else:
-        model, index = template_for(config)
+    model, index = device_template(config, device.catalogue, catalogue_digest)
     folder = Path(device.store)
     with ClientStore(folder, verify=True) as store:
         cohorts = set(store.cohorts())

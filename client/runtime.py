@@ -95,6 +95,15 @@ def _template(key: str) -> tuple[RecModel, dict[str, int]]:
     return model, index
 
 
+def _file_key(path: Path) -> tuple[str, int]:
+    """(resolved path, modification time): a cache key that an edited file invalidates."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved), resolved.stat().st_mtime_ns
+    except OSError as err:
+        raise PublicCatalogueError(f"{resolved}: unreadable public catalogue: {err}") from err
+
+
 @lru_cache(maxsize=2)
 def _catalogue_file(path: str, mtime_ns: int) -> PublicCatalogue:
     return read_public_catalogue(Path(path))
@@ -102,12 +111,7 @@ def _catalogue_file(path: str, mtime_ns: int) -> PublicCatalogue:
 
 def read_catalogue_file(path: Path) -> PublicCatalogue:
     """A device's public catalogue file, read once per process while it is unchanged."""
-    path = Path(path).resolve()
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError as err:
-        raise PublicCatalogueError(f"{path}: unreadable public catalogue: {err}") from err
-    return _catalogue_file(str(path), mtime)
+    return _catalogue_file(*_file_key(path))
 
 
 @lru_cache(maxsize=2)
@@ -122,15 +126,25 @@ def template_from_catalogue(
     """The model template of a run from a device's public catalogue file, checked against the
     digest the run names (the server's copy): a different catalogue would train a different
     model, so it is an error, never a guess."""
-    public = read_catalogue_file(path)
+    key = _file_key(path)
+    public = _catalogue_file(*key)
     if public.digest != digest:
         raise PublicCatalogueError(
             f"{path}: this public catalogue (digest {public.digest[:12]}) is not the run's "
             f"({digest[:12] or 'none named'}): copy the server's public-catalogue.npz"
         )
-    resolved = Path(path).resolve()
     model_key = json.dumps(dataclasses.asdict(config.model), sort_keys=True)
-    return _template_from_file(str(resolved), resolved.stat().st_mtime_ns, model_key)
+    return _template_from_file(*key, model_key)
+
+
+def device_template(
+    config: SimulationConfig, catalogue: Path | None, digest: str
+) -> tuple[RecModel, dict[str, int]]:
+    """A real device's model template: from its public catalogue file when it has one (checked
+    against the run's `digest`), else from the dataset the run names."""
+    if catalogue is not None:
+        return template_from_catalogue(catalogue, config, digest)
+    return template_for(config)
 
 
 _LAST_TEMPLATE: list = []  # [(config, template)]: devices of one message share a config

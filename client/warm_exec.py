@@ -7,8 +7,9 @@ the SuperNode runs no executor itself; this module is Flower's own SuperExec loo
 (`run_superexec`: poll the SuperNode's Runtime API for a task, launch it) with two changes: a
 task is launched by `os.fork()` of this warm process, and the child runs Flower's own
 `run_clientapp` (the same code `flwr-clientapp` runs) and exits; and the loop's sleep between
-polls ends when the SuperNode signals that a message arrived (`WakeableSleep`). A message still gets a fresh
-process (a crash or a leak in one round cannot touch the next), without the imports.
+polls ends when the SuperNode signals that a message arrived (`WakeableSleep`). A message
+still gets a fresh process (a crash or a leak in one round cannot touch the next), without
+the imports.
 
 Run as `python -m fedrec.client.warm_exec --runtime-api-address HOST:PORT [--parent-pid PID]`
 (`fedrec client start` does it).
@@ -25,14 +26,12 @@ from pathlib import Path
 def _warm_template(used: dict) -> None:
     """Build the model template a message used (`device_app.last_run_settings`), so the next
     message's child forks with it ready."""
-    from fedrec.client.runtime import template_for, template_from_catalogue
+    from fedrec.client.runtime import device_template
     from fedrec.simulations.config import SimulationConfig
 
+    catalogue = Path(used["catalogue"]) if used.get("catalogue") else None
     config = SimulationConfig.from_flat(used.get("run", {}))
-    if used.get("catalogue"):
-        template_from_catalogue(Path(used["catalogue"]), config, used.get("digest", ""))
-    else:
-        template_for(config)
+    device_template(config, catalogue, used.get("digest", ""))
 
 
 def _warm_up(rounds_hint: int | None = None, catalogue: str | None = None) -> None:

@@ -108,6 +108,20 @@ def unpack_parameters(packed: np.ndarray) -> dict[str, np.ndarray]:
         raise MalformedParameters(f"parameters are not a readable .npz bundle: {err}") from err
 
 
+def parameters_record(params: dict[str, np.ndarray]):
+    """A Flower ArrayRecord holding `params` as one bundle (`pack_parameters`)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(params))})
+
+
+def parameters_from(record) -> dict[str, np.ndarray]:
+    """The named tensors of a `parameters_record`; MalformedParameters if it holds none."""
+    if PARAMETERS_KEY not in record:
+        raise MalformedParameters(f"no {PARAMETERS_KEY!r} bundle among the message's arrays")
+    return unpack_parameters(np.asarray(record[PARAMETERS_KEY].numpy()))
+
+
 # A device's reply carries its metrics and its status in ONE record (one object fewer per
 # reply on every hop, same reason as above): metrics under "metric/<name>", beside the
 # status strings.

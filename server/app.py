@@ -12,19 +12,17 @@ import logging
 import math
 import time
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common.deployment import (
-    PARAMETERS_KEY,
     REPLY_KEY,
     DeploymentSettings,
     MalformedParameters,
-    pack_parameters,
+    parameters_from,
+    parameters_record,
     split_reply,
     split_run_config,
-    unpack_parameters,
 )
 from fedrec.simulations.config import SimulationConfig
 from fedrec.simulations.federation import DeviceReply, FederatedRun
@@ -50,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
             break
         start = time.perf_counter()
         users = [int(u) for u in run.sample(round_)]
-        arrays = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(run.params))})  # per round
+        arrays = parameters_record(run.params)  # once per round
         size = devices_per_message(len(users), len(slots))
         chunks = [users[i : i + size] for i in range(0, len(users), size)]
         replies = []
@@ -108,8 +106,8 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
     arrays = {}
     if "arrays" in content:
         try:
-            arrays = unpack_parameters(np.asarray(content["arrays"][PARAMETERS_KEY].numpy()))
-        except (KeyError, MalformedParameters) as err:
+            arrays = parameters_from(content["arrays"])
+        except MalformedParameters as err:
             reason = f"malformed parameters in the reply: {err}"
             return [DeviceReply(u, None, 0, {}, error=reason) for u in users]
     stacked = {k[len("stacked/") :]: v for k, v in arrays.items() if k.startswith("stacked/")}
@@ -153,8 +151,8 @@ def unpack(user: int, reply: Message) -> DeviceReply:
     params = None
     if "arrays" in content and not error:
         try:
-            params = unpack_parameters(np.asarray(content["arrays"][PARAMETERS_KEY].numpy()))
-        except (KeyError, MalformedParameters) as err:
+            params = parameters_from(content["arrays"])
+        except MalformedParameters as err:
             error = f"malformed parameters in the reply: {err}"
     return DeviceReply(
         int(metrics.pop("user", user)),
@@ -191,7 +189,7 @@ def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -
     shorten_flower_backoff()
 
     def send(nodes, params, round_):
-        arrays = ArrayRecord({PARAMETERS_KEY: Array(pack_parameters(params))})
+        arrays = parameters_record(params)
         messages = [
             Message(
                 RecordDict({"arrays": arrays, "config": ConfigRecord({"round": round_})}),
