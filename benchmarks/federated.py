@@ -109,12 +109,15 @@ def _alternating_ratio(run, repeats: int, blocks: int) -> float:
     return float(np.median(ratios))
 
 
-def dp_step_ratio(repeats: int = 100, blocks: int = 7, pairs: tuple[int, ...] = (6,)) -> float:
+def dp_step_ratio(
+    repeats: int = 100, blocks: int = 7, pairs: tuple[int, ...] = (6,), clipping: str = "fused"
+) -> float:
     """Time of device local rounds with DP-SGD / without, same examples, same model: one round
     per batch size in `pairs` (cycled). The plain round runs on a copy of the model that
     Opacus never wrapped, as a device without DP-SGD would (hooks left on a model slow its
     plain steps too)."""
     model, plain_model, job, g, _ = _default_job_batch()
+    job = dataclasses.replace(job, clipping=clipping)
     batches = [_pairs(model, n, g) for n in pairs]
     configs = {
         True: (model, job),
@@ -137,12 +140,12 @@ def job_mix(sizes: dict[int, int], rounds: int = 100, seed: int = 0) -> tuple[in
     return tuple(int(v) for v in rng.choice(values, size=rounds, p=weights / weights.sum()))
 
 
-def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
+def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fused") -> float:
     """One optimizer step alone on the default job's batch (forward, loss, backward, step; for
     DP also the step's Gaussian noise, which the device round draws once for all its steps),
     DP-SGD ÷ plain SGD on a model Opacus never wrapped: without the device round's shared
     work (sampling, negatives, the fixed-point bookkeeping), so the larger of the two ratios."""
-    from fedrec.client.training import _dp_step_machinery, _gaussian_like
+    from fedrec.client.training import _dp_step_machinery, _fused_private_step, _gaussian_like
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
     model, plain_model, job, g, (first, second, when) = _default_job_batch()
@@ -150,8 +153,14 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7) -> float:
     module, dp_optimizer, dp_loss = _dp_step_machinery(model, job)
     trained = [p for p in model.parameters() if p.requires_grad]
     plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=job.lr)
+    fused_optimizer = torch.optim.SGD(model.parameters(), lr=job.lr)
+    inputs = (first, second, negatives, when)
 
     def step(private: bool) -> None:
+        if private and clipping == "fused":
+            _fused_private_step(model, fused_optimizer, inputs, hits, job)
+            _gaussian_like(trained, job.update_noise_std(), g)
+            return
         net, optimizer = (module, dp_optimizer) if private else (plain_model, plain_optimizer)
         optimizer.zero_grad(set_to_none=True)  # before the forward: "ew" requires it
         loss = (dp_loss if private else PairSoftmaxLoss())(
@@ -200,7 +209,7 @@ def scale(tmp: Path) -> list[dict]:
 LOCAL_DP = Path(__file__).resolve().parent.parent / "simulations" / "local_dp.toml"
 
 
-def dp_ratios(sizes: dict[int, int]) -> dict:
+def dp_ratios(sizes: dict[int, int], clipping: str = "fused") -> dict:
     """DP ÷ plain on the default job's device rounds: at the job's own mix of batch sizes
     (most hold one pair, which skips the per-sample machinery), at one pair, and at six
     pairs (the 99th percentile), plus one optimizer step alone at six pairs."""
@@ -208,10 +217,13 @@ def dp_ratios(sizes: dict[int, int]) -> dict:
     return {
         "training_rounds_by_pairs": {str(k): v for k, v in sizes.items()},
         "share_of_training_rounds_with_one_pair": one,
-        "dp_over_plain_step_job_mix": dp_step_ratio(pairs=job_mix(sizes)),
-        "dp_over_plain_step_one_pair": dp_step_ratio(pairs=(1,)),
-        "dp_over_plain_step": dp_step_ratio(),  # six pairs
-        "dp_over_plain_single_step": single_step_ratio(),
+        "per_example_clipping": clipping,
+        "dp_over_plain_step_job_mix": dp_step_ratio(pairs=job_mix(sizes), clipping=clipping),
+        "dp_over_plain_step_one_pair": dp_step_ratio(pairs=(1,), clipping=clipping),
+        "dp_over_plain_step_two_pairs": dp_step_ratio(pairs=(2,), clipping=clipping),
+        "dp_over_plain_step": dp_step_ratio(clipping=clipping),  # six pairs
+        "dp_over_plain_step_16_pairs": dp_step_ratio(pairs=(16,), clipping=clipping),
+        "dp_over_plain_single_step": single_step_ratio(clipping=clipping),
     }
 
 

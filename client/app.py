@@ -29,7 +29,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_device(context):
         return train_on_device(msg, context)
     from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.federation import device_reply
+    from fedrec.simulations.federation import device_reply, secure_sum
 
     config = SimulationConfig.from_flat(dict(context.run_config))
     instructions = msg.content["config"]
@@ -42,35 +42,38 @@ def train(msg: Message, context: Context) -> Message:
     # the training), and all arrays of the reply in one bundle (fedrec.common.deployment);
     # any other update travels alone under "<user>/<name>" and the server's validation
     # drops it with its reason.
-    # The noise shares of idle devices (`noise_only`: nothing of anyone's data in them) travel
-    # as ONE sum per message, "pooled/<name>": the server may only ever use their sum (secure
-    # aggregation), and at every device per round they were most of a round's bytes and of
-    # the server's per-update work. Their own replies still come back, without parameters.
+    # Under DISTRIBUTED the server may learn only sums (secure aggregation, simulated): the
+    # message's devices are summed here (`secure_sum`): one update sum and one sum of their
+    # counters travel as "pooled/<name>", and each device's own reply says only whether it
+    # failed. (At every device per round this is also most of a round's bytes saved.)
+    replies = [device_reply(config, user, round_, params) for user in users]
+    if "distributed" in config.dp:
+        replies = secure_sum(replies, params)
     metrics, status, arrays, stacked = {}, {}, {}, []
     shapes = {name: value.shape for name, value in params.items()}
-    pooled, pooled_users = {name: np.zeros(s, np.float64) for name, s in shapes.items()}, []
-    for user in users:
-        reply = device_reply(config, user, round_, params)
+    pooled_users = []
+    for reply in replies:
+        if reply.pooled:
+            arrays |= {f"pooled/{name}": value for name, value in reply.params.items()}
+            metrics |= {f"pooled/{k}": v for k, v in reply.metrics.items()}
+            continue
+        user = reply.user
+        status[f"{user}/error"] = reply.error or ""
+        if "distributed" in config.dp:
+            if reply.error is None:
+                pooled_users.append(user)
+            continue
         metrics |= {f"{user}/{k}": v for k, v in reply.metrics.items()}
         metrics[f"{user}/num-examples"] = reply.num_examples
-        status[f"{user}/error"] = reply.error or ""
         if reply.params is None:
             continue
-        same_shapes = {k: v.shape for k, v in reply.params.items()} == shapes
-        if same_shapes and reply.metrics.get("noise_only") == 1.0:
-            for name, value in reply.params.items():
-                pooled[name] += value - params[name]
-            pooled_users.append(user)
-        elif same_shapes:
+        if {k: v.shape for k, v in reply.params.items()} == shapes:
             stacked.append((user, reply.params))
         else:
             arrays |= {f"{user}/{k}": np.asarray(v) for k, v in reply.params.items()}
     if stacked:
         for name in shapes:
             arrays[f"stacked/{name}"] = np.stack([p[name] for _, p in stacked])
-    if pooled_users:
-        for name, total in pooled.items():
-            arrays[f"pooled/{name}"] = total.astype(np.float32)
     status["stacked"] = [user for user, _ in stacked]
     status["pooled"] = pooled_users
     status["users"] = users  # replies come back in any order: each names its devices

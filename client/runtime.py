@@ -57,6 +57,7 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
         budget_epsilon=config.epsilon,
         budget_guarantee=guarantee,
         reference_batch=config.reference_batch,
+        clipping=config.per_example_clipping,
         update_clip_norm=config.update_clip_norm if "user" in config.dp else None,
         seed=seed,
     )

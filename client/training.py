@@ -49,11 +49,13 @@ from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 from fedrec.common.model import ModelScorer, RecModel, Scope, catalogue_vectors
 from fedrec.common.privacy.accounting import Guarantee, Mechanism
 from fedrec.common.privacy.dpsgd import (
+    CLIPPING,
     GRAD_SAMPLE_MODE,
+    GradientTaps,
+    clip_per_example,
     noise_later_dp_optimizer,
     register_gram_embedding,
     silence_known_opacus_warnings,
-    single_example_step,
     step_on_empty_batch,
 )
 from fedrec.common.types import Metrics
@@ -76,6 +78,9 @@ class LocalTrainConfig:
     budget_guarantee: Guarantee | None = Guarantee.DISTRIBUTED  # None: DP-SGD off
     # B: a step's clipped-gradient sum is projected onto radius B·C and divided by B (see top)
     reference_batch: int = 1
+    # "fused": fedrec's per-example clipping (`clip_per_example`); "opacus": Opacus's
+    # grad-sample module and DPOptimizer. The same clipped sums (tested).
+    clipping: str = "fused"
     # Without DP-SGD, the device clips its whole update to this L2 norm (user-level DP needs a
     # bounded contribution); with DP-SGD the bound lr * C / q holds by construction.
     update_clip_norm: float | None = None
@@ -94,6 +99,8 @@ class LocalTrainConfig:
             )
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.clipping not in CLIPPING:
+            raise ValueError(f"clipping must be one of {CLIPPING}, got {self.clipping!r}")
 
     @property
     def noise_only_when_idle(self) -> bool:
@@ -379,7 +386,8 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     names = model.parameter_names(Scope.GLOBAL)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     n = len(first)
-    if config.private:
+    opacus = config.private and config.clipping == "opacus"
+    if opacus:
         module, optimizer, criterion = _dp_step_machinery(model, config)
         if hasattr(module, "enable_hooks"):  # ghost clipping's hooks (see _dp_step_machinery)
             module.enable_hooks()
@@ -393,17 +401,24 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     for _ in range(config.steps):
         # Poisson sampling: each example joins this step's batch independently with rate q.
         take = torch.rand(n, generator=generator) < config.sample_rate
-        if config.private and not bool(take.any()):
+        if opacus and not bool(take.any()):
             step_on_empty_batch(optimizer)  # zero clipped sum, still noised and counted
+        elif not bool(take.any()):
+            # nothing to do: a private empty batch's step is the zero sum, its noise comes
+            # with the others' below and the ledger counts every step (`mechanism`)
+            continue
         else:
-            if not config.private and not bool(take.any()):
-                continue
             a, b, t = first[take], second[take], when[take]
             negatives, hits = sample_negatives(
                 a, b, model.num_items, config.num_negatives, generator
             )
             inputs = (a, b, negatives, t)
-            losses.append(_step(model, module, optimizer, criterion, inputs, hits, config.private))
+            if model.config.user_embedding:  # a device's store is one user: local row 0
+                inputs = (*inputs, torch.zeros_like(a))
+            if config.private and not opacus:
+                losses.append(_fused_private_step(model, optimizer, inputs, hits, config))
+            else:
+                losses.append(_step(module, optimizer, criterion, inputs, hits))
         # keep the step's update, then return to the received parameters
         with torch.no_grad():
             step = {name: p - start[name] for name, p in model.named_parameters() if name in names}
@@ -432,29 +447,48 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     return new, float(np.mean(losses)) if losses else math.nan
 
 
-def _step(model, module, optimizer, criterion, inputs, hits, private: bool) -> float:
-    """One SGD step, or one DP-SGD step whose noise is added later; returns the loss. A private
-    batch of one example on the content model skips the per-sample machinery
-    (`single_example_step`: same step); ghost clipping's hooks sit on the layers themselves,
-    so the id model always goes through Opacus."""
+def _step(module, optimizer, criterion, inputs, hits) -> float:
+    """One SGD step, or one Opacus DP-SGD step whose noise is added later; returns the loss."""
     # before the forward: ExpandedWeights refuses to run over stale per-sample gradients
     # (say, of a device round that raised in this worker process)
     optimizer.zero_grad(set_to_none=True)
-    one_example = private and len(inputs[0]) == 1 and not model.config.id_embeddings
-    loss = criterion((model if one_example else module)(*inputs), hits)
+    loss = criterion(module(*inputs), hits)
     loss.backward()
-    if one_example:
-        single_example_step(optimizer)
-    else:
-        optimizer.step()
+    optimizer.step()
     return float(loss.item())
+
+
+def _fused_private_step(model, optimizer, inputs, hits, config: LocalTrainConfig) -> float:
+    """One DP-SGD step (noise added later) with fedrec's fused per-example clipping: the same
+    clipped sum, divided by B, as `_dp_step_machinery`'s Opacus step (tested).
+
+    A batch of ONE example (74% of the default job's training rounds) needs no per-example
+    machinery at all: its per-example gradient is the batch gradient, and Opacus's factor
+    min(1, C / (||g|| + 1e-6)) is exactly `clip_grad_norm_`'s (same formula, same 1e-6)."""
+    optimizer.zero_grad(set_to_none=True)
+    batch = len(inputs[0])
+    if batch == 1:
+        loss = PairSoftmaxLoss(reduction="sum")(model(*inputs), hits)
+        loss.backward()
+        trained = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(trained, config.clip_norm)
+        for p in trained:
+            p.grad.div_(config.reference_batch)
+    else:
+        taps = GradientTaps()
+        loss = PairSoftmaxLoss(reduction="sum")(model(*inputs, taps=taps), hits)
+        taps.require_all(model)
+        clip_per_example(loss, taps, config.clip_norm, batch, divide_by=config.reference_batch)
+    optimizer.step()
+    return float(loss.item()) / batch
 
 
 _DP_MACHINERY: dict[tuple, tuple] = {}
 
 
 def _dp_step_machinery(model: RecModel, config: LocalTrainConfig):
-    """Opacus's grad-sample module, DP optimizer and loss around the template `model`, built
+    """Opacus's grad-sample module, DP optimizer and loss around the template `model` (the
+    `clipping = "opacus"` path; the default "fused" path gives the same sums faster), built
     once per (template, clip norm, B, lr) and reused by every device of the process: wrapping
     a model wraps every layer (measured: ~1 ms per device round).
 
@@ -464,8 +498,7 @@ def _dp_step_machinery(model: RecModel, config: LocalTrainConfig):
     backward passes, norms only) when per-item id vectors make per-sample gradients large.
     Measured on the default job's device round, against a plain round on a model Opacus never
     wrapped: ghost clipping rebuilt per round 2.65x, Opacus hooks cached ~1.95x, "ew" cached
-    ~1.60x (same per-sample gradients as the hooks, tested), on six pairs. A round of one
-    pair (74% of the job's) skips the machinery (`_step`): 1.27x; 1.37x on the mix.
+    ~1.60x (same per-sample gradients as the hooks, tested), on six pairs.
 
     noise_multiplier 0: all steps run at the same parameters and only their mean leaves, so
     the sum of S independent N(0, σ²C²) step noises is drawn once at the end, N(0, S σ²C²):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fedrec.common.data.history import UserHistories
-from fedrec.common.privacy.dpsgd import GramEmbedding
+from fedrec.common.privacy.dpsgd import GradientTaps, GramEmbedding
 
 
 class Scope(enum.Enum):
@@ -216,10 +216,13 @@ class RecModel(nn.Module):
         return [name for name, s in self.parameter_scopes().items() if s is scope]
 
     # -- training forward -----------------------------------------------------------------------
-    def context_vectors(self, items: torch.Tensor) -> torch.Tensor:
+    def context_vectors(
+        self, items: torch.Tensor, taps: GradientTaps | None = None
+    ) -> torch.Tensor:
         """q for a tensor of item indices of any shape (...,) -> (..., d)."""
-        q = self.ctx_text(self.text[items]) + self.ctx_year(self.year[items])
-        return q + self.ctx_id(items) if self.config.id_embeddings else q
+        q = _linear(self.ctx_text, self.text[items], taps)
+        q = q + _lookup(self.ctx_year, self.year[items], taps)
+        return q + _lookup(self.ctx_id, items, taps) if self.config.id_embeddings else q
 
     def forward(
         self,
@@ -228,33 +231,37 @@ class RecModel(nn.Module):
         negatives: torch.Tensor,
         time: torch.Tensor,
         user: torch.Tensor | None = None,
+        taps: GradientTaps | None = None,
     ) -> torch.Tensor:
         """Logits of a pair example in both directions against shared sampled negatives.
 
         first, second: (B,) item indices of the pair; negatives: (B, N) catalogue samples;
         time: (B,) the example's timestamp (selects the time-varying bias it trains);
         user: (B,) local user indices, only with `user_embedding`.
+        taps: record every trainable weight's use for fused per-example clipping
+        (`fedrec.common.privacy.dpsgd.clip_per_example`); the logits are the same.
         Returns (B, 2, 1+N): slot 0 scores [second, negatives...] given first, slot 1 scores
         [first, negatives...] given second; the true item is always column 0.
         """
         d = self.config.dim
-        q = self.context_vectors(torch.stack([first, second], dim=1))  # (B, 2, d)
+        q = self.context_vectors(torch.stack([first, second], dim=1), taps)  # (B, 2, d)
         if self.config.user_embedding:
             if user is None:
                 raise ValueError("this model has a local user embedding: pass `user`")
-            q = q + self.user(user).unsqueeze(1)
+            q = q + _lookup(self.user, user.unsqueeze(1), taps)  # (B, 1, d): batch-first
         candidates = torch.cat([second[:, None], first[:, None], negatives], dim=1)  # (B, C=2+N)
-        rows = self.item_table(candidates)  # (B, C, d+1+K)
-        years = self.year_table(self.year[candidates])  # (B, C, d+1)
+        rows = _lookup(self.item_table, candidates, taps)  # (B, C, d+1+K)
+        years = _lookup(self.year_table, self.year[candidates], taps)  # (B, C, d+1)
         e = self.id_dim  # id-vector columns of the item table (0 for a content model)
         vectors = years[..., :d] + (rows[..., :e] if e else 0)  # (B, C, d)
         time_bias = torch.einsum("bck,bk->bc", rows[..., e + 1 :], self.knot_weights(time))
         item_bias = rows[..., e] + time_bias
         if self.config.text_bias:
-            item_bias = item_bias + self.text_bias(self.text[candidates])[..., 0]
+            item_bias = item_bias + _linear(self.text_bias, self.text[candidates], taps)[..., 0]
         bias = self.config.bias_scale * item_bias + years[..., d]  # (B, C)
         logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, 2, C)
-        logits = logits + torch.einsum("bst,bct->bsc", self.tgt_text(q), self.text[candidates])
+        projected = _linear(self.tgt_text, q, taps)
+        logits = logits + torch.einsum("bst,bct->bsc", projected, self.text[candidates])
         logits = logits + bias[:, None, :]
         target = torch.stack([logits[:, 0, 0], logits[:, 1, 1]], dim=1)  # (B, 2)
         return torch.cat([target[..., None], logits[:, :, 2:]], dim=-1)
@@ -278,6 +285,14 @@ class RecModel(nn.Module):
     @torch.no_grad()
     def all_context_vectors(self) -> torch.Tensor:
         return self.context_vectors(torch.arange(self.num_items, device=self.text.device))
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, taps: GradientTaps | None) -> torch.Tensor:
+    return layer(x) if taps is None else taps.linear(layer, x)
+
+
+def _lookup(layer: nn.Embedding, index: torch.Tensor, taps: GradientTaps | None) -> torch.Tensor:
+    return layer(index) if taps is None else taps.embedding(layer, index)
 
 
 GLOBAL_PARAMETERS = (

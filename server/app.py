@@ -114,9 +114,12 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
     row = {int(u): i for i, u in enumerate(status.get("stacked", []))}
     pooled_users = {int(u) for u in status.get("pooled", [])}
     out = []
-    if pooled_users:  # the sum of those devices' noise shares (fedrec.client.app)
+    if pooled_users:  # the secure sum of those devices (fedrec.simulations.federation.secure_sum)
         shares = {k[len("pooled/") :]: v for k, v in arrays.items() if k.startswith("pooled/")}
-        out.append(DeviceReply(min(pooled_users), shares, 0, {}, pooled=len(pooled_users)))
+        counters = {
+            k[len("pooled/") :]: float(v) for k, v in metrics.items() if k.startswith("pooled/")
+        }
+        out.append(DeviceReply(min(pooled_users), shares, 0, counters, pooled=len(pooled_users)))
     for user in users:
         prefix = f"{user}/"
         mine = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}

@@ -65,6 +65,108 @@ class DeviceReply:
     pooled: int = 0
 
 
+# What a device's reply may add to a secure sum besides its update (`secure_sum`): counters
+# that add up. "trained" and "loss_count" are derived when summing; the rest are its metrics.
+SUMMED_METRICS = (
+    "declined",
+    "noise_only",
+    "examples",
+    "retired_now",
+    "preq_count",
+    "preq_hits@10",
+    "preq_ndcg@10",
+)
+
+
+# A maximum does not add up: under secure aggregation each device adds a 1 to the bin of its
+# worst interaction ε (bins EPS_BIN wide up to EPS_BINS * EPS_BIN, then one open bin), and the
+# round reports the upper edge of the highest non-empty bin, a bound on the sampled maximum.
+EPS_BIN, EPS_BINS = 0.25, 64
+
+
+def epsilon_bin_key(epsilon: float) -> str:
+    edge = min(math.ceil(epsilon / EPS_BIN), EPS_BINS + 1)
+    return f"eps_bin/{edge}"
+
+
+def epsilon_bound(counters: dict[str, float]) -> float | None:
+    """The upper edge of the highest non-empty ε bin; None if no device reported an ε, or one
+    fell in the open bin (above EPS_BINS * EPS_BIN: no finite bound)."""
+    edges = [int(k.split("/")[1]) for k, v in counters.items() if k.startswith("eps_bin/") and v]
+    if not edges or max(edges) > EPS_BINS:
+        return None
+    return max(edges) * EPS_BIN
+
+
+def secure_sum(
+    replies: Sequence[DeviceReply], received: dict[str, np.ndarray]
+) -> list[DeviceReply]:
+    """What secure aggregation lets the server learn of these devices' replies (DISTRIBUTED).
+
+    Per device only whether it failed (and why): its reply carries no parameters and no
+    metrics. Everything else is ONE pooled reply: the sum of the updates' changes from the
+    `received` parameters, and the sum of the counters in SUMMED_METRICS, plus "trained",
+    "loss" and "loss_count" (devices that trained, and the sum of their finite losses) and
+    a histogram of the devices' worst interaction ε (`epsilon_bin_key`);
+    `pooled` is the number of devices in the sum. A device's update is checked before it
+    joins (shape, dtype, finite: what input validation in a secure aggregation protocol
+    checks on the device), and one that fails is a failed device, not a poisoned sum.
+    In simulation this runs where the devices' replies are (a slot's message, or the
+    sequential loop); the server adds the pooled replies up before reading anything."""
+    out: list[DeviceReply] = []
+    total = {name: np.zeros(value.shape, np.float64) for name, value in received.items()}
+    counters = dict.fromkeys((*SUMMED_METRICS, "trained", "loss", "loss_count"), 0.0)
+    members: list[int] = []
+    for reply in replies:
+        error = reply.error
+        if error is None and reply.params is not None:
+            reason = validate_update(reply.params, received)
+            error = None if reason is None else f"invalid update: {reason}"
+        if error is not None or reply.params is None:
+            out.append(DeviceReply(reply.user, None, 0, {}, error=error))
+            continue
+        for name, value in reply.params.items():
+            total[name] += value.astype(np.float64) - received[name]
+        for key in SUMMED_METRICS:
+            counters[key] += float(reply.metrics.get(key, 0.0))
+        if "max_interaction_epsilon" in reply.metrics:
+            key = epsilon_bin_key(float(reply.metrics["max_interaction_epsilon"]))
+            counters[key] = counters.get(key, 0.0) + 1
+        if reply.metrics.get("noise_only") != 1.0:
+            counters["trained"] += 1
+            loss = float(reply.metrics.get("loss", math.nan))
+            if math.isfinite(loss):
+                counters["loss"] += loss
+                counters["loss_count"] += 1
+        members.append(reply.user)
+        out.append(DeviceReply(reply.user, None, 0, {}))
+    if members:
+        changes = {name: value.astype(np.float32) for name, value in total.items()}
+        out.append(DeviceReply(min(members), changes, 0, counters, pooled=len(members)))
+    return out
+
+
+def add_pooled(pooled: Sequence[DeviceReply]) -> DeviceReply | None:
+    """The pooled replies of one round added into one (None if there are none): what the
+    server of a secure aggregation learns is this total, never a part of it."""
+    if not pooled:
+        return None
+    params = {
+        n: np.sum([r.params[n] for r in pooled], axis=0, dtype=np.float64) for n in pooled[0].params
+    }
+    metrics: dict[str, float] = {}
+    for reply in pooled:
+        for key, value in reply.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value)
+    return DeviceReply(
+        min(r.user for r in pooled),
+        {n: v.astype(np.float32) for n, v in params.items()},
+        0,
+        metrics,
+        pooled=sum(r.pooled for r in pooled),
+    )
+
+
 class RunExistsError(RuntimeError):
     pass
 
@@ -191,19 +293,33 @@ class FederatedRun:
         survivors = 0  # devices whose update is in the sum (a pooled reply counts its devices)
         pooled = [r for r in replies if r.pooled]
         replies = [r for r in replies if not r.pooled]
+        valid = []
         for reply in pooled:  # validated like an update: same shapes, float32, finite
             reason = validate_update(reply.params or {}, self.params)
             if reason is not None:
                 dropped.append(reason)
-                log.warning("round %d: dropped %d pooled shares: %s", round, reply.pooled, reason)
+                log.warning(
+                    "round %d: dropped a sum of %d devices: %s", round, reply.pooled, reason
+                )
                 continue
-            shares = {n: self.params[n] + reply.params[n] for n in self.params}
-            updates.append(ClientUpdate(f"pooled:{reply.user}", shares, 0))
-            survivors += reply.pooled
+            valid.append(reply)
+        # Secure aggregation: the round's sum is all the server learns (the parts are added
+        # first); a device's own reply may say only whether it failed (`secure_sum`).
+        total = add_pooled(valid)
+        if total is not None:
+            shares = {n: self.params[n] + total.params[n] for n in self.params}
+            updates.append(ClientUpdate("secure-sum", shares, 0))
+            survivors += total.pooled
+        secure = "distributed" in self.config.dp
         for reply in replies:
             if reply.error is not None:
                 failed += 1
                 log.warning("round %d: device %d failed: %s", round, reply.user, reply.error)
+                continue
+            if secure and (reply.params is not None or reply.metrics):
+                reason = "a device's own update or metrics under secure aggregation"
+                dropped.append(reason)
+                log.warning("round %d: dropped device %d: %s", round, reply.user, reason)
                 continue
             if reply.metrics.get("declined") == 1.0:
                 declined += 1  # idle; under DISTRIBUTED it still sends its noise
@@ -263,7 +379,7 @@ class FederatedRun:
             self._decay_item_biases(self.config.server_bias_decay)
         if self.user_dp:
             self.accountant.record_round(self.user_mechanism(), round=round)
-        row = self._round_metrics(round, replies, survivors, declined, failed, dropped)
+        row = self._round_metrics(round, replies, total, survivors, declined, failed, dropped)
         row["seconds"] = seconds
         # simulation-only oracle (the server knows the stream): does the model still rank the
         # early window as well as when it was fresh?
@@ -291,11 +407,15 @@ class FederatedRun:
             table[:, columns[part]] *= 1.0 - decay
         self.params = {**self.params, "item_table.weight": table}
 
-    def _round_metrics(self, round, replies, aggregated, declined, failed, dropped):
-        def total(key: str) -> float:
-            return float(sum(r.metrics.get(key, 0.0) for r in replies))
+    def _round_metrics(self, round, replies, total, aggregated, declined, failed, dropped):
+        """The round's row. Under secure aggregation every count comes from the round's sum
+        (`total`): no per-device value exists on the server, so the sampled devices' worst
+        interaction ε is a bound read from the sum's histogram, not a maximum."""
+        summed = total.metrics if total is not None else {}
 
-        count = total("preq_count")
+        def count(key: str) -> float:
+            return float(sum(r.metrics.get(key, 0.0) for r in replies) + summed.get(key, 0.0))
+
         eps = [
             r.metrics["max_interaction_epsilon"]
             for r in replies
@@ -306,22 +426,27 @@ class FederatedRun:
             for r in replies
             if r.params is not None and np.isfinite(r.metrics.get("loss", np.nan))
         ]
+        loss_sum = sum(losses) + summed.get("loss", 0.0)
+        loss_count = len(losses) + summed.get("loss_count", 0.0)
+        preq = count("preq_count")
         row = {
             "round": round,
             "sampled": len(replies),
             "aggregated": aggregated,
-            "declined": declined,
-            "noise_only": int(total("noise_only")),  # idle devices that sent only their noise
+            "declined": declined + int(summed.get("declined", 0)),
+            "noise_only": int(count("noise_only")),  # idle devices that sent only their noise
             "failed": failed,
             "dropped": len(dropped),
             "dropped_reasons": dropped[:5],
-            "loss": float(np.mean(losses)) if losses else None,
-            "preq_count": count,
-            "preq_hr@10": total("preq_hits@10") / count if count else None,
-            "preq_ndcg@10": total("preq_ndcg@10") / count if count else None,
-            "retired_now": total("retired_now"),
+            "loss": loss_sum / loss_count if loss_count else None,
+            "preq_count": preq,
+            "preq_hr@10": count("preq_hits@10") / preq if preq else None,
+            "preq_ndcg@10": count("preq_ndcg@10") / preq if preq else None,
+            "retired_now": count("retired_now"),
             "max_interaction_epsilon_sampled": max(eps) if eps else None,
         }
+        if total is not None:  # from the sum's ε histogram: a bound, EPS_BIN coarse
+            row["max_interaction_epsilon_sampled_at_most"] = epsilon_bound(summed)
         if self.user_dp:
             row["user_epsilon"] = self.accountant.epsilon(self.config.delta)
         return row
@@ -360,9 +485,9 @@ def run_in_process(
             log.warning("user-level budget reached before round %d: stopping", round)
             break
         start = time.perf_counter()
-        replies = []
-        for user in run.sample(round):
-            replies.append(device_reply(config, int(user), round, run.params))
+        replies = [device_reply(config, int(user), round, run.params) for user in run.sample(round)]
+        if "distributed" in config.dp:
+            replies = secure_sum(replies, run.params)
         row = run.finish_round(round, replies, time.perf_counter() - start)
         if on_round is not None:
             on_round(row)
@@ -378,4 +503,4 @@ def device_reply(config: SimulationConfig, user: int, round: int, params) -> Dev
     return DeviceReply(user, result.params, result.num_examples, dict(result.metrics))
 
 
-__all__ = ["DeviceReply", "FederatedRun", "RunExistsError", "run_in_process"]
+__all__ = ["DeviceReply", "FederatedRun", "RunExistsError", "run_in_process", "secure_sum"]

@@ -313,6 +313,8 @@ def describe_round(row: dict) -> str:
         parts.append(f"preq NDCG@10 {row['preq_ndcg@10']:.3f}")
     if row.get("max_interaction_epsilon_sampled") is not None:
         parts.append(f"ε/interaction {row['max_interaction_epsilon_sampled']:.2f}")
+    elif row.get("max_interaction_epsilon_sampled_at_most") is not None:
+        parts.append(f"ε/interaction ≤ {row['max_interaction_epsilon_sampled_at_most']:.2f}")
     if row.get("user_epsilon") is not None:
         parts.append(f"ε/user {row['user_epsilon']:.2f}")
     return "  ".join(parts)

@@ -275,53 +275,112 @@ def test_empty_poisson_batches_are_steps_in_both_clipping_modes(id_embeddings):
     assert _update_norm(model, pair[0], pair[1], noisy) > 0.0
 
 
+MODEL_VARIANTS = {
+    "content": {"id_embeddings": False},
+    "ids": {},
+    "text-bias": {"id_embeddings": False, "text_bias": True},
+    "frozen": {"id_embeddings": False, "train_only": "item_table.weight,tgt_text.weight"},
+    "user": {"id_embeddings": False, "user_embedding": True},
+    # the same content model, its embedding norms by the Gram route instead of row sums
+    "gram": {"id_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("clipping", ["fused", "opacus"])
+@pytest.mark.parametrize("variant", sorted(MODEL_VARIANTS))
 @pytest.mark.parametrize("batch", [1, 5])
-def test_private_step_equals_opacus_hooks_step(batch):
-    """The content model's DP step (Opacus "ew" mode, or for one example the plain gradient
-    clipped by clip_grad_norm_; noise added later) moves the parameters exactly as Opacus's
-    hooks + DPOptimizer at noise 0 do: the same per-sample gradients, clipped and summed,
-    divided by B."""
+def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, monkeypatch):
+    """A device's DP step, with fedrec's fused per-example clipping or through Opacus's own
+    machinery (noise added later), moves the parameters exactly as Opacus's hooks +
+    DPOptimizer at noise 0 do: the same per-example gradients, clipped jointly, summed,
+    divided by B. For every model variant (both routes of each kind of weight: ghost and
+    materialized Linear norms, Gram and dense Embedding norms; frozen weights untouched)."""
     import copy
 
     import torch
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from fedrec.client.training import _dp_step_machinery, _step
+    from fedrec.client.training import _dp_step_machinery, _fused_private_step, _step
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
-    model = template(id_embeddings=False)
+    if variant == "gram":
+        monkeypatch.setattr("fedrec.common.privacy.dpsgd.DENSE_EMBEDDING_LIMIT", 0)
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(NUM_ITEMS, 384)).astype(np.float32)
+    years = rng.integers(1995, 2000, size=NUM_ITEMS)  # few buckets: shared rows in a batch
+    model_config = ModelConfig(dim=8, text_dim=8, **MODEL_VARIANTS[variant])
+    model = RecModel(model_config, text, years, time_range=(0, 100))
+    torch.manual_seed(0)
     for p in model.parameters():  # away from the zero init, so every table has gradients
         torch.nn.init.normal_(p, std=0.3)
     reference, initial = copy.deepcopy(model), copy.deepcopy(model)
-    config = LocalTrainConfig(lr=0.7, clip_norm=0.05, reference_batch=3, noise_multiplier=0.0)
+    config = LocalTrainConfig(
+        lr=0.7, clip_norm=0.05, reference_batch=3, noise_multiplier=0.0, clipping=clipping
+    )
     g = torch.Generator().manual_seed(0)
     first, second = (
         torch.randint(NUM_ITEMS, (batch,), generator=g),
         torch.randint(NUM_ITEMS, (batch,), generator=g),
     )
     negatives, hits = sample_negatives(first, second, NUM_ITEMS, 7, g)
-    when = torch.full((batch,), 50, dtype=torch.int64)
+    inputs = (first, second, negatives, torch.full((batch,), 50, dtype=torch.int64))
+    if model_config.user_embedding:
+        inputs = (*inputs, torch.zeros_like(first))
 
-    module, optimizer, criterion = _dp_step_machinery(model, config)
-    _step(model, module, optimizer, criterion, (first, second, negatives, when), hits, True)
-    optimizer.zero_grad(set_to_none=True)
+    if clipping == "fused":
+        sgd = torch.optim.SGD(model.parameters(), lr=config.lr)
+        _fused_private_step(model, sgd, inputs, hits, config)
+    else:
+        module, optimizer, criterion = _dp_step_machinery(model, config)
+        if hasattr(module, "enable_hooks"):
+            module.enable_hooks()
+        _step(module, optimizer, criterion, inputs, hits)
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(module, "disable_hooks"):
+            module.disable_hooks()
 
     hooks = GradSampleModule(reference, batch_first=True, loss_reduction="mean")
     expected = DPOptimizer(
-        torch.optim.SGD(reference.parameters(), lr=config.lr),
+        torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=config.lr),
         noise_multiplier=0.0,
         max_grad_norm=config.clip_norm,
         expected_batch_size=config.reference_batch,
     )
-    PairSoftmaxLoss()(hooks(first, second, negatives, when), hits).backward()
+    PairSoftmaxLoss()(hooks(*inputs), hits).backward()
     expected.step()
     for (name, got), (_, want) in zip(
         model.named_parameters(), reference.named_parameters(), strict=True
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
-    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in reference.parameters()])
+    trained = [p for p in reference.parameters() if p.requires_grad]
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in trained])
     assert float(norms.norm(dim=0).min()) > config.clip_norm  # every example was clipped
-    assert any(
-        not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters(), strict=True)
-    )
+    changed = {
+        name
+        for (name, p), q in zip(model.named_parameters(), initial.parameters(), strict=True)
+        if not torch.equal(p, q)
+    }
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    hooks._close()
+
+
+def test_gradient_taps_refuse_what_they_cannot_clip_exactly():
+    """A weight used twice in one forward (its per-example norm needs cross terms), a Linear
+    bias, or a trainable parameter the forward did not route through the taps is an error,
+    never a silently wrong or missing gradient."""
+    import torch
+
+    from fedrec.common.privacy.dpsgd import GradientTaps
+
+    layer = torch.nn.Linear(3, 2, bias=False)
+    taps = GradientTaps()
+    x = torch.ones(4, 3)
+    taps.linear(layer, x)
+    with pytest.raises(ValueError, match="used twice"):
+        taps.linear(layer, x)
+    other = torch.nn.Sequential(layer, torch.nn.Linear(2, 2, bias=False))
+    with pytest.raises(ValueError, match=r"not tapped: \['1.weight'\]"):
+        taps.require_all(other)
+    with pytest.raises(ValueError, match="bias"):
+        GradientTaps().linear(torch.nn.Linear(3, 2), x)

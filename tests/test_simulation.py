@@ -403,36 +403,73 @@ def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
         small(tmp_path, protocol="random")
 
 
-def test_pooled_noise_shares_aggregate_like_the_devices_they_stand_for(tmp_path):
-    """A message's idle devices send one sum of their noise shares: the round's model, the
-    survivors counted against K_min and the round metrics are those of the devices' own
-    replies (up to float rounding)."""
-    from fedrec.simulations.federation import device_reply
+def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
+    """Under DISTRIBUTED what reaches the server is `secure_sum`'s output: per device only
+    whether it failed; the update and every counter as one sum. Summed in parts (one per
+    message) or at once, the round is the same, and its counters are those of the devices'
+    own replies; a device's own update or metrics are refused; a corrupted part is dropped
+    with its reason and its devices are not counted."""
+    import math
 
-    each, pooled_run = FederatedRun(small(tmp_path / "a")), FederatedRun(small(tmp_path / "b"))
-    replies = [device_reply(each.config, int(u), 1, each.params) for u in each.sample(1)]
+    from fedrec.simulations.federation import device_reply, secure_sum
+
+    whole_run, parts_run = FederatedRun(small(tmp_path / "a")), FederatedRun(small(tmp_path / "b"))
+    assert "distributed" in whole_run.config.dp
+    params = whole_run.params
+    replies = [device_reply(whole_run.config, int(u), 1, params) for u in whole_run.sample(1)]
     idle = [r for r in replies if r.metrics.get("noise_only") == 1.0]
-    assert idle and len(idle) < len(replies)
-    shares = {
-        n: np.sum([r.params[n] - each.params[n] for r in idle], axis=0, dtype=np.float64)
-        for n in each.params
-    }
-    shares = {n: v.astype(np.float32) for n, v in shares.items()}
-    ids = {id(r) for r in idle}
-    pooled_replies = [
-        DeviceReply(r.user, None, 0, r.metrics) if id(r) in ids else r for r in replies
-    ] + [DeviceReply(idle[0].user, shares, 0, {}, pooled=len(idle))]
-    row = each.finish_round(1, replies, 0.0)
-    pooled_row = pooled_run.finish_round(1, pooled_replies, 0.0)
-    for key in ("sampled", "aggregated", "declined", "noise_only", "preq_count"):
-        assert pooled_row[key] == row[key], key
-    for name in each.params:
-        np.testing.assert_allclose(pooled_run.params[name], each.params[name], atol=1e-5)
-    # a corrupted pool is dropped with its reason, and its devices are not counted
-    bad = {n: v.copy() for n, v in shares.items()}
-    next(iter(bad.values())).flat[0] = np.nan
-    broken = FederatedRun(small(tmp_path / "c"))
-    row = broken.finish_round(
-        1, [*pooled_replies[:-1], DeviceReply(idle[0].user, bad, 0, {}, pooled=len(idle))], 0.0
-    )
-    assert row["dropped"] == 1 and row["aggregated"] == pooled_row["aggregated"] - len(idle)
+    assert idle and len(idle) < len(replies) and all(r.error is None for r in replies)
+    whole = secure_sum(replies, params)
+    own = [r for r in whole if not r.pooled]
+    assert len(own) == len(replies) and all(r.params is None and not r.metrics for r in own)
+    half = len(replies) // 2
+    parts = secure_sum(replies[:half], params) + secure_sum(replies[half:], params)
+    row = whole_run.finish_round(1, whole, 0.0)
+    parts_row = parts_run.finish_round(1, parts, 0.0)
+    for key in ("sampled", "aggregated", "declined", "noise_only", "preq_count", "loss"):
+        assert parts_row[key] == pytest.approx(row[key]), key
+    for name in params:
+        np.testing.assert_allclose(parts_run.params[name], whole_run.params[name], atol=1e-5)
+    assert row["aggregated"] == len(replies) and row["dropped"] == 0
+    assert row["declined"] == sum(r.metrics.get("declined") == 1.0 for r in replies)
+    assert row["preq_count"] == sum(r.metrics.get("preq_count", 0.0) for r in replies)
+    losses = [
+        r.metrics["loss"]
+        for r in replies
+        if r.metrics.get("noise_only") != 1.0 and math.isfinite(r.metrics.get("loss", math.nan))
+    ]
+    assert losses and row["loss"] == pytest.approx(np.mean(losses))
+    assert row["max_interaction_epsilon_sampled"] is None  # a maximum is not a sum
+    worst = max(r.metrics.get("max_interaction_epsilon", 0.0) for r in replies)
+    assert worst <= row["max_interaction_epsilon_sampled_at_most"] < worst + 0.25
+
+    # a device's own update, or its metrics, never enter
+    leaky = FederatedRun(small(tmp_path / "c"))
+    trained = next(r for r in replies if r.metrics.get("noise_only") != 1.0)
+    row = leaky.finish_round(1, [*whole, trained], 0.0)
+    assert row["dropped"] == 1 and row["aggregated"] == len(replies)
+    assert "secure aggregation" in row["dropped_reasons"][0]
+    # a corrupted part is dropped with its reason, and its devices are not counted
+    first, second = secure_sum(replies[:half], params), secure_sum(replies[half:], params)
+    bad = next(r for r in second if r.pooled)
+    next(iter(bad.params.values())).flat[0] = np.nan
+    broken = FederatedRun(small(tmp_path / "d"))
+    row = broken.finish_round(1, first + second, 0.0)
+    assert row["dropped"] == 1 and row["aggregated"] == half
+
+
+def test_a_device_whose_update_is_invalid_is_a_failure_not_part_of_the_sum():
+    """secure_sum checks each update before it joins (what input validation does in a secure
+    aggregation protocol): a NaN update is that device's failure, with its reason."""
+    from fedrec.simulations.federation import secure_sum
+
+    received = {"w": np.zeros((2, 3), np.float32)}
+    good = DeviceReply(1, {"w": np.ones((2, 3), np.float32)}, 1, {"loss": 2.0, "declined": 0.0})
+    bad = DeviceReply(2, {"w": np.full((2, 3), np.nan, np.float32)}, 1, {"loss": 1.0})
+    out = secure_sum([good, bad], received)
+    pooled = [r for r in out if r.pooled]
+    assert len(pooled) == 1 and pooled[0].pooled == 1
+    np.testing.assert_array_equal(pooled[0].params["w"], np.ones((2, 3), np.float32))
+    assert pooled[0].metrics["loss"] == 2.0 and pooled[0].metrics["trained"] == 1.0
+    failed = next(r for r in out if r.user == 2)
+    assert failed.error is not None and "non-finite" in failed.error
