@@ -403,6 +403,38 @@ def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
         small(tmp_path, protocol="random")
 
 
+def test_per_example_clipping_is_validated_and_reaches_the_devices(tmp_path):
+    from fedrec.client.runtime import local_config
+
+    with pytest.raises(ValueError, match="per-example-clipping must be one of"):
+        small(tmp_path, **{"per-example-clipping": "fast"})
+    config = small(tmp_path, **{"per-example-clipping": "opacus"})
+    assert local_config(config, seed=0).clipping == "opacus"
+    assert local_config(small(tmp_path), seed=0).clipping == "fused"
+
+
+def test_a_run_with_fused_clipping_equals_one_through_opacus(tmp_path):
+    """The same seeded run, its devices clipping with fedrec's fused path or through Opacus's
+    own machinery: the same global model (to float rounding) and the same ledgers."""
+    runs = {
+        c: run_in_process(small(tmp_path / c, rounds=2, **{"per-example-clipping": c}))
+        for c in ("fused", "opacus")
+    }
+    for name, value in runs["fused"].params.items():
+        np.testing.assert_allclose(value, runs["opacus"].params[name], rtol=1e-4, atol=1e-6)
+    ledgers = {
+        c: {
+            p.parent.name: [
+                {k: v for k, v in e.items() if "time" not in k and "hash" not in k}
+                for e in map(json.loads, p.read_text().splitlines())
+            ]
+            for p in (tmp_path / c / "run" / "clients").glob("*/ledger.jsonl")
+        }
+        for c in runs
+    }
+    assert ledgers["fused"] and ledgers["fused"] == ledgers["opacus"]
+
+
 def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
     """Under DISTRIBUTED what reaches the server is `secure_sum`'s output: per device only
     whether it failed; the update and every counter as one sum. Summed in parts (one per
