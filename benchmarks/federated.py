@@ -13,6 +13,8 @@ import dataclasses
 import json
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -177,31 +179,37 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fuse
 
 
 def scale(tmp: Path) -> list[dict]:
+    """Per-round time and peak RSS at 1k / 10k / 100k registered devices, each size in a fresh
+    Python process: a process's peak RSS of its children is a maximum over all of them, so
+    sizes run in one process would each report the largest so far."""
     out = []
     for users in (1_000, 10_000, 100_000):
-        folder = tmp / f"scale-{users}"
-        config = SimulationConfig.from_flat(
-            {
-                "dataset": "synthetic",
-                "synthetic": f"num_users={users},num_items=2000,mean_interactions_per_user=6,seed=0",
-                "rounds": 4,
-                "clients-per-round": 100,
-                "out": str(folder),
-            }
-        )
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        assert simulate(config, show_progress=False) == 0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        rows = rows_of(folder)
-        out.append(
-            {
-                "registered_clients": users,
-                "round_seconds_after_round_1": float(np.mean([r["seconds"] for r in rows[1:]])),
-                "peak_child_rss_mb": max(peak, before) / 1024,
-            }
-        )
-        shutil.rmtree(folder / "clients", ignore_errors=True)
+        command = [sys.executable, __file__, "--scale-one", str(users), "--out", str(tmp)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return out
+
+
+def scale_one(users: int, tmp: Path) -> dict:
+    folder = tmp / f"scale-{users}"
+    config = SimulationConfig.from_flat(
+        {
+            "dataset": "synthetic",
+            "synthetic": f"num_users={users},num_items=2000,mean_interactions_per_user=6,seed=0",
+            "rounds": 4,
+            "clients-per-round": 100,
+            "out": str(folder),
+        }
+    )
+    assert simulate(config, show_progress=False) == 0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    rows = rows_of(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "registered_clients": users,
+        "round_seconds_after_round_1": float(np.mean([r["seconds"] for r in rows[1:]])),
+        "peak_child_rss_mb": peak / 1024,
+    }
 
 
 # Local DP's noise drowns per-item parameters: its runs use the experiment file's settings
@@ -342,10 +350,15 @@ def plot_curves(curves: dict[str, list[dict]], no_dp: float, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--only-curve", action="store_true", help="just the privacy-utility curve")
     args = parser.parse_args()
+    if args.scale_one:  # one size of `scale`, in its own process
+        print(json.dumps(scale_one(args.scale_one, args.out)), flush=True)
+        return
     results: dict = {}
     if args.only_curve:
         with tempfile.TemporaryDirectory() as tmp:
@@ -353,8 +366,9 @@ def main() -> None:
         (args.out / "privacy_utility.json").write_text(json.dumps(curve, indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        results["speed"] = speed(Path(tmp))
-        print(json.dumps(results["speed"], indent=2), flush=True)
+        if not args.skip_speed:  # before scale, whose peak RSS would include its children
+            results["speed"] = speed(Path(tmp))
+            print(json.dumps(results["speed"], indent=2), flush=True)
         if not args.skip_scale:
             results["scale"] = scale(Path(tmp))
             print(json.dumps(results["scale"], indent=2), flush=True)
