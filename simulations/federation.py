@@ -59,9 +59,9 @@ class DeviceReply:
     # head hash of the device's ledger after its round (deployment: reported every round, so
     # an auditor can later detect a truncated or rewritten ledger)
     ledger_head: str | None = None
-    # > 0: not one device's reply but the SUM of this many idle devices' noise shares (their
-    # updates minus the global parameters), pooled where they were computed; each of those
-    # devices also has its own reply, without parameters (see fedrec.client.app)
+    # > 0: not one device's reply but the secure sum of this many devices' replies (their
+    # updates minus the received parameters, and their counters: `secure_sum`), summed where
+    # they were computed; each of those devices also has its own reply, with nothing in it
     pooled: int = 0
 
 
