@@ -47,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     # counters travel as "pooled/<name>", and each device's own reply says only whether it
     # failed. (At every device per round this is also most of a round's bytes saved.)
     replies = [device_reply(config, user, round_, params) for user in users]
-    if "distributed" in config.dp:
+    if config.secure_aggregation:
         replies = secure_sum(replies, params)
     metrics, status, arrays, stacked = {}, {}, {}, []
     shapes = {name: value.shape for name, value in params.items()}
@@ -59,7 +59,7 @@ def train(msg: Message, context: Context) -> Message:
             continue
         user = reply.user
         status[f"{user}/error"] = reply.error or ""
-        if "distributed" in config.dp:
+        if config.secure_aggregation:  # nothing of its own beyond a failure
             if reply.error is None:
                 pooled_users.append(user)
             continue

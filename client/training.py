@@ -401,9 +401,10 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     for _ in range(config.steps):
         # Poisson sampling: each example joins this step's batch independently with rate q.
         take = torch.rand(n, generator=generator) < config.sample_rate
-        if opacus and not bool(take.any()):
+        empty = not bool(take.any())
+        if opacus and empty:
             step_on_empty_batch(optimizer)  # zero clipped sum, still noised and counted
-        elif not bool(take.any()):
+        elif empty:
             # nothing to do: a private empty batch's step is the zero sum, its noise comes
             # with the others' below and the ledger counts every step (`mechanism`)
             continue

@@ -152,6 +152,12 @@ class SimulationConfig:
         )
 
     @property
+    def secure_aggregation(self) -> bool:
+        """Devices' replies reach the server only as sums (`distributed`: simulated secure
+        aggregation, fedrec.simulations.federation.secure_sum)."""
+        return "distributed" in self.dp
+
+    @property
     def distributed_holds(self) -> bool:
         """The per-interaction guarantee with secure aggregation needs every released gradient
         to depend on public values, global parameters and one interaction: a LOCAL user vector

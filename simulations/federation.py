@@ -310,7 +310,7 @@ class FederatedRun:
             shares = {n: self.params[n] + total.params[n] for n in self.params}
             updates.append(ClientUpdate("secure-sum", shares, 0))
             survivors += total.pooled
-        secure = "distributed" in self.config.dp
+        secure = self.config.secure_aggregation
         for reply in replies:
             if reply.error is not None:
                 failed += 1
@@ -322,7 +322,7 @@ class FederatedRun:
                 log.warning("round %d: dropped device %d: %s", round, reply.user, reason)
                 continue
             if reply.metrics.get("declined") == 1.0:
-                declined += 1  # idle; under DISTRIBUTED it still sends its noise
+                declined += 1  # under secure aggregation counted in the sum instead
             if reply.params is None:
                 continue
             reason = validate_update(reply.params, self.params)
@@ -339,7 +339,7 @@ class FederatedRun:
         # under-count. Idle devices send noise, so n does not depend on anyone's data; it can
         # still flip with one user's participation, which user-level DP pays for in δ
         # (`discard_delta`), negligible when q·N >> K_min.
-        discarded = "distributed" in self.config.dp and survivors < self.config.min_survivors
+        discarded = secure and survivors < self.config.min_survivors
         rng = np.random.default_rng([self.config.seed, round, 1])
         if discarded:
             log.warning(
@@ -349,7 +349,7 @@ class FederatedRun:
                 self.config.min_survivors,
             )
             diag = None
-        elif self.user_dp or "distributed" in self.config.dp:
+        elif self.user_dp or secure:
             # A plain sum over a fixed denominator: example weights would scale each device's
             # noise differently (no common unit for the sum's σ) and reveal its example count.
             expected = self.sample_rate * len(self.registered)
@@ -486,7 +486,7 @@ def run_in_process(
             break
         start = time.perf_counter()
         replies = [device_reply(config, int(user), round, run.params) for user in run.sample(round)]
-        if "distributed" in config.dp:
+        if config.secure_aggregation:
             replies = secure_sum(replies, run.params)
         row = run.finish_round(round, replies, time.perf_counter() - start)
         if on_round is not None:

@@ -63,10 +63,14 @@ def gram_embedding_norms(
     """
     index = activations[0].reshape(activations[0].shape[0], -1)  # (B, T)
     grads = backprops.reshape(index.shape[0], index.shape[1], -1).to(torch.float64)  # (B, T, D)
+    return {layer.weight: masked_gram_squared_norms(index, grads).sqrt().to(backprops.dtype)}
+
+
+def masked_gram_squared_norms(index: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """(B,) squared norms of per-example embedding gradients from (B, T) lookups with (B, T, D)
+    output gradients: sum_{t,t'} [i_nt == i_nt'] <g_nt, g_nt'>."""
     same = (index[:, :, None] == index[:, None, :]).to(grads.dtype)
-    gram = torch.bmm(grads, grads.transpose(1, 2))
-    norms = (gram * same).sum(dim=(1, 2)).clamp(min=0).sqrt().to(backprops.dtype)
-    return {layer.weight: norms}
+    return (torch.bmm(grads, grads.transpose(1, 2)) * same).sum(dim=(1, 2)).clamp(min=0)
 
 
 class GramEmbedding(torch.nn.Embedding):
@@ -233,5 +237,4 @@ def _squared_norms(use: WeightUse, grad: torch.Tensor, batch: int) -> torch.Tens
         flat = g.reshape(-1, width)
         sums = torch.zeros(batch * rows, width, dtype=g.dtype).index_add_(0, offset, flat)
         return (flat * sums[offset]).sum(dim=1).view(batch, -1).sum(dim=1)
-    same = (index[:, :, None] == index[:, None, :]).to(g.dtype)
-    return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2)).clamp(min=0)
+    return masked_gram_squared_norms(index, g)
