@@ -2,10 +2,9 @@
 
 The data's timeline is cut into one window per round (equal interaction counts); round r
 delivers window r's interactions to their devices' stores, as one cohort per window. The test
-(and validation) interactions of the chosen evaluation protocol are held back from the stream,
-so the final evaluation is directly comparable with `fedrec train` under that protocol:
-(a) `loo`, each user's last two interactions held back (users with fewer than 5 are streamed
-whole); (b) `temporal`, the stream ends at the global cutoff T and the test is each user's
+interactions of the chosen evaluation protocol are held back from the stream, so the final
+evaluation ranks the same test as `fedrec train` under that protocol: (a) `loo`, each user's
+last interaction held back (users with fewer than 5 are streamed whole); (b) `temporal`, the stream ends at the global cutoff T and the test is each user's
 first interaction after it, so no device ever holds anything later than another's test.
 """
 
@@ -34,7 +33,7 @@ class Delivery:
 @dataclass(frozen=True)
 class Stream:
     dataset: Dataset
-    split: Split  # the protocol's test/valid, held back from the stream
+    split: Split  # the protocol's test is held back from the stream; valid rows are delivered
     rows: Interactions  # every delivered interaction, time-ordered
     window: np.ndarray  # (N,) window index of each row
     window_end: np.ndarray  # (R,) last timestamp of each window
@@ -69,12 +68,14 @@ class Stream:
 
 def build_stream(dataset: Dataset, rounds: int, protocol: str = "loo") -> Stream:
     split = make_split(dataset.interactions, ProtocolConfig(protocol))
+    # Everything a user had before their test interaction is delivered, validation rows
+    # included: the simulation selects no model on them, and the yardsticks it is compared
+    # with (popularity, recent popularity) count them too.
+    delivered = Interactions.concat([split.train, split.valid])
     if protocol == "loo":
         counts = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
         short = dataset.interactions.select(counts[dataset.interactions.user] < split_min_user())
-        delivered = Interactions.concat([split.train, short])
-    else:  # everything before the cutoff except the validation rows (as `fedrec train`)
-        delivered = split.train
+        delivered = Interactions.concat([delivered, short])
     order = delivered.time_order()
     rows = delivered.select(order)
     bounds = np.linspace(0, len(rows), rounds + 1).round().astype(np.int64)

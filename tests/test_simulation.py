@@ -376,6 +376,33 @@ def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
     assert checked > 0
 
 
+@pytest.mark.parametrize("protocol", ["loo", "temporal"])
+def test_the_stream_delivers_everything_before_the_test_and_never_the_test(tmp_path, protocol):
+    """The yardsticks count every interaction before the test (validation rows included), so
+    the devices receive exactly those too: the simulation selects no model on a validation
+    set, and holding those rows back would compare the model on less data than popularity."""
+    from fedrec.simulations.stream import load_stream
+
+    config = small(tmp_path, protocol=protocol)
+    stream = load_stream(config.data, config.rounds, config.protocol)
+
+    def rows(part) -> set[tuple[int, int, int]]:
+        return set(
+            zip(part.user.tolist(), part.item.tolist(), part.timestamp.tolist(), strict=True)
+        )
+
+    delivered, split = rows(stream.rows), stream.split
+    assert len(delivered) == len(stream.rows) and len(split.valid) > 0
+    assert rows(split.valid) <= delivered and rows(split.train) <= delivered
+    assert not rows(split.test) & delivered
+    everything = rows(stream.dataset.interactions)
+    if protocol == "loo":  # all but the test: short users are streamed whole
+        assert delivered == everything - rows(split.test)
+    else:  # all before the cutoff, of the users the protocol keeps
+        users = {user for user, _, _ in delivered}
+        assert delivered == {r for r in everything if r[2] < split.cutoff and r[0] in users}
+
+
 def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
     """Protocol (b): the stream stops at the global cutoff T, no device ever holds an
     interaction from T on, and the summary ranks the first interaction after T for the model
