@@ -152,11 +152,12 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fuse
 
     model, plain_model, job, g, (first, second, when) = _default_job_batch()
     negatives, hits = sample_negatives(first, second, model.num_items, 100, g)
-    module, dp_optimizer, dp_loss = _dp_step_machinery(model, job)
     trained = [p for p in model.parameters() if p.requires_grad]
     plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=job.lr)
     fused_optimizer = torch.optim.SGD(model.parameters(), lr=job.lr)
     inputs = (first, second, negatives, when)
+    if clipping == "opacus":  # only then: the fused step runs on a model Opacus never wrapped
+        module, dp_optimizer, dp_loss = _dp_step_machinery(model, job)
 
     def step(private: bool) -> None:
         if private and clipping == "fused":
@@ -174,7 +175,8 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fuse
             _gaussian_like(trained, job.update_noise_std(), g)
 
     ratio = _alternating_ratio(step, repeats, blocks)
-    dp_optimizer.zero_grad(set_to_none=True)
+    if clipping == "opacus":
+        dp_optimizer.zero_grad(set_to_none=True)
     return ratio
 
 
@@ -220,7 +222,17 @@ LOCAL_DP = Path(__file__).resolve().parent.parent / "simulations" / "local_dp.to
 def dp_ratios(sizes: dict[int, int], clipping: str = "fused") -> dict:
     """DP ÷ plain on the default job's device rounds: at the job's own mix of batch sizes
     (most hold one pair, which skips the per-sample machinery), at one pair, and at six
-    pairs (the 99th percentile), plus one optimizer step alone at six pairs."""
+    pairs (the 99th percentile), plus one optimizer step alone at six pairs. One torch thread,
+    as every simulated and deployed device trains (client/app.py, client/warm_exec.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _dp_ratios(sizes, clipping)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dp_ratios(sizes: dict[int, int], clipping: str) -> dict:
     one = sizes.get(1, 0) / max(1, sum(sizes.values()))
     return {
         "training_rounds_by_pairs": {str(k): v for k, v in sizes.items()},

@@ -281,8 +281,9 @@ MODEL_VARIANTS = {
     "text-bias": {"id_embeddings": False, "text_bias": True},
     "frozen": {"id_embeddings": False, "train_only": "item_table.weight,tgt_text.weight"},
     "user": {"id_embeddings": False, "user_embedding": True},
-    # the same content model, its embedding norms by the Gram route instead of row sums
+    # the same content model, every embedding norm by one route: the Gram form, or row sums
     "gram": {"id_embeddings": False},
+    "dense": {"id_embeddings": False},
 }
 
 
@@ -304,8 +305,8 @@ def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, monkeyp
     from fedrec.client.training import _dp_step_machinery, _fused_private_step, _step
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
-    if variant == "gram":
-        monkeypatch.setattr("fedrec.common.privacy.dpsgd.DENSE_EMBEDDING_LIMIT", 0)
+    if variant in ("gram", "dense"):
+        monkeypatch.setattr("fedrec.common.privacy.dpsgd.EMBEDDING_NORM_ROUTE", variant)
     rng = np.random.default_rng(0)
     text = rng.normal(size=(NUM_ITEMS, 384)).astype(np.float32)
     years = rng.integers(1995, 2000, size=NUM_ITEMS)  # few buckets: shared rows in a batch
@@ -363,6 +364,59 @@ def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, monkeyp
     }
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
     hooks._close()
+
+
+@pytest.mark.parametrize(
+    "kind, shape, route",
+    [
+        ("embedding", (3, 4), "auto"),  # fewer rows than lookups: per-example gradients kept
+        ("embedding", (3, 4), "dense"),
+        ("embedding", (3, 4), "gram"),
+        ("embedding", (50, 4), "auto"),  # more rows than lookups: row sums, then a gather
+        ("embedding", (50, 4), "dense"),
+        ("embedding", (50, 4), "gram"),
+        ("linear", (2, 3), "auto"),  # few features, several uses: per-example gradients kept
+        ("linear", (16, 16), "auto"),  # the ghost (Gram) form
+    ],
+)
+def test_every_clipping_route_equals_explicit_per_example_gradients(
+    kind, shape, route, monkeypatch
+):
+    """Each exact route of `clip_per_example` gives the per-example norms and the clipped,
+    divided sum that explicit per-example gradients give, built here by brute force."""
+    import torch
+
+    from fedrec.common.privacy.dpsgd import GradientTaps, clip_per_example
+
+    monkeypatch.setattr("fedrec.common.privacy.dpsgd.EMBEDDING_NORM_ROUTE", route)
+    torch.manual_seed(0)
+    batch, uses = 5, 6
+    taps = GradientTaps()
+    if kind == "embedding":
+        layer = torch.nn.Embedding(*shape)
+        inputs = torch.randint(shape[0], (batch, uses))
+        out = taps.embedding(layer, inputs)
+    else:
+        layer = torch.nn.Linear(shape[1], shape[0], bias=False)
+        inputs = torch.randn(batch, uses, shape[1])
+        out = taps.linear(layer, inputs)
+    weights = torch.randn(out.shape)
+    loss_sum = (out.square() * weights).sum()  # example n's loss uses only its own lookups
+
+    per_example = []
+    for n in range(batch):
+        value = layer(inputs[n])
+        grad = torch.autograd.grad((value.square() * weights[n]).sum(), layer.weight)[0]
+        per_example.append(grad)
+    per_example = torch.stack(per_example)
+    want_norms = per_example.flatten(1).norm(dim=1)
+    clip = float(want_norms.median())  # some examples clipped, some not
+    factor = (clip / (want_norms + 1e-6)).clamp(max=1.0) / 3.0
+    want_grad = (factor.view(-1, 1, 1) * per_example).sum(dim=0)
+
+    norms = clip_per_example(loss_sum, taps, clip, batch, divide_by=3.0)
+    torch.testing.assert_close(norms, want_norms)
+    torch.testing.assert_close(layer.weight.grad, want_grad)
 
 
 def test_gradient_taps_refuse_what_they_cannot_clip_exactly():

@@ -197,10 +197,13 @@ def clip_per_example(
     divided by `divide_by`. `loss_sum` is the SUM of the `batch_size` per-example losses.
     Returns the (B,) per-example norms before clipping."""
     grads = torch.autograd.grad(loss_sum, [use.output for use in taps.uses])
-    parts = [_squared_norms(u, g, batch_size) for u, g in zip(taps.uses, grads, strict=True)]
-    norms = torch.stack(parts).sum(dim=0).sqrt()
+    parts = [_per_example(u, g, batch_size) for u, g in zip(taps.uses, grads, strict=True)]
+    norms = torch.stack([squared for squared, _ in parts]).sum(dim=0).sqrt()
     factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0) / divide_by
-    for use, grad in zip(taps.uses, grads, strict=True):
+    for use, grad, (_, per_example) in zip(taps.uses, grads, parts, strict=True):
+        if per_example is not None:  # (B, weight.numel()) already there: one weighted sum
+            use.weight.grad = (factor @ per_example).view_as(use.weight)
+            continue
         scaled = grad * factor.view(-1, *([1] * (grad.dim() - 1)))
         if use.kind == "linear":
             x = use.input.reshape(-1, use.input.shape[-1])
@@ -214,27 +217,50 @@ def clip_per_example(
 
 # Largest per-batch buffer (entries) of per-example embedding row sums; above it, Gram norms.
 DENSE_EMBEDDING_LIMIT = 1 << 22
+# "auto": the cheaper exact route for each embedding use; tests force "dense" or "gram".
+EMBEDDING_NORM_ROUTE: Literal["auto", "dense", "gram"] = "auto"
 
 
-def _squared_norms(use: WeightUse, grad: torch.Tensor, batch: int) -> torch.Tensor:
+def _per_example(
+    use: WeightUse, grad: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B,) squared norms of each example's gradient of one weight use, by the cheaper exact
-    route: materialized per-example gradients (or row sums), or their Gram form."""
+    route, and the (B, weight.numel()) per-example gradients where that route built them
+    anyway (then the clipped sum is one product instead of a second scatter)."""
     if use.kind == "linear":
         x = use.input.reshape(batch, -1, use.input.shape[-1])  # (B, S, in)
         g = grad.reshape(batch, -1, grad.shape[-1])  # (B, S, out)
         steps, fan_in, fan_out = x.shape[1], x.shape[2], g.shape[2]
         if steps * (fan_in + fan_out) <= fan_in * fan_out:  # ghost: sum_ss' <g,g'><x,x'>
             gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))
-            return gram.sum(dim=(1, 2))
-        return torch.bmm(g.transpose(1, 2), x).square().sum(dim=(1, 2))
+            return gram.sum(dim=(1, 2)), None
+        per_example = torch.bmm(g.transpose(1, 2), x).reshape(batch, -1)  # (B, out * in)
+        return per_example.square().sum(dim=1), per_example
     rows, width = use.weight.shape
     index = use.input.reshape(batch, -1)  # (B, T)
-    g = grad.reshape(batch, index.shape[1], width)  # (B, T, D)
-    if batch * rows * width <= DENSE_EMBEDDING_LIMIT:
-        # Example n's gradient has row r = S_nr, the sum of its g_nt looked up at r, so
-        # ||grad_n||^2 = sum_r ||S_nr||^2 = sum_t <g_nt, S_n,i_nt>: one scatter, one gather.
-        offset = (index + torch.arange(batch).unsqueeze(1) * rows).reshape(-1)
-        flat = g.reshape(-1, width)
-        sums = torch.zeros(batch * rows, width, dtype=g.dtype).index_add_(0, offset, flat)
-        return (flat * sums[offset]).sum(dim=1).view(batch, -1).sum(dim=1)
-    return masked_gram_squared_norms(index, g)
+    lookups = index.shape[1]
+    g = grad.reshape(batch, lookups, width)  # (B, T, D)
+    if _embedding_route(batch, lookups, rows, width) == "gram":
+        return masked_gram_squared_norms(index, g), None
+    # Example n's gradient has row r = S_nr, the sum of its g_nt looked up at r: one scatter.
+    offset = (index + torch.arange(batch).unsqueeze(1) * rows).reshape(-1)
+    flat = g.reshape(-1, width)
+    sums = torch.zeros(batch * rows, width, dtype=g.dtype).index_add_(0, offset, flat)
+    if rows <= lookups:  # a small table: the per-example gradients themselves, summed squared
+        per_example = sums.view(batch, rows * width)
+        return per_example.square().sum(dim=1), per_example
+    # a large table: ||grad_n||^2 = sum_t <g_nt, S_n,i_nt>, a gather of the looked-up rows
+    return (flat * sums[offset]).sum(dim=1).view(batch, -1).sum(dim=1), None
+
+
+def _embedding_route(batch: int, lookups: int, rows: int, width: int) -> str:
+    """Row sums cost a (B * rows, D) buffer plus the T lookups; the Gram form a (B, T, T)
+    product of D-vectors. Both are exact; the buffer is capped by DENSE_EMBEDDING_LIMIT."""
+    if EMBEDDING_NORM_ROUTE != "auto":
+        return EMBEDDING_NORM_ROUTE
+    dense = batch * rows * width
+    if dense > DENSE_EMBEDDING_LIMIT:
+        return "gram"
+    return (
+        "dense" if dense + batch * lookups * width <= batch * lookups**2 * (width + 1) else "gram"
+    )
