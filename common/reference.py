@@ -10,7 +10,6 @@ import torch
 
 from fedrec.common.baselines import popularity_scorer, recent_popularity_scorer
 from fedrec.common.config import DataConfig
-from fedrec.common.data.schema import Interactions
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.protocols import ProtocolConfig, make_split
@@ -27,7 +26,7 @@ from fedrec.common.train import (
 def baseline_metrics(split, num_users: int, num_items: int) -> dict[str, dict[str, float]]:
     """Popularity and recent popularity (last 10% of training time) under the same protocol."""
     history = history_before_test(split, num_users)
-    train = Interactions.concat([split.train, split.valid])  # all a user could know before test
+    train = split.before_test()
     return {
         "popularity": evaluate(
             popularity_scorer(train, num_items),

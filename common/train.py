@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedrec.common.data.history import UserHistories
-from fedrec.common.data.schema import Interactions
 from fedrec.common.data.splits import Split
 from fedrec.common.evaluation import evaluate
 from fedrec.common.examples import PairSoftmaxLoss, build_pairs, sample_negatives
@@ -222,8 +221,7 @@ def train_centralized(
 
 def history_before_test(split: Split, num_users: int) -> UserHistories:
     """What a user has at test time: training and validation interactions (both precede test)."""
-    both = Interactions.concat([split.train, split.valid])
-    return UserHistories.from_interactions(both, num_users)
+    return UserHistories.from_interactions(split.before_test(), num_users)
 
 
 def evaluate_model(model: RecModel, split: Split, num_users: int, seed: int = 0) -> Metrics:

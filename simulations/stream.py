@@ -4,8 +4,9 @@ The data's timeline is cut into one window per round (equal interaction counts);
 delivers window r's interactions to their devices' stores, as one cohort per window. The test
 interactions of the chosen evaluation protocol are held back from the stream, so the final
 evaluation ranks the same test as `fedrec train` under that protocol: (a) `loo`, each user's
-last interaction held back (users with fewer than 5 are streamed whole); (b) `temporal`, the stream ends at the global cutoff T and the test is each user's
-first interaction after it, so no device ever holds anything later than another's test.
+last interaction held back (users with fewer than 5 are streamed whole); (b) `temporal`, the
+stream ends at the global cutoff T and the test is each user's first interaction after it, so
+no device ever holds anything later than another's test.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def build_stream(dataset: Dataset, rounds: int, protocol: str = "loo") -> Stream
     # Everything a user had before their test interaction is delivered, validation rows
     # included: the simulation selects no model on them, and the yardsticks it is compared
     # with (popularity, recent popularity) count them too.
-    delivered = Interactions.concat([split.train, split.valid])
+    delivered = split.before_test()
     if protocol == "loo":
         counts = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
         short = dataset.interactions.select(counts[dataset.interactions.user] < split_min_user())

@@ -25,6 +25,10 @@ class Split:
     protocol: str
     cutoff: int | None
 
+    def before_test(self) -> Interactions:
+        """Train and validation rows: everything a user could know before the test."""
+        return Interactions.concat([self.train, self.valid])
+
 
 def filter_min_interactions(
     interactions: Interactions, *, min_user: int = 1, min_item: int = 1, iterative: bool = False
