@@ -16,8 +16,7 @@ from fedrec.common.evaluation import Scorer
 
 def popularity_scorer(train: Interactions, num_items: int) -> Scorer:
     """Most interactions in `train` first; equal counts by lower item index."""
-    counts = _counts(train.item, num_items)
-    return _constant_scorer(_order_scores([counts], num_items))
+    return ordered_scorer([_counts(train.item, num_items)], num_items)
 
 
 def recent_popularity_scorer(
@@ -38,7 +37,13 @@ def recent_popularity_scorer(
         recent = _counts(train.item[recent_rows], num_items)
     else:
         recent = overall
-    return _constant_scorer(_order_scores([recent, overall], num_items))
+    return ordered_scorer([recent, overall], num_items)
+
+
+def ordered_scorer(keys: list[np.ndarray], num_items: int) -> Scorer:
+    """The same strict order for every user: larger keys[0] first, then keys[1], ..., then
+    lower item index (the yardsticks' tie rule, for any per-item key such as a count)."""
+    return _constant_scorer(_order_scores(keys, num_items))
 
 
 def _counts(items: np.ndarray, num_items: int) -> np.ndarray:
