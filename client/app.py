@@ -49,17 +49,30 @@ def train(msg: Message, context: Context) -> Message:
     replies = [device_reply(config, user, round_, params) for user in users]
     if config.secure_aggregation:
         replies = secure_sum(replies, params)
+    return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
+
+
+def pack_devices(
+    users: list[int], replies: list, params: dict[str, np.ndarray], secure: bool
+) -> RecordDict:
+    """A slot's reply for several devices; `fedrec.server.app.unpack_devices` reverses it.
+
+    Under secure aggregation the pooled reply's own count of members travels as
+    "pooled_count": a device without an error is not necessarily in the sum (one that sent
+    no update is not), and the server's K_min rule and noise credit must count only the
+    devices whose noise share is really in it."""
     metrics, status, arrays, stacked = {}, {}, {}, []
     shapes = {name: value.shape for name, value in params.items()}
-    pooled_users = []
+    pooled_users, pooled_count = [], 0
     for reply in replies:
         if reply.pooled:
             arrays |= {f"pooled/{name}": value for name, value in reply.params.items()}
             metrics |= {f"pooled/{k}": v for k, v in reply.metrics.items()}
+            pooled_count = reply.pooled
             continue
         user = reply.user
         status[f"{user}/error"] = reply.error or ""
-        if config.secure_aggregation:  # nothing of its own beyond a failure
+        if secure:  # nothing of its own beyond a failure
             if reply.error is None:
                 pooled_users.append(user)
             continue
@@ -76,8 +89,9 @@ def train(msg: Message, context: Context) -> Message:
             arrays[f"stacked/{name}"] = np.stack([p[name] for _, p in stacked])
     status["stacked"] = [user for user, _ in stacked]
     status["pooled"] = pooled_users
+    status["pooled_count"] = pooled_count
     status["users"] = users  # replies come back in any order: each names its devices
     content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
     if arrays:  # one bundle: every Flower Array is objects moved one request each
         content["arrays"] = parameters_record(arrays)
-    return Message(content, reply_to=msg)
+    return content

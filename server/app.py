@@ -113,13 +113,15 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
     stacked = {k[len("stacked/") :]: v for k, v in arrays.items() if k.startswith("stacked/")}
     row = {int(u): i for i, u in enumerate(status.get("stacked", []))}
     pooled_users = {int(u) for u in status.get("pooled", [])}
+    # members of the sum as the sum itself counted them (devices that sent no update are not)
+    pooled_count = int(status.get("pooled_count", 0))
     out = []
-    if pooled_users:  # the secure sum of those devices (fedrec.simulations.federation.secure_sum)
+    if pooled_count:  # the secure sum of those devices (fedrec.simulations.federation.secure_sum)
         shares = {k[len("pooled/") :]: v for k, v in arrays.items() if k.startswith("pooled/")}
         counters = {
             k[len("pooled/") :]: float(v) for k, v in metrics.items() if k.startswith("pooled/")
         }
-        out.append(DeviceReply(min(pooled_users), shares, 0, counters, pooled=len(pooled_users)))
+        out.append(DeviceReply(min(pooled_users), shares, 0, counters, pooled=pooled_count))
     for user in users:
         prefix = f"{user}/"
         mine = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}

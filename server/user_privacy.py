@@ -226,9 +226,31 @@ def discard_delta(
     P(n < K_min) <= BinomCDF(K_min - 1; N - 1, q). Assumes device failures do not depend on
     the data of the user the guarantee protects.
     """
-    from scipy.stats import binom
-
     if min_survivors <= 1 or rounds <= 0:
         return 0.0
-    per_round = float(binom.cdf(min_survivors - 1, max(registered_clients - 1, 0), sample_rate))
+    per_round = discard_probability(
+        registered_clients=registered_clients, sample_rate=sample_rate, min_survivors=min_survivors
+    )
     return min(1.0, rounds * (1.0 + math.exp(min(epsilon, 700.0))) * per_round)
+
+
+def discard_probability(*, registered_clients: int, sample_rate: float, min_survivors: int) -> float:
+    """P(n < K_min) for one round: n ~ Binomial(N - 1, q) devices besides the one protected."""
+    from scipy.stats import binom
+
+    return float(binom.cdf(min_survivors - 1, max(registered_clients - 1, 0), sample_rate))
+
+
+def largest_min_survivors(
+    *, registered_clients: int, sample_rate: float, max_discard_probability: float
+) -> int:
+    """The largest K_min whose rounds are discarded with probability at most the given one
+    (0 when even K_min = 1 is too likely to fail: the sample is too small)."""
+    lo, hi = 0, registered_clients  # invariant: lo fits (K_min = 0 never discards)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = discard_probability(
+            registered_clients=registered_clients, sample_rate=sample_rate, min_survivors=mid
+        )
+        lo, hi = (mid, hi) if p <= max_discard_probability else (lo, mid - 1)
+    return lo

@@ -41,6 +41,8 @@ from fedrec.server.user_privacy import (
     calibrate_noise_multiplier,
     client_sample_rate,
     discard_delta,
+    discard_probability,
+    largest_min_survivors,
     user_level_mechanism,
 )
 from fedrec.simulations.config import SimulationConfig
@@ -171,6 +173,94 @@ class RunExistsError(RuntimeError):
     pass
 
 
+class SettingsError(ValueError):
+    """A configuration under which a stated guarantee would be void, or no round could be
+    aggregated: refused before anything is delivered or trained. Names the flags to change."""
+
+
+# A round under secure aggregation may be discarded (fewer than K_min survivors) at most this
+# often; more and the run would mostly publish nothing while devices still spend their budgets.
+MAX_DISCARD_PROBABILITY = 0.01
+
+
+def check_guarantees_can_hold(config: SimulationConfig, *, registered: int, interactions: int) -> float:
+    """Refuse settings under which a guarantee the run would state is void; return the δ that
+    discarding rounds below K_min adds to the user-level guarantee (0 without it).
+
+    - Under secure aggregation, a round is discarded when fewer than K_min devices reach the
+      sum; with N registered devices sampled at rate q, that must stay improbable.
+    - δ must be below 1/N of the guarantee's unit: devices for user-level DP, interactions
+      for per-interaction DP (a larger δ allows releasing one unit's data outright).
+    - The discard rule's extra user-level δ must fit well inside the target δ (at most a tenth):
+      the accountant is calibrated for what is left, so the stated total is at most the target.
+    """
+    sample_rate = min(config.clients_per_round, registered) / registered
+    expected = sample_rate * registered
+    if "user" in config.dp and config.delta >= 1 / registered:
+        raise SettingsError(
+            f"--delta {config.delta:g} is not below 1/N = {1 / registered:.3g} for the "
+            f"{registered} devices of this dataset: user-level DP would be void; lower --delta"
+        )
+    per_interaction = config.device_noise_multiplier is not None
+    if per_interaction and config.delta >= 1 / max(interactions, 1):
+        raise SettingsError(
+            f"--delta {config.delta:g} is not below 1/N = {1 / max(interactions, 1):.3g} for the "
+            f"{interactions} interactions of this dataset: per-interaction DP would be void; "
+            "lower --delta"
+        )
+    if not config.secure_aggregation:
+        return 0.0
+    p_discard = discard_probability(
+        registered_clients=registered,
+        sample_rate=sample_rate,
+        min_survivors=config.min_survivors,
+    )
+    suggested = largest_min_survivors(
+        registered_clients=registered,
+        sample_rate=sample_rate,
+        max_discard_probability=min(
+            MAX_DISCARD_PROBABILITY,
+            config.delta / (10 * config.rounds * (1 + math.exp(min(config.user_epsilon, 700)))),
+        ),
+    )
+    advice = (
+        f"set --min-survivors to at most {suggested}"
+        if suggested >= 1
+        else "sample more devices per round (--clients-per-round)"
+    )
+    if p_discard > MAX_DISCARD_PROBABILITY:
+        raise SettingsError(
+            f"--min-survivors {config.min_survivors} (K_min) cannot be reached: {registered} "
+            f"devices are registered and about {expected:.0f} are sampled per round "
+            f"(--clients-per-round {config.clients_per_round}), so a round would be discarded "
+            f"with probability {p_discard:.3g} and the run would publish nothing; {advice}"
+        )
+    if "user" not in config.dp:
+        return 0.0
+    extra = discard_delta(
+        epsilon=config.user_epsilon,
+        rounds=config.rounds,
+        registered_clients=registered,
+        sample_rate=sample_rate,
+        min_survivors=config.min_survivors,
+    )
+    if extra > config.delta / 10:
+        raise SettingsError(
+            f"--min-survivors {config.min_survivors} (K_min) is too close to the {expected:.0f} "
+            f"devices expected per round: discarding rounds below it adds up to δ={extra:.3g} "
+            f"to user-level DP, more than a tenth of --delta {config.delta:g}; {advice}"
+        )
+    return extra
+
+
+def preflight(config: SimulationConfig) -> None:
+    """Load the run's stream and check its settings before anything starts (Flower included)."""
+    stream = load_stream(config.data, config.rounds, config.protocol)
+    check_guarantees_can_hold(
+        config, registered=len(stream.clients()), interactions=len(stream.rows)
+    )
+
+
 class FederatedRun:
     def __init__(self, config: SimulationConfig):
         self.config = config
@@ -187,25 +277,13 @@ class FederatedRun:
         # user-level noise multipliers: `noise_multiplier` is what every published sum carries
         # (and what the accountant charges); the server adds `server_noise_multiplier` on top
         # of the devices' own noise (SimulationConfig.user_noise_from_devices)
+        # δ the user-level accountant may use: the target less what discarding rounds below
+        # K_min can add (`discard_delta`), so the stated total never exceeds the target
+        self.user_delta = config.delta - check_guarantees_can_hold(
+            config, registered=len(self.registered), interactions=len(self.stream.rows)
+        )
         self.noise_multiplier = self.server_noise_multiplier = 0.0
         self.calibrate_user_noise()
-        if self.user_dp and "distributed" in config.dp:
-            extra = discard_delta(
-                epsilon=config.user_epsilon,
-                rounds=config.rounds,
-                registered_clients=len(self.registered),
-                sample_rate=self.sample_rate,
-                min_survivors=config.min_survivors,
-            )
-            if extra > config.delta:
-                log.warning(
-                    "K_min=%d is too close to the %.0f devices expected per round: discarding "
-                    "rounds below it adds up to δ=%.3g to the user-level guarantee (lower "
-                    "--min-survivors or sample more devices)",
-                    config.min_survivors,
-                    self.sample_rate * len(self.registered),
-                    extra,
-                )
         checkpoint = load_latest(self.out) if (self.out / "checkpoints").exists() else None
         if checkpoint is not None and not config.resume:
             raise RunExistsError(
@@ -230,7 +308,7 @@ class FederatedRun:
             return
         needed = calibrate_noise_multiplier(
             target_epsilon=self.config.user_epsilon,
-            delta=self.config.delta,
+            delta=self.user_delta,
             sample_rate=self.sample_rate,
             rounds=self.config.rounds,
         )
@@ -273,7 +351,7 @@ class FederatedRun:
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
             clip_norm=self.config.user_sensitivity,
-            delta=self.config.delta,
+            delta=self.user_delta,
         )
 
     def budget_allows_next_round(self) -> bool:
@@ -343,7 +421,8 @@ class FederatedRun:
         rng = np.random.default_rng([self.config.seed, round, 1])
         if discarded:
             log.warning(
-                "round %d: %d survivors < K_min=%d: nothing is revealed, the model stays",
+                "round %d: %d survivors < K_min=%d: discarded (only that is revealed), the "
+                "model stays",
                 round,
                 survivors,
                 self.config.min_survivors,
@@ -379,7 +458,22 @@ class FederatedRun:
             self._decay_item_biases(self.config.server_bias_decay)
         if self.user_dp:
             self.accountant.record_round(self.user_mechanism(), round=round)
-        row = self._round_metrics(round, replies, total, survivors, declined, failed, dropped)
+        if discarded:
+            # what the server of a secure aggregation knows of a round it cannot unmask: whom
+            # it asked, who answered or failed, and that the round was discarded; none of the
+            # sum's counters (they are part of the sum)
+            row = {
+                "round": round,
+                "sampled": len(replies),
+                "aggregated": survivors,
+                "failed": failed,
+                "dropped": len(dropped),
+                "dropped_reasons": dropped[:5],
+            }
+            if self.user_dp:
+                row["user_epsilon"] = self.accountant.epsilon(self.user_delta)
+        else:
+            row = self._round_metrics(round, replies, total, survivors, declined, failed, dropped)
         row["seconds"] = seconds
         # simulation-only oracle (the server knows the stream): does the model still rank the
         # early window as well as when it was fresh?
@@ -448,7 +542,7 @@ class FederatedRun:
         if total is not None:  # from the sum's ε histogram: a bound, EPS_BIN coarse
             row["max_interaction_epsilon_sampled_at_most"] = epsilon_bound(summed)
         if self.user_dp:
-            row["user_epsilon"] = self.accountant.epsilon(self.config.delta)
+            row["user_epsilon"] = self.accountant.epsilon(self.user_delta)
         return row
 
     # -- end of run -----------------------------------------------------------------------------

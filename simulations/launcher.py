@@ -301,10 +301,11 @@ def _follow(config: SimulationConfig, logs: subprocess.Popen, timeout: float, sh
 
 
 def describe_round(row: dict) -> str:
-    idle = row.get("noise_only", 0)  # declined devices that still sent their noise
-    parts = [f"trained {row['aggregated'] - idle}", f"declined {row['declined']}"]
     if row.get("discarded"):
-        parts.append("DISCARDED (< K_min survivors)")
+        parts = [f"DISCARDED ({row['aggregated']} < K_min survivors)"]
+    else:
+        idle = row.get("noise_only", 0)  # declined devices that still sent their noise
+        parts = [f"trained {row['aggregated'] - idle}", f"declined {row['declined']}"]
     if row.get("failed"):
         parts.append(f"failed {row['failed']}")
     if row.get("loss") is not None:

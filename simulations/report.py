@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.ledger import PrivacyLedger
+from fedrec.client.ledger import GENESIS, PrivacyLedger
 from fedrec.common.baselines import popularity_scorer
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
@@ -18,15 +18,21 @@ from fedrec.server.user_privacy import discard_delta
 from fedrec.simulations.federation import FederatedRun
 
 
-def client_epsilons(run: FederatedRun, guarantee: Guarantee) -> tuple[np.ndarray, int, list[str]]:
+LEDGER_HEADS_FILE = "ledger_heads.json"
+
+
+def client_epsilons(
+    run: FederatedRun, guarantee: Guarantee
+) -> tuple[np.ndarray, int, dict[str, str]]:
     """Per-cohort ε of every device ledger in the run, the number of retired cohorts, and the
     ledgers' head hashes (so an auditor can detect truncation later)."""
-    values, retired, heads = [], 0, []
+    values, retired, heads = [], 0, {}
     for path in sorted((run.out / "clients").glob("*/ledger.jsonl")):
         with PrivacyLedger.open(path) as ledger:
             values.extend(ledger.epsilons(guarantee, run.config.delta).values())
             retired += len(ledger.retired_cohorts())
-            heads.append(f"{path.parent.name}:{ledger.head_hash}")
+            if ledger.head_hash != GENESIS:
+                heads[path.parent.name] = ledger.head_hash
     return np.array(values, dtype=np.float64), retired, heads
 
 
@@ -35,7 +41,7 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
     config, out = run.config, []
     delta = config.delta
     if "user" in config.dp:
-        user_eps = run.accountant.epsilon(delta)
+        user_eps = run.accountant.epsilon(run.user_delta)
         extra = 0.0
         if "distributed" in config.dp:
             extra = discard_delta(
@@ -60,7 +66,7 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                     else ""
                 ),
                 "epsilon": user_eps,
-                "delta": delta + extra,
+                "delta": run.user_delta + extra,
                 "delta_from_discarded_rounds": extra,
                 "accountant": "RDP, Poisson client sampling at rate "
                 f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g} "
@@ -115,7 +121,26 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                 "accountant": "RDP per cohort from the device ledgers",
             }
         )
-    return out
+    return [void_unless_delta_holds(g, delta, run) for g in out]
+
+
+def void_unless_delta_holds(guarantee: dict, target_delta: float, run: FederatedRun) -> dict:
+    """A guarantee is stated as held only when its δ is at most the run's target and below
+    1/N for its unit (devices for user-level DP, delivered interactions otherwise): a larger δ
+    permits releasing some unit's data outright, so the (ε, δ) pair would say nothing."""
+    if guarantee.get("earned") is False:
+        return guarantee
+    user_level = guarantee["unit"].startswith("one device")
+    population = len(run.registered) if user_level else len(run.stream.rows)
+    what = "devices" if user_level else "interactions"
+    why = None
+    if not guarantee["delta"] <= target_delta:
+        why = f"δ={guarantee['delta']:.3g} exceeds the target δ={target_delta:g}"
+    elif not guarantee["delta"] < 1 / population:
+        why = f"δ={guarantee['delta']:.3g} is not below 1/N for the {population} {what}"
+    if why is None:
+        return {**guarantee, "earned": True}
+    return {**guarantee, "earned": False, "why_not": f"void: {why}"}
 
 
 def prequential_baselines(run: FederatedRun) -> list[dict]:
@@ -158,15 +183,17 @@ def finalize(run: FederatedRun) -> dict:
         "max_interaction_epsilon": float(budgeted.max()) if len(budgeted) else 0.0,
         "max_interaction_epsilon_local": float(eps_local.max()) if len(eps_local) else 0.0,
         "retired_cohorts": retired,
-        "declined_clients": int(sum(r["declined"] for r in rows)),
+        "declined_clients": int(sum(r.get("declined", 0) for r in rows)),
         "failed_clients": int(sum(r["failed"] for r in rows)),
         "guarantees": guarantees(run, eps_dist, eps_local),
     }
     if "user" in config.dp:
-        privacy["user_epsilon"] = run.accountant.epsilon(config.delta)
+        privacy["user_epsilon"] = run.accountant.epsilon(run.user_delta)
         privacy["user_budget_epsilon"] = config.user_epsilon
     summary = {
         "rounds": len(rows),
+        # rounds whose sum was published (the others were discarded below K_min)
+        "published_rounds": sum(not r.get("discarded") for r in rows),
         "protocol": config.protocol,
         "test": test,
         # the same test, ranked by the non-personalised yardsticks (as `fedrec train` reports)
@@ -187,15 +214,17 @@ def finalize(run: FederatedRun) -> dict:
         },
         "privacy": privacy,
         "prequential": [
-            {"round": r["round"], "hr@10": r["preq_hr@10"], "ndcg@10": r["preq_ndcg@10"]}
+            {"round": r["round"], "hr@10": r.get("preq_hr@10"), "ndcg@10": r.get("preq_ndcg@10")}
             for r in rows
         ],
         "prequential_baselines_ndcg@10": prequential_baselines(run),
         # forgetting: NDCG@10 on window 2 (from window-1 histories), re-measured every round
         "early_window_ndcg@10": [r.get("early_window_ndcg@10") for r in rows],
-        "ledger_heads": heads,
         "config": config.to_flat(),
     }
+    # head hashes of the ledgers that hold entries, in their own file (an auditor compares
+    # them with the ledgers; most of a large run's summary was this list)
+    atomic_write_json(run.out / LEDGER_HEADS_FILE, heads)
     atomic_write_json(run.out / "summary.json", summary)
     plot_rounds(rows, run.out / "rounds.png")
     plot_epsilons(budgeted, config.epsilon, run.out / "epsilon.png")
@@ -213,7 +242,7 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
     for key, label in (("preq_hr@10", "HR@10"), ("preq_ndcg@10", "NDCG@10")):
         axes[0].plot(
             rounds,
-            [r[key] if r[key] is not None else np.nan for r in rows],
+            [r[key] if r.get(key) is not None else np.nan for r in rows],
             marker="o",
             label=label,
         )
@@ -226,7 +255,7 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
         )
     axes[0].set(title="prequential (new, before training) and forgetting", xlabel="round")
     axes[1].plot(rounds, [r["aggregated"] for r in rows], marker="o", label="aggregated")
-    axes[1].plot(rounds, [r["declined"] for r in rows], marker="x", label="declined")
+    axes[1].plot(rounds, [r.get("declined", 0) for r in rows], marker="x", label="declined")
     axes[1].set(title="devices per round", xlabel="round")
     if "user_epsilon" in rows[0]:
         axes[2].plot(rounds, [r["user_epsilon"] for r in rows], marker="o", label="user-level ε")

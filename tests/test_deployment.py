@@ -202,15 +202,6 @@ def test_parameters_travel_as_one_bundle_and_a_malformed_one_is_a_clear_error():
         unpack_parameters(np.frombuffer(bomb.getvalue(), np.uint8))
 
 
-@pytest.fixture
-def flower_task(monkeypatch):
-    """The identity Flower gives a running task (a Message built outside one needs it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 def test_a_reply_with_malformed_parameters_is_dropped_with_its_reason(flower_task):
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict

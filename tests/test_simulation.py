@@ -74,9 +74,13 @@ def test_a_run_writes_consistent_outputs(tmp_path):
     assert 0 < privacy["user_epsilon"] <= config.user_epsilon
     names = [g["name"] for g in privacy["guarantees"]]
     assert any("user-level" in n for n in names) and any("secure aggregation" in n for n in names)
-    # every device ledger verifies, is within budget, and its head is in the summary
-    heads = dict(h.split(":") for h in summary["ledger_heads"])
-    ledgers = sorted((out / "clients").glob("*/ledger.jsonl"))
+    # every device ledger that holds entries verifies, is within budget, and its head is
+    # in ledger_heads.json (not in summary.json, which stays small)
+    assert "ledger_heads" not in summary
+    heads = json.loads((out / "ledger_heads.json").read_text())
+    ledgers = [
+        p for p in sorted((out / "clients").glob("*/ledger.jsonl")) if p.read_text().strip()
+    ]
     assert ledgers and len(heads) == len(ledgers)
     trained = sum(r["aggregated"] - r["noise_only"] for r in rows)
     assert sum(r["noise_only"] for r in rows) > 0  # idle devices still add their noise
@@ -144,12 +148,13 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
     out = tmp_path / "flower-run"
     env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "fedrec.common.cli", "simulate", "--out", str(out)]
-    for key in ("dataset", "synthetic", "rounds", "clients-per-round"):
+    for key in ("dataset", "synthetic", "rounds", "clients-per-round", "min-survivors"):
         args += [f"--{key}", str(SMALL[key])]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["privacy"]["failed_clients"] == 0
+    assert summary["published_rounds"] == 3  # the sums reached K_min: nothing was discarded
     assert "user_epsilon" in summary["privacy"]
     # several devices per message: every device's metrics came back to the server, split
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -532,3 +537,101 @@ def test_a_device_whose_update_is_invalid_is_a_failure_not_part_of_the_sum():
     assert pooled[0].metrics["loss"] == 2.0 and pooled[0].metrics["trained"] == 1.0
     failed = next(r for r in out if r.user == 2)
     assert failed.error is not None and "non-finite" in failed.error
+
+
+def test_the_sum_through_flower_records_counts_only_devices_whose_update_is_in_it(flower_task):
+    """A slot's reply under secure aggregation, packed by the ClientApp and unpacked by the
+    ServerApp: a device that sent no update (declined without a noise share) and a failed one
+    are not members of the sum, so K_min and the user-level noise credit never count them."""
+    from flwr.app import Message
+
+    from fedrec.client.app import pack_devices
+    from fedrec.server.app import unpack_devices
+    from fedrec.simulations.federation import secure_sum
+
+    received = {"w": np.zeros((2, 3), np.float32)}
+    sent = DeviceReply(1, {"w": np.ones((2, 3), np.float32)}, 1, {"loss": 1.0})
+    silent = DeviceReply(2, None, 0, {"declined": 1.0})
+    failed = DeviceReply(3, None, 0, {}, error="store unreadable")
+    replies = secure_sum([sent, silent, failed], received)
+    content = pack_devices([1, 2, 3], replies, received, secure=True)
+    out = unpack_devices([1, 2, 3], Message(content, dst_node_id=1, message_type="train"))
+    pooled = [r for r in out if r.pooled]
+    assert len(pooled) == 1 and pooled[0].pooled == 1
+    np.testing.assert_array_equal(pooled[0].params["w"], received["w"] + 1)
+    assert [r.error is not None for r in out if not r.pooled] == [False, False, True]
+    # the server's K_min rule sees one survivor, not two
+    run_row_survivors = sum(r.pooled for r in out)
+    assert run_row_survivors == 1
+
+
+def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered(tmp_path):
+    """30 devices with the default K_min (2,350): every round would be discarded. The run is
+    refused at construction, naming a flag that exists, and no device store is created; the
+    CLI exits 2 with the same message before starting Flower."""
+    from typer.testing import CliRunner
+
+    from fedrec.common.cli import app
+    from fedrec.simulations.federation import SettingsError
+
+    config = small(tmp_path, **{"min-survivors": 2350})
+    with pytest.raises(SettingsError, match=r"--min-survivors 2350 .*at most \d+"):
+        FederatedRun(config)
+    assert not (config.out / "clients").exists()
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate", "--dataset", "synthetic", "--synthetic", SMALL["synthetic"],
+            "--rounds", "2", "--min-survivors", "2350", "--out", str(tmp_path / "cli"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--min-survivors" in result.output and "at most" in result.output
+    assert not (tmp_path / "cli" / "clients").exists()
+    # the flag it names works: the suggested K_min is accepted
+    suggested = int(result.output.split("at most ")[1].split()[0].rstrip(";,"))
+    FederatedRun(
+        small(tmp_path / "ok", **{"min-survivors": suggested, "clients-per-round": 2700})
+    )
+
+
+def test_a_delta_not_below_one_over_n_is_refused(tmp_path):
+    from fedrec.simulations.federation import SettingsError
+
+    with pytest.raises(SettingsError, match=r"--delta 0.01 .*user-level DP would be void"):
+        FederatedRun(small(tmp_path, delta=0.01))  # 120 devices: 1/N = 0.0083
+    with pytest.raises(SettingsError, match="per-interaction DP would be void"):
+        FederatedRun(small(tmp_path, delta=0.001, dp="local"))  # ~1,400 interactions
+
+
+def test_a_void_guarantee_is_never_stated_as_held(tmp_path):
+    from fedrec.simulations.report import void_unless_delta_holds
+
+    run = FederatedRun(small(tmp_path))
+    held = {"name": "x", "unit": "one device", "epsilon": 1.0, "delta": 1e-6}
+    assert void_unless_delta_holds(held, 1e-5, run)["earned"] is True
+    over = void_unless_delta_holds({**held, "delta": 1.0}, 1e-5, run)
+    assert over["earned"] is False and "exceeds the target" in over["why_not"]
+    # below the target but not below 1/N (120 devices)
+    loose = void_unless_delta_holds({**held, "delta": 0.009}, 0.01, run)
+    assert loose["earned"] is False and "1/N" in loose["why_not"]
+
+
+def test_a_discarded_round_reveals_only_that_it_was_discarded(tmp_path):
+    """Fewer than K_min devices in the sum: the model stays, and the round's row in
+    metrics.jsonl carries none of the sum's counters (losses, prequential hits, declines)."""
+    from fedrec.simulations.federation import device_reply, secure_sum
+
+    run = FederatedRun(small(tmp_path))
+    before = {n: v.copy() for n, v in run.params.items()}
+    users = [int(u) for u in run.sample(1)][:2]  # 2 < K_min = 3
+    replies = secure_sum([device_reply(run.config, u, 1, run.params) for u in users], run.params)
+    row = run.finish_round(1, replies, 0.0)
+    assert row["discarded"] is True
+    for name in before:
+        np.testing.assert_array_equal(run.params[name], before[name])
+    written = json.loads((run.out / "metrics.jsonl").read_text().splitlines()[-1])
+    leaks = {"loss", "declined", "noise_only", "preq_count", "preq_hr@10", "preq_ndcg@10",
+             "retired_now", "max_interaction_epsilon_sampled_at_most"}  # fmt: skip
+    assert not leaks & set(written), leaks & set(written)
+    assert written["aggregated"] == 2 and written["sampled"] == 2

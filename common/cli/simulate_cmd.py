@@ -45,6 +45,13 @@ def simulate(
     no_dp: Annotated[bool, typer.Option("--no-dp", help="same as --dp off")] = False,
     epsilon: Annotated[float | None, typer.Option(help="per-interaction ε budget")] = None,
     user_epsilon: Annotated[float | None, typer.Option(help="user-level ε budget")] = None,
+    delta: Annotated[
+        float | None, typer.Option(help="δ of every guarantee (must be below 1/N of its unit)")
+    ] = None,
+    min_survivors: Annotated[
+        int | None,
+        typer.Option(help="K_min: under secure aggregation a round with fewer is discarded"),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (simulation only)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/simulate)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
@@ -67,7 +74,8 @@ def simulate(
         ("synthetic", synthetic), ("text-encoder", text_encoder), ("rounds", rounds),
         ("protocol", protocol),
         ("clients-per-round", clients_per_round), ("dp", "off" if no_dp else dp),
-        ("epsilon", epsilon), ("user-epsilon", user_epsilon), ("seed", seed), ("out", out),
+        ("epsilon", epsilon), ("user-epsilon", user_epsilon), ("delta", delta),
+        ("min-survivors", min_survivors), ("seed", seed), ("out", out),
     ):  # fmt: skip
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
@@ -85,6 +93,12 @@ def simulate(
     checkpoints = Path(config.out) / "checkpoints"
     if checkpoints.exists() and not config.resume:
         raise fail(f"{config.out} already holds a run: pass --resume, or choose another --out")
+    from fedrec.simulations.federation import SettingsError, preflight
+
+    try:  # before anything is delivered, trained or started
+        preflight(config)
+    except SettingsError as err:
+        raise fail(str(err)) from err
 
     if in_process:
         from fedrec.simulations.federation import run_in_process
@@ -121,7 +135,12 @@ def simulate(
         typer.echo(f"  {name.replace('_', ' ')}: NDCG@10 {metrics['ndcg@10']:.4f}")
     for g in summary["privacy"]["guarantees"]:
         if not g.get("earned", True):
-            typer.echo(f"  {g['name']}: NOT claimed: {g['why_not']}")
+            typer.secho(f"  {g['name']}: NOT claimed: {g['why_not']}", err=True, fg="yellow")
             continue
         typer.echo(f"  {g['name']}: ε={g['epsilon']:.2f}, δ={g['delta']:.3g} per {g['unit']}")
     typer.echo(f"wrote {summary_path}")
+    if summary["published_rounds"] == 0:
+        raise fail(
+            f"no round was published: all {summary['rounds']} were discarded below K_min "
+            f"(--min-survivors {config.min_survivors}); the model is the initial one"
+        )
