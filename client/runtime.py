@@ -159,7 +159,7 @@ def template_for(config: SimulationConfig) -> tuple[RecModel, dict[str, int]]:
             "data": dataclasses.asdict(config.data),
             "model": dataclasses.asdict(config.model),
             "rounds": config.rounds,
-            "protocol": config.protocol,
+            "protocol": config.stream_protocol,
         },
         sort_keys=True,
     )
@@ -178,7 +178,7 @@ def simulated_device_round(
     """Round `round` (1-based) for the virtual device of dense user `user`: deliver the windows
     that arrived since its last round into its store, then run `local_round`."""
     model, index = template_for(config)
-    stream = load_stream(config.data, config.rounds, config.protocol)
+    stream = load_stream(config.data, config.rounds, config.stream_protocol)
     user_id = str(stream.dataset.user_ids[user])
     folder = client_dir(config, user_id)
     device = local_config(config, _seed(config, user))

@@ -159,8 +159,8 @@ def write_summary(run: FederatedRun) -> dict:
                 "name": "user-level DP of the published global model",
                 "unit": "one device",
                 "threat_model": "anyone who sees a published model; trusts the server",
-                "epsilon": run.accountant.epsilon(config.delta),
-                "delta": config.delta,
+                "epsilon": run.accountant.epsilon(run.user_delta),
+                "delta": run.user_delta,
             }
         )
     summary = {

@@ -249,7 +249,7 @@ def write_run_catalogue(config: ServerConfig, path: Path) -> str:
 
     _, flat = split_run_config(dict(config.run))
     run = SimulationConfig.from_flat(flat)
-    public = public_catalogue(run.data, load_stream(run.data, run.rounds, run.protocol))
+    public = public_catalogue(run.data, load_stream(run.data, run.rounds, run.stream_protocol))
     write_public_catalogue(path, public)
     return public.digest
 

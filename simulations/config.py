@@ -46,6 +46,9 @@ class SimulationConfig:
     # evaluation protocol whose test is held back from the stream (see simulations/stream.py):
     # "loo" (a), comparable with papers; "temporal" (b), the stream ends at the global cutoff
     protocol: str = "loo"
+    # what the final evaluation ranks: "test", or "validation" to choose settings (the
+    # validation rows are then held back from the stream instead, and the test is never read)
+    evaluate_on: str = "test"
     # expected; Poisson-sampled at rate K/N (capped at 1). A device trains on what it holds
     # only when it is sampled, so the model knows the recent stream through this fraction:
     # 700 / 2700 / all 9,063 of the built-in devices gave test NDCG@10 0.118 / 0.142 / 0.157
@@ -107,6 +110,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {self.protocol!r}")
+        if self.evaluate_on not in ("test", "validation"):
+            raise ValueError(f"evaluate-on must be test or validation, not {self.evaluate_on!r}")
         if self.rounds < 1 or self.clients_per_round < 1:
             raise ValueError("rounds and clients-per-round must be >= 1")
         if self.server_optimizer not in ("fedavg", "fedadam"):
@@ -124,6 +129,11 @@ class SimulationConfig:
             raise ValueError("reference-batch, local-steps and min-survivors must be >= 1")
         if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("budgets must be > 0 and delta in (0, 1)")
+
+    @property
+    def stream_protocol(self) -> str:
+        """The protocol the stream is built with (`fedrec.simulations.stream.build_stream`)."""
+        return self.protocol + (":validation" if self.evaluate_on == "validation" else "")
 
     @property
     def user_sensitivity(self) -> float:

@@ -255,7 +255,7 @@ def check_guarantees_can_hold(config: SimulationConfig, *, registered: int, inte
 
 def preflight(config: SimulationConfig) -> None:
     """Load the run's stream and check its settings before anything starts (Flower included)."""
-    stream = load_stream(config.data, config.rounds, config.protocol)
+    stream = load_stream(config.data, config.rounds, config.stream_protocol)
     check_guarantees_can_hold(
         config, registered=len(stream.clients()), interactions=len(stream.rows)
     )
@@ -265,7 +265,7 @@ class FederatedRun:
     def __init__(self, config: SimulationConfig):
         self.config = config
         self.out = Path(config.out)
-        self.stream = load_stream(config.data, config.rounds, config.protocol)
+        self.stream = load_stream(config.data, config.rounds, config.stream_protocol)
         self.model = build_model(config.data, config.model, self.stream)
         self.registered = self.stream.clients()
         self.sample_rate = client_sample_rate(

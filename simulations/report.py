@@ -195,9 +195,11 @@ def finalize(run: FederatedRun) -> dict:
         # rounds whose sum was published (the others were discarded below K_min)
         "published_rounds": sum(not r.get("discarded") for r in rows),
         "protocol": config.protocol,
-        "test": test,
-        # the same test, ranked by the non-personalised yardsticks (as `fedrec train` reports)
-        "test_baselines": baseline_metrics(
+        # "test", or "validation" when the run chooses settings (the test is then never read)
+        "evaluated_on": config.evaluate_on,
+        config.evaluate_on: test,
+        # the same target, ranked by the non-personalised yardsticks (as `fedrec train` reports)
+        f"{config.evaluate_on}_baselines": baseline_metrics(
             run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
         ),
         "dp": {

@@ -67,13 +67,21 @@ class Stream:
         return out
 
 
+# A stream protocol "NAME:validation" holds back the protocol's VALIDATION rows as the target
+# (and delivers only what precedes them): the run that settings are chosen on.
+VALIDATION_SUFFIX = ":validation"
+
+
 def build_stream(dataset: Dataset, rounds: int, protocol: str = "loo") -> Stream:
-    split = make_split(dataset.interactions, ProtocolConfig(protocol))
+    name = protocol.removesuffix(VALIDATION_SUFFIX)
+    split = make_split(dataset.interactions, ProtocolConfig(name))
+    if protocol.endswith(VALIDATION_SUFFIX):
+        split = split.for_validation()
     # Everything a user had before their test interaction is delivered, validation rows
     # included: the simulation selects no model on them, and the yardsticks it is compared
     # with (popularity, recent popularity) count them too.
     delivered = split.before_test()
-    if protocol == "loo":
+    if name == "loo":
         counts = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
         short = dataset.interactions.select(counts[dataset.interactions.user] < split_min_user())
         delivered = Interactions.concat([delivered, short])

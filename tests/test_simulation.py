@@ -635,3 +635,23 @@ def test_a_discarded_round_reveals_only_that_it_was_discarded(tmp_path):
              "retired_now", "max_interaction_epsilon_sampled_at_most"}  # fmt: skip
     assert not leaks & set(written), leaks & set(written)
     assert written["aggregated"] == 2 and written["sampled"] == 2
+
+
+def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(tmp_path):
+    """--evaluate-on validation: the stream stops before each user's validation row, the
+    target is that row, and the summary says so; the test rows are in neither."""
+    from fedrec.simulations.stream import load_stream
+
+    config = small(tmp_path, **{"evaluate-on": "validation"})
+    stream = load_stream(config.data, config.rounds, config.stream_protocol)
+    full = load_stream(config.data, config.rounds, config.protocol)
+
+    def keys(rows):
+        return set(zip(rows.user.tolist(), rows.item.tolist(), rows.timestamp.tolist(), strict=True))
+
+    delivered, valid, test = keys(stream.rows), keys(full.split.valid), keys(full.split.test)
+    assert valid and not delivered & valid and not delivered & test
+    assert keys(stream.split.test) == valid
+    summary = finalize(run_in_process(config))
+    assert summary["evaluated_on"] == "validation" and "test" not in summary
+    assert 0 <= summary["validation"]["ndcg@10"] <= 1 and "validation_baselines" in summary

@@ -35,6 +35,13 @@ def simulate(
         str | None,
         typer.Option(help="test held back from the stream: loo (a) | temporal (b, global cutoff)"),
     ] = None,
+    evaluate_on: Annotated[
+        str | None,
+        typer.Option(
+            help="test | validation: choose settings on validation (its rows are held back "
+            "instead, and the test is never read)"
+        ),
+    ] = None,
     clients_per_round: Annotated[
         int | None, typer.Option(help="expected devices per round (Poisson-sampled)")
     ] = None,
@@ -72,7 +79,7 @@ def simulate(
     for key, value in (
         ("dataset", dataset), ("data-dir", data_dir), ("columns", columns),
         ("synthetic", synthetic), ("text-encoder", text_encoder), ("rounds", rounds),
-        ("protocol", protocol),
+        ("protocol", protocol), ("evaluate-on", evaluate_on),
         ("clients-per-round", clients_per_round), ("dp", "off" if no_dp else dp),
         ("epsilon", epsilon), ("user-epsilon", user_epsilon), ("delta", delta),
         ("min-survivors", min_survivors), ("seed", seed), ("out", out),
@@ -127,11 +134,13 @@ def simulate(
             err=True,
             fg="yellow",
         )
-    test, protocol = summary["test"], summary.get("protocol", "loo")
+    target, protocol = summary["evaluated_on"], summary["protocol"]
+    scores = summary[target]
     typer.echo(
-        f"test ({protocol}, full ranking): HR@10 {test['hr@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}"
+        f"{target} ({protocol}, full ranking): HR@10 {scores['hr@10']:.4f}  "
+        f"NDCG@10 {scores['ndcg@10']:.4f}"
     )
-    for name, metrics in summary.get("test_baselines", {}).items():
+    for name, metrics in summary.get(f"{target}_baselines", {}).items():
         typer.echo(f"  {name.replace('_', ' ')}: NDCG@10 {metrics['ndcg@10']:.4f}")
     for g in summary["privacy"]["guarantees"]:
         if not g.get("earned", True):

@@ -6,6 +6,7 @@ history is ordered by (timestamp, item), the stream by (timestamp, user, item), 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
@@ -28,6 +29,13 @@ class Split:
     def before_test(self) -> Interactions:
         """Train and validation rows: everything a user could know before the test."""
         return Interactions.concat([self.train, self.valid])
+
+    def for_validation(self) -> Split:
+        """The same split shifted one step back, for choosing settings: the validation rows
+        become the held-out target and only the training rows come before it, so no
+        setting is ever chosen by looking at the test."""
+        empty = self.train.select(np.zeros(0, np.int64))
+        return dataclasses.replace(self, valid=empty, test=self.valid)
 
 
 def filter_min_interactions(
