@@ -143,7 +143,6 @@ def record_devices(
 
 def write_summary(run: FederatedRun) -> dict:
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
-    config = run.config
     guarantees = [
         {
             "name": "per-interaction DP of each device's update (the device's own noise)",

@@ -234,7 +234,9 @@ def discard_delta(
     return min(1.0, rounds * (1.0 + math.exp(min(epsilon, 700.0))) * per_round)
 
 
-def discard_probability(*, registered_clients: int, sample_rate: float, min_survivors: int) -> float:
+def discard_probability(
+    *, registered_clients: int, sample_rate: float, min_survivors: int
+) -> float:
     """P(n < K_min) for one round: n ~ Binomial(N - 1, q) devices besides the one protected."""
     from scipy.stats import binom
 

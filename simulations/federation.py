@@ -183,7 +183,9 @@ class SettingsError(ValueError):
 MAX_DISCARD_PROBABILITY = 0.01
 
 
-def check_guarantees_can_hold(config: SimulationConfig, *, registered: int, interactions: int) -> float:
+def check_guarantees_can_hold(
+    config: SimulationConfig, *, registered: int, interactions: int
+) -> float:
     """Refuse settings under which a guarantee the run would state is void; return the δ that
     discarding rounds below K_min adds to the user-level guarantee (0 without it).
 

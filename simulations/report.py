@@ -17,7 +17,6 @@ from fedrec.common.reference import baseline_metrics
 from fedrec.server.user_privacy import discard_delta
 from fedrec.simulations.federation import FederatedRun
 
-
 LEDGER_HEADS_FILE = "ledger_heads.json"
 
 

@@ -78,9 +78,7 @@ def test_a_run_writes_consistent_outputs(tmp_path):
     # in ledger_heads.json (not in summary.json, which stays small)
     assert "ledger_heads" not in summary
     heads = json.loads((out / "ledger_heads.json").read_text())
-    ledgers = [
-        p for p in sorted((out / "clients").glob("*/ledger.jsonl")) if p.read_text().strip()
-    ]
+    ledgers = [p for p in sorted((out / "clients").glob("*/ledger.jsonl")) if p.read_text().strip()]
     assert ledgers and len(heads) == len(ledgers)
     trained = sum(r["aggregated"] - r["noise_only"] for r in rows)
     assert sum(r["noise_only"] for r in rows) > 0  # idle devices still add their noise
@@ -590,9 +588,7 @@ def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered
     assert not (tmp_path / "cli" / "clients").exists()
     # the flag it names works: the suggested K_min is accepted
     suggested = int(result.output.split("at most ")[1].split()[0].rstrip(";,"))
-    FederatedRun(
-        small(tmp_path / "ok", **{"min-survivors": suggested, "clients-per-round": 2700})
-    )
+    FederatedRun(small(tmp_path / "ok", **{"min-survivors": suggested, "clients-per-round": 2700}))
 
 
 def test_a_delta_not_below_one_over_n_is_refused(tmp_path):
@@ -647,7 +643,9 @@ def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(tm
     full = load_stream(config.data, config.rounds, config.protocol)
 
     def keys(rows):
-        return set(zip(rows.user.tolist(), rows.item.tolist(), rows.timestamp.tolist(), strict=True))
+        return set(
+            zip(rows.user.tolist(), rows.item.tolist(), rows.timestamp.tolist(), strict=True)
+        )
 
     delivered, valid, test = keys(stream.rows), keys(full.split.valid), keys(full.split.test)
     assert valid and not delivered & valid and not delivered & test
