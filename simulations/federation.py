@@ -255,6 +255,33 @@ def check_guarantees_can_hold(
     return extra
 
 
+# Settings a resumed run may change: where it runs, and the resume flag itself. Everything
+# else shapes the stream, the model, the privacy calibration or the budgets.
+RESUMABLE_SETTINGS = frozenset({"out", "resume"})
+
+
+def refuse_changed_settings(recorded: dict, config: SimulationConfig, path: Path) -> None:
+    """A resumed run continues the recorded one exactly: any other setting that differs is
+    refused, naming each (a raised budget, another DP mode or other rounds would make the
+    spend, the ledgers or the stream mean something else)."""
+    try:
+        before = SimulationConfig.from_flat(recorded).to_flat()
+    except (TypeError, ValueError) as err:
+        raise SettingsError(f"{path}: unreadable recorded configuration: {err}") from err
+    now = config.to_flat()
+    changed = [
+        f"{key} (recorded {before[key]!r}, now {now[key]!r})"
+        for key in sorted(before)
+        if key not in RESUMABLE_SETTINGS and before[key] != now.get(key)
+    ]
+    if changed:
+        raise SettingsError(
+            f"--resume continues the run recorded in {path} with its own settings; these "
+            f"differ: {'; '.join(changed)}. Resume without changing them, or start a new run "
+            "in another --out"
+        )
+
+
 def preflight(config: SimulationConfig) -> None:
     """Load the run's stream and check its settings before anything starts (Flower included)."""
     stream = load_stream(config.data, config.rounds, config.stream_protocol)
@@ -267,6 +294,9 @@ class FederatedRun:
     def __init__(self, config: SimulationConfig):
         self.config = config
         self.out = Path(config.out)
+        recorded = self.out / "config.json"
+        if config.resume and recorded.exists():
+            refuse_changed_settings(json.loads(recorded.read_text()), config, recorded)
         self.stream = load_stream(config.data, config.rounds, config.stream_protocol)
         self.model = build_model(config.data, config.model, self.stream)
         self.registered = self.stream.clients()
@@ -302,7 +332,8 @@ class FederatedRun:
             self.accountant = UserLevelAccountant.from_dict(checkpoint.extra["user_privacy"])
             self.next_round = checkpoint.round + 1
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", config.to_flat())
+        if not recorded.exists():  # written once: a resumed run never rewrites it
+            atomic_write_json(recorded, config.to_flat())
         self.probe = self._early_window_probe()
 
     def calibrate_user_noise(self) -> None:

@@ -88,7 +88,13 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                 "device, only whether it failed; updates and counters arrive as one sum. Not "
                 "covered: those counters (declined, trained, retired, losses, prequential "
                 "hits, an epsilon histogram), exact sums released as the study's "
-                "instrumentation, and a failed device's error message",
+                "instrumentation, and a failed device's error message. Simulation only: "
+                "the secure sum is simulated, and the server process receives each "
+                "execution slot's partial sum (fewer than K_min devices) before adding "
+                "them, so the guarantee assumes a server that reads only the total; it "
+                "holds against a server that reads more only with real secure "
+                "aggregation. A discarded round's row says only that it was discarded "
+                "and how many devices answered",
                 "epsilon": float(eps_distributed.max()) if len(eps_distributed) else 0.0,
                 "delta": delta,
                 "accountant": "RDP per cohort from the device ledgers",

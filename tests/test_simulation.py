@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -653,3 +654,40 @@ def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(tm
     summary = finalize(run_in_process(config))
     assert summary["evaluated_on"] == "validation" and "test" not in summary
     assert 0 <= summary["validation"]["ndcg@10"] <= 1 and "validation_baselines" in summary
+
+
+def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tmp_path):
+    """A run stopped after round 1, resumed with a raised budget, --dp off or other rounds:
+    each refused naming the setting; config.json is unchanged; an unchanged resume works.
+    --resume on a folder that holds no run is an error."""
+    from typer.testing import CliRunner
+
+    from fedrec.common.cli import app
+    from fedrec.simulations.federation import SettingsError
+
+    config = small(tmp_path, rounds=2)
+    run = FederatedRun(config)
+    run.finish_round(1, [], 0.0)
+    recorded = (config.out / "config.json").read_text()
+    for change, named in (
+        ({"epsilon": 1000.0}, "epsilon (recorded 8.0, now 1000.0)"),
+        ({"dp": "off"}, "dp (recorded 'distributed+user', now 'off')"),
+        ({"rounds": 20}, "rounds (recorded 2, now 20)"),
+    ):
+        with pytest.raises(SettingsError, match=re.escape(named)):
+            FederatedRun(small(tmp_path, **({"rounds": 2, "resume": True} | change)))
+    assert (config.out / "config.json").read_text() == recorded
+    assert FederatedRun(small(tmp_path, rounds=2, resume=True)).next_round == 2
+    result = CliRunner().invoke(
+        app, ["simulate", "--resume", "--out", str(tmp_path / "nothing-here")]
+    )
+    assert result.exit_code == 2 and "holds no run to continue" in result.output
+    assert not (tmp_path / "nothing-here").exists()
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate", "--resume", "--out", str(config.out), "--dataset", "synthetic",
+            "--synthetic", SMALL["synthetic"], "--epsilon", "1000",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "epsilon (recorded 8.0, now 1000.0)" in result.output

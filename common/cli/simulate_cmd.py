@@ -100,9 +100,18 @@ def simulate(
     checkpoints = Path(config.out) / "checkpoints"
     if checkpoints.exists() and not config.resume:
         raise fail(f"{config.out} already holds a run: pass --resume, or choose another --out")
-    from fedrec.simulations.federation import SettingsError, preflight
+    recorded = Path(config.out) / "config.json"
+    if config.resume and not recorded.exists():
+        raise fail(f"--resume: {config.out} holds no run to continue (no {recorded.name})")
+    from fedrec.simulations.federation import SettingsError, preflight, refuse_changed_settings
 
     try:  # before anything is delivered, trained or started
+        if config.resume:
+            try:
+                settings = json.loads(recorded.read_text())
+            except (OSError, ValueError) as err:
+                raise SettingsError(f"{recorded}: unreadable recorded configuration: {err}")
+            refuse_changed_settings(settings, config, recorded)
         preflight(config)
     except SettingsError as err:
         raise fail(str(err)) from err
