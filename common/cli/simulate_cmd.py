@@ -110,7 +110,9 @@ def simulate(
             try:
                 settings = json.loads(recorded.read_text())
             except (OSError, ValueError) as err:
-                raise SettingsError(f"{recorded}: unreadable recorded configuration: {err}")
+                raise SettingsError(
+                    f"{recorded}: unreadable recorded configuration: {err}"
+                ) from err
             refuse_changed_settings(settings, config, recorded)
         preflight(config)
     except SettingsError as err:
