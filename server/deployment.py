@@ -26,7 +26,7 @@ from fedrec.common.deployment import DeploymentSettings
 from fedrec.common.io import atomic_write_json
 from fedrec.server.user_privacy import client_sample_rate
 from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import DeviceReply, FederatedRun
+from fedrec.simulations.federation import RESUMABLE_SETTINGS, DeviceReply, FederatedRun
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ class UnsupportedDeployment(ValueError):
 
 class DeploymentRun(FederatedRun):
     """A FederatedRun whose registered devices are the connected SuperNodes."""
+
+    # A deployment learns for its whole life: a restart may extend it by more rounds (no
+    # stream is cut into windows; the user-level accountant records each round's own
+    # mechanism and the budget check stops before the user-level budget is passed).
+    resumable_settings = RESUMABLE_SETTINGS | {"rounds"}
 
     def __init__(self, config: SimulationConfig):
         if "distributed" in config.dp:

@@ -225,6 +225,14 @@ def check_guarantees_can_hold(
             config.delta / (10 * config.rounds * (1 + math.exp(min(config.user_epsilon, 700)))),
         ),
     )
+    if (
+        suggested < 1
+        and discard_probability(
+            registered_clients=registered, sample_rate=sample_rate, min_survivors=1
+        )
+        <= MAX_DISCARD_PROBABILITY
+    ):
+        suggested = 1  # K_min = 1 discards only empty rounds, which `discard_delta` charges 0
     advice = (
         f"set --min-survivors to at most {suggested}"
         if suggested >= 1
@@ -260,7 +268,12 @@ def check_guarantees_can_hold(
 RESUMABLE_SETTINGS = frozenset({"out", "resume"})
 
 
-def refuse_changed_settings(recorded: dict, config: SimulationConfig, path: Path) -> None:
+def refuse_changed_settings(
+    recorded: dict,
+    config: SimulationConfig,
+    path: Path,
+    resumable: frozenset[str] = RESUMABLE_SETTINGS,
+) -> None:
     """A resumed run continues the recorded one exactly: any other setting that differs is
     refused, naming each (a raised budget, another DP mode or other rounds would make the
     spend, the ledgers or the stream mean something else)."""
@@ -272,7 +285,7 @@ def refuse_changed_settings(recorded: dict, config: SimulationConfig, path: Path
     changed = [
         f"{key} (recorded {before[key]!r}, now {now[key]!r})"
         for key in sorted(before)
-        if key not in RESUMABLE_SETTINGS and before[key] != now.get(key)
+        if key not in resumable and before[key] != now.get(key)
     ]
     if changed:
         raise SettingsError(
@@ -291,12 +304,17 @@ def preflight(config: SimulationConfig) -> None:
 
 
 class FederatedRun:
+    # what a resumed run may change (`refuse_changed_settings`)
+    resumable_settings = RESUMABLE_SETTINGS
+
     def __init__(self, config: SimulationConfig):
         self.config = config
         self.out = Path(config.out)
         recorded = self.out / "config.json"
         if config.resume and recorded.exists():
-            refuse_changed_settings(json.loads(recorded.read_text()), config, recorded)
+            refuse_changed_settings(
+                json.loads(recorded.read_text()), config, recorded, self.resumable_settings
+            )
         self.stream = load_stream(config.data, config.rounds, config.stream_protocol)
         self.model = build_model(config.data, config.model, self.stream)
         self.registered = self.stream.clients()
