@@ -48,7 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     # failed. (At every device per round this is also most of a round's bytes saved.)
     replies = [device_reply(config, user, round_, params) for user in users]
     if config.secure_aggregation:
-        replies = secure_sum(replies, params)
+        bound = config.update_norm_bound(sum(v.size for v in params.values()))
+        replies = secure_sum(replies, params, bound)
     return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
 
 

@@ -39,11 +39,16 @@ OptimizerName: TypeAlias = Literal["fedavg", "fedadam"]
 
 
 def validate_update(
-    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    max_change: float | None = None,
 ) -> str | None:
-    """None if `update` has exactly `reference`'s names, shapes, float32 and finite values; else why not.
+    """None if `update` has exactly `reference`'s names, shapes, float32 and finite values, and
+    (with `max_change`) moves the parameters by at most that L2 norm; else why not.
 
     Never raises: a malformed update from a client is a reason to drop it, not to crash a round.
+    The norm bound is what the run's calibration lets an honest device send; whatever a device
+    claims, one update can then move the model by no more than any honest one could.
     """
     try:
         if not isinstance(update, Mapping):
@@ -70,6 +75,15 @@ def validate_update(
                     f"parameter {name!r}: {bad} non-finite value(s) of {value.size} "
                     f"({nan} NaN, {bad - nan} inf)"
                 )
+        if max_change is not None:
+            norm = math.sqrt(
+                sum(
+                    float(np.sum(np.square(update[n].astype(np.float64) - ref, dtype=np.float64)))
+                    for n, ref in reference.items()
+                )
+            )
+            if not norm <= max_change:
+                return f"update norm {norm:.4g} exceeds the bound {max_change:.4g} of the run"
         return None
     except Exception as exc:  # anything odd a client could send (bad keys, broken array objects)
         return f"update could not be checked: {type(exc).__name__}: {exc}"

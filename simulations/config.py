@@ -135,6 +135,22 @@ class SimulationConfig:
         """The protocol the stream is built with (`fedrec.simulations.stream.build_stream`)."""
         return self.protocol + (":validation" if self.evaluate_on == "validation" else "")
 
+    def update_norm_bound(self, num_params: int) -> float | None:
+        """The largest L2 change an honest device's update can make, which the server (or,
+        under secure aggregation, the input check of the sum) enforces on every update.
+
+        With DP-SGD the change is at most lr·C of signal plus the device's own Gaussian noise,
+        lr·σ·C/(B·√S) per coordinate over d coordinates, whose norm exceeds std·(√d + t) with
+        probability at most exp(-t²/2) (Gaussian concentration); t = 10 makes a false
+        rejection of an honest device about 2e-22 likely. Without DP-SGD the device clips its
+        update to `update_clip_norm` under user-level DP, and nothing bounds it without DP."""
+        sigma = self.device_noise_multiplier
+        if sigma is None:
+            # float32 rounding of the parameters the change is measured on: a 1e-3 margin
+            return self.update_clip_norm * (1 + 1e-3) if "user" in self.dp else None
+        noise_std = sigma / (self.reference_batch * math.sqrt(self.local_steps))
+        return self.local_lr * self.clip_norm * (1 + noise_std * (math.sqrt(num_params) + 10))
+
     @property
     def user_sensitivity(self) -> float:
         """L2 bound on one device's update, the sensitivity of user-level DP. With DP-SGD it

@@ -101,7 +101,9 @@ def epsilon_bound(counters: dict[str, float]) -> float | None:
 
 
 def secure_sum(
-    replies: Sequence[DeviceReply], received: dict[str, np.ndarray]
+    replies: Sequence[DeviceReply],
+    received: dict[str, np.ndarray],
+    max_change: float | None = None,
 ) -> list[DeviceReply]:
     """What secure aggregation lets the server learn of these devices' replies (DISTRIBUTED).
 
@@ -111,8 +113,9 @@ def secure_sum(
     "loss" and "loss_count" (devices that trained, and the sum of their finite losses) and
     a histogram of the devices' worst interaction ε (`epsilon_bin_key`);
     `pooled` is the number of devices in the sum. A device's update is checked before it
-    joins (shape, dtype, finite: what input validation in a secure aggregation protocol
-    checks on the device), and one that fails is a failed device, not a poisoned sum.
+    joins (shape, dtype, finite, and at most `max_change` from `received`: what input
+    validation in a secure aggregation protocol checks on the device), and one that fails
+    is a failed device, not a poisoned sum.
     In simulation this runs where the devices' replies are (a slot's message, or the
     sequential loop); the server adds the pooled replies up before reading anything."""
     out: list[DeviceReply] = []
@@ -122,7 +125,7 @@ def secure_sum(
     for reply in replies:
         error = reply.error
         if error is None and reply.params is not None:
-            reason = validate_update(reply.params, received)
+            reason = validate_update(reply.params, received, max_change)
             error = None if reason is None else f"invalid update: {reason}"
         if error is not None or reply.params is None:
             out.append(DeviceReply(reply.user, None, 0, {}, error=error))
@@ -171,6 +174,10 @@ def add_pooled(pooled: Sequence[DeviceReply]) -> DeviceReply | None:
 
 class RunExistsError(RuntimeError):
     pass
+
+
+class ModelNotFiniteError(RuntimeError):
+    """The aggregated model stopped being finite: the run stops rather than publish it."""
 
 
 class SettingsError(ValueError):
@@ -349,6 +356,7 @@ class FederatedRun:
             self.params, self.opt_state = checkpoint.params, checkpoint.opt_state
             self.accountant = UserLevelAccountant.from_dict(checkpoint.extra["user_privacy"])
             self.next_round = checkpoint.round + 1
+        self.update_bound = config.update_norm_bound(sum(v.size for v in self.params.values()))
         self.out.mkdir(parents=True, exist_ok=True)
         if not recorded.exists():  # written once: a resumed run never rewrites it
             atomic_write_json(recorded, config.to_flat())
@@ -454,7 +462,7 @@ class FederatedRun:
                 declined += 1  # under secure aggregation counted in the sum instead
             if reply.params is None:
                 continue
-            reason = validate_update(reply.params, self.params)
+            reason = validate_update(reply.params, self.params, self.update_bound)
             if reason is not None:
                 dropped.append(reason)
                 log.warning("round %d: dropped update of device %d: %s", round, reply.user, reason)
@@ -507,6 +515,12 @@ class FederatedRun:
             )
         if not discarded and self.config.server_bias_decay > 0:
             self._decay_item_biases(self.config.server_bias_decay)
+        broken = [n for n, v in self.params.items() if not np.isfinite(v).all()]
+        if broken:  # nothing of it is saved or published: the last checkpoint stays the latest
+            raise ModelNotFiniteError(
+                f"round {round}: the aggregated model has non-finite values in "
+                f"{', '.join(broken)}; the run stops at the checkpoint of round {round - 1}"
+            )
         if self.user_dp:
             self.accountant.record_round(self.user_mechanism(), round=round)
         if discarded:
@@ -632,7 +646,7 @@ def run_in_process(
         start = time.perf_counter()
         replies = [device_reply(config, int(user), round, run.params) for user in run.sample(round)]
         if config.secure_aggregation:
-            replies = secure_sum(replies, run.params)
+            replies = secure_sum(replies, run.params, run.update_bound)
         row = run.finish_round(round, replies, time.perf_counter() - start)
         if on_round is not None:
             on_round(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -699,3 +700,63 @@ def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tm
         ],
     )  # fmt: skip
     assert result.exit_code == 2 and "epsilon (recorded 8.0, now 1000.0)" in result.output
+
+
+def test_the_server_bounds_every_update_whatever_the_device_claims(tmp_path):
+    """One device of several adds 1e30 (or scales its change by 1e4): its update is dropped
+    with the reason counted, the honest ones are aggregated and the model stays finite.
+    Honest devices, noise included, are never dropped; under secure aggregation the same
+    bound is the input check of the sum."""
+    from fedrec.simulations.federation import device_reply, secure_sum
+
+    run = FederatedRun(small(tmp_path, dp="user+local"))  # the server sees each update
+    users = [int(u) for u in run.sample(1)]
+    replies = [device_reply(run.config, u, 1, run.params) for u in users]
+    trained = [r for r in replies if r.params is not None]
+    assert len(trained) >= 3
+    name = next(iter(run.params))
+    boosted = {**trained[0].params, name: trained[0].params[name] + np.float32(1e30)}
+    scaled = {n: run.params[n] + 1e4 * (v - run.params[n]) for n, v in trained[1].params.items()}
+    attacked = [
+        dataclasses.replace(trained[0], params=boosted),
+        dataclasses.replace(trained[1], params=scaled),
+        *trained[2:],
+    ]
+    row = run.finish_round(1, attacked, 0.0)
+    assert row["dropped"] == 2 and row["aggregated"] == len(trained) - 2
+    assert all("exceeds the bound" in r for r in row["dropped_reasons"])
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in run.params.values())
+    honest = FederatedRun(small(tmp_path / "honest", dp="user+local"))
+    row = honest.finish_round(1, replies, 0.0)
+    assert row["dropped"] == 0
+    # the input check of the secure sum: the boosted device fails, the others are summed
+    secure = FederatedRun(small(tmp_path / "secure"))
+    replies = [device_reply(secure.config, u, 1, secure.params) for u in users]
+    first = next(r for r in replies if r.params is not None)
+    bad = {**first.params, name: first.params[name] + np.float32(1e30)}
+    out = secure_sum(
+        [dataclasses.replace(first, params=bad), *replies[1:]], secure.params, secure.update_bound
+    )
+    assert "exceeds the bound" in next(r for r in out if r.user == first.user).error
+    assert next(r for r in out if r.pooled).pooled == len(replies) - 1
+
+
+def test_a_run_whose_model_stops_being_finite_stops_without_publishing_it(tmp_path, monkeypatch):
+    """An aggregate that overflows (simulated: the server step returns inf) stops the run with
+    an error naming the parameter; no checkpoint of that round is written."""
+    from fedrec.simulations import federation
+    from fedrec.simulations.federation import ModelNotFiniteError, device_reply
+
+    run = FederatedRun(small(tmp_path, dp="user+local"))
+    replies = [device_reply(run.config, int(u), 1, run.params) for u in run.sample(1)]
+    real = federation.aggregate
+
+    def overflowing(*args, **kwargs):
+        params, state, diag = real(*args, **kwargs)
+        name = next(iter(params))
+        return {**params, name: params[name] * np.float32(np.inf)}, state, diag
+
+    monkeypatch.setattr(federation, "aggregate", overflowing)
+    with pytest.raises(ModelNotFiniteError, match="non-finite values in"):
+        run.finish_round(1, replies, 0.0)
+    assert not list((run.out / "checkpoints").glob("round-*.npz"))
