@@ -147,8 +147,9 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fuse
     DP also the step's Gaussian noise, which the device round draws once for all its steps),
     DP-SGD ÷ plain SGD on a model Opacus never wrapped: without the device round's shared
     work (sampling, negatives, the fixed-point bookkeeping), so the larger of the two ratios."""
-    from fedrec.client.training import _dp_step_machinery, _fused_private_step, _gaussian_like
+    from fedrec.client.training import _dp_step_machinery, _fused_private_step
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
+    from fedrec.common.privacy.randomness import PrivacyRandomness
 
     model, plain_model, job, g, (first, second, when) = _default_job_batch()
     negatives, hits = sample_negatives(first, second, model.num_items, 100, g)
@@ -158,11 +159,12 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fuse
     inputs = (first, second, negatives, when)
     if clipping == "opacus":  # only then: the fused step runs on a model Opacus never wrapped
         module, dp_optimizer, dp_loss = _dp_step_machinery(model, job)
+    randomness = PrivacyRandomness.secure()  # the devices' noise source
 
     def step(private: bool) -> None:
         if private and clipping == "fused":
             _fused_private_step(model, fused_optimizer, inputs, hits, job)
-            _gaussian_like(trained, job.update_noise_std(), g)
+            randomness.normal_like(trained, job.update_noise_std())
             return
         net, optimizer = (module, dp_optimizer) if private else (plain_model, plain_optimizer)
         optimizer.zero_grad(set_to_none=True)  # before the forward: "ew" requires it
@@ -172,7 +174,7 @@ def single_step_ratio(repeats: int = 100, blocks: int = 7, clipping: str = "fuse
         loss.backward()
         optimizer.step()
         if private:
-            _gaussian_like(trained, job.update_noise_std(), g)
+            randomness.normal_like(trained, job.update_noise_std())
 
     ratio = _alternating_ratio(step, repeats, blocks)
     if clipping == "opacus":

@@ -56,6 +56,7 @@ def round_settings(policy: PrivacyPolicy, run_flat: dict[str, Any]) -> LocalTrai
         budget_guarantee=Guarantee.LOCAL if requested.private else None,
         delta=policy.delta,
         seed=None,
+        reproducible_noise=False,
     )
 
 

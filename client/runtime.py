@@ -60,6 +60,8 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
         clipping=config.per_example_clipping,
         update_clip_norm=config.update_clip_norm if "user" in config.dp else None,
         seed=seed,
+        # a device given no seed (a real one) never derives its noise from the run's settings
+        reproducible_noise=config.reproducible_noise and seed is not None,
     )
 
 

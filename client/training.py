@@ -58,6 +58,7 @@ from fedrec.common.privacy.dpsgd import (
     silence_known_opacus_warnings,
     step_on_empty_batch,
 )
+from fedrec.common.privacy.randomness import PrivacyRandomness, privacy_randomness
 from fedrec.common.types import Metrics
 
 Params = dict[str, np.ndarray]
@@ -84,9 +85,12 @@ class LocalTrainConfig:
     # Without DP-SGD, the device clips its whole update to this L2 norm (user-level DP needs a
     # bounded contribution); with DP-SGD the bound lr * C / q holds by construction.
     update_clip_norm: float | None = None
-    # Seeds sampling and noise for reproducible SIMULATIONS only. A real device must keep its
-    # noise secret from the server: None draws fresh OS entropy every round.
+    # Seeds the public randomness (negative items) of a SIMULATED device; None: OS entropy.
     seed: int | None = None
+    # DP noise and Poisson sampling come from a CSPRNG keyed with fresh OS entropy, unless
+    # this is set: then they are derived from `seed` (tests and benchmarks; voids every
+    # guarantee, since whoever knows the seed can regenerate the noise)
+    reproducible_noise: bool = False
 
     @property
     def private(self) -> bool:
@@ -101,6 +105,8 @@ class LocalTrainConfig:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.clipping not in CLIPPING:
             raise ValueError(f"clipping must be one of {CLIPPING}, got {self.clipping!r}")
+        if self.reproducible_noise and self.seed is None:
+            raise ValueError("reproducible_noise needs a seed")
 
     @property
     def noise_only_when_idle(self) -> bool:
@@ -245,15 +251,16 @@ def local_round(
     cohorts = sorted(set(data.cohort.tolist()) - ledger.retired_cohorts())
     first, second, when, present = _examples(data, item_index, set(cohorts))
     metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
-    generator = _generator(config, round)
+    randomness = privacy_source(config, round)
     if len(first) == 0:
         reason = "no trainable pair: every interaction is unpaired or retired"
-        result = idle_result(global_params, config, round, reason, metrics, generator)
+        result = idle_result(global_params, config, round, reason, metrics, randomness)
         idle = _idle_metrics(data, ledger, mechanism)
         return dataclasses.replace(result, idle_metrics=idle)
 
     # 3. local steps
-    new_params, loss = _train(model, first, second, when, config, generator)
+    generator = _generator(config, round)
+    new_params, loss = _train(model, first, second, when, config, generator, randomness)
 
     # 4. the ledger first, then local state, then the update may leave
     idle = None
@@ -322,12 +329,20 @@ def _idle_metrics(
 
 
 def _generator(config: LocalTrainConfig, round: int) -> torch.Generator:
+    """The round's PUBLIC randomness (negative items): nothing private depends on it."""
     generator = torch.Generator()
     if config.seed is None:
-        generator.seed()  # non-deterministic: the server cannot reproduce the device's noise
+        generator.seed()
     else:
         generator.manual_seed(config.seed * 1_000_003 + round)
     return generator
+
+
+def privacy_source(config: LocalTrainConfig, round: int) -> PrivacyRandomness:
+    """The round's DP noise and batch sampling: a CSPRNG under a fresh OS key, which neither
+    the server nor anyone holding the run's configuration can regenerate (reproducible from
+    the seed only where the run opted in, voiding its guarantees)."""
+    return privacy_randomness(config.seed if config.reproducible_noise else None, "device", round)
 
 
 def idle_result(
@@ -336,14 +351,14 @@ def idle_result(
     round: int,
     reason: str,
     metrics: Metrics | None = None,
-    generator: torch.Generator | None = None,
+    randomness: PrivacyRandomness | None = None,
 ) -> LocalResult:
     """The reply of a device with nothing to train: a decline, with its share of the sum's
     noise under DISTRIBUTED (nothing of its data is in it, so nothing is charged)."""
     metrics = dict(metrics or {"interactions": 0.0, "retired_cohorts": 0.0})
     metrics |= {"declined": 1.0, "examples": 0.0}
     if config.private and config.noise_only_when_idle:
-        noise = _noise_only(global_params, config, generator or _generator(config, round))
+        noise = _noise_only(global_params, config, randomness or privacy_source(config, round))
         return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
     return LocalResult(None, 0, metrics, declined=reason)
 
@@ -379,9 +394,14 @@ def _local_state(model: RecModel) -> Params:
     return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.LOCAL)}
 
 
-def _train(model, first, second, when, config: LocalTrainConfig, generator) -> tuple[Params, float]:
+def _train(
+    model, first, second, when, config: LocalTrainConfig, generator, randomness=None
+) -> tuple[Params, float]:
     """Fixed-point DP-SGD (plain SGD when not private) steps; returns the new global params and
-    the mean loss. See the module docstring for the unit argument."""
+    the mean loss. See the module docstring for the unit argument. Batch sampling and noise
+    come from `randomness` (a `PrivacyRandomness`; default: the round's `privacy_source`),
+    negatives from the public `generator`."""
+    randomness = randomness or privacy_source(config, 0)
     model.train()  # Opacus captures activations only in training mode
     names = model.parameter_names(Scope.GLOBAL)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
@@ -400,7 +420,7 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     losses = []
     for _ in range(config.steps):
         # Poisson sampling: each example joins this step's batch independently with rate q.
-        take = torch.rand(n, generator=generator) < config.sample_rate
+        take = randomness.bernoulli_tensor(n, config.sample_rate)
         empty = not bool(take.any())
         if opacus and empty:
             step_on_empty_batch(optimizer)  # zero clipped sum, still noised and counted
@@ -437,7 +457,7 @@ def _train(model, first, second, when, config: LocalTrainConfig, generator) -> t
     with torch.no_grad():
         delta = {n: accumulated[n] / config.steps for n in names}
         if config.private:
-            noise = _gaussian_like(list(delta.values()), config.update_noise_std(), generator)
+            noise = randomness.normal_like(list(delta.values()), config.update_noise_std())
             for d, z in zip(delta.values(), noise, strict=True):
                 d.add_(z)
         if config.update_clip_norm is not None and not config.private:
@@ -544,18 +564,12 @@ def _dp_step_machinery(model: RecModel, config: LocalTrainConfig):
     return _DP_MACHINERY[key]
 
 
-def _gaussian_like(shapes_of: list, std: float, generator) -> list[torch.Tensor]:
-    """Independent N(0, std²) entries shaped like each array: one draw, split (one call
-    instead of one per parameter; the same distribution)."""
-    sizes = [math.prod(a.shape) for a in shapes_of]
-    flat = torch.randn(sum(sizes), generator=generator).mul_(std)
-    return [part.view(a.shape) for part, a in zip(flat.split(sizes), shapes_of, strict=True)]
-
-
-def _noise_only(global_params: Params, config: LocalTrainConfig, generator) -> Params:
+def _noise_only(
+    global_params: Params, config: LocalTrainConfig, randomness: PrivacyRandomness
+) -> Params:
     """An idle device's share of the sum's noise: the received parameters plus its noise."""
     values = list(global_params.values())
-    noise = _gaussian_like(values, config.update_noise_std(), generator)
+    noise = randomness.normal_like(values, config.update_noise_std())
     return {
         name: (torch.from_numpy(np.asarray(value, dtype=np.float32)) + z).numpy()
         for (name, value), z in zip(global_params.items(), noise, strict=True)

@@ -141,6 +141,10 @@ def run_reference(
             "threat_model": "anyone who sees the trained model (central DP: the trainer is trusted)",
             "not_covered": "validation-based early stopping and hyperparameter choice",
         }
+        if config.reproducible_noise:  # the noise follows from the recorded seed
+            from fedrec.common.privacy.randomness import VOID_REASON
+
+            summary["privacy"] |= {"guarantee_holds": False, "void_reason": VOID_REASON}
     atomic_write_json(out / "summary.json", summary)
     with open(out / "epochs.jsonl", "w") as f:
         for name, rows in curves.items():

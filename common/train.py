@@ -28,10 +28,13 @@ from fedrec.common.examples import PairSoftmaxLoss, build_pairs, sample_negative
 from fedrec.common.model import ModelConfig, ModelScorer, RecModel
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
+    draw_noise_from,
     register_gram_embedding,
+    secure_poisson_loader,
     silence_known_opacus_warnings,
     step_on_empty_batch,
 )
+from fedrec.common.privacy.randomness import privacy_randomness
 from fedrec.common.types import Metrics
 
 
@@ -62,7 +65,10 @@ class TrainConfig:
     pairing: str = "consecutive"  # DP forces "disjoint" (see fedrec.common.examples)
     bias_lr_scale: float = 20.0  # biases (popularity) converge slowly, embeddings overfit fast
     patience: int = 3  # epochs without validation NDCG@10 gain before stopping
+    # data order and negatives; DP noise and Poisson batches only with `reproducible_noise`
     seed: int = 0
+    # DP noise and batches derived from `seed` (tests, benchmarks): no privacy guarantee
+    reproducible_noise: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -162,6 +168,10 @@ def train_centralized(
             trained, optimizer, criterion, loader = engine.make_private(
                 noise_multiplier=dp.noise_multiplier, **common
             )
+        # Opacus's own draws come from torch's (seeded) generators: a CSPRNG instead
+        randomness = privacy_randomness(config.seed if config.reproducible_noise else None, "train")
+        draw_noise_from(optimizer, randomness)
+        loader = secure_poisson_loader(loader, randomness)
 
     valid_history = train_history
     best = (-math.inf, 0, copy.deepcopy(model.state_dict()))

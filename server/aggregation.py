@@ -27,9 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedrec.common.privacy.randomness import PrivacyRandomness
 
 Params: TypeAlias = dict[str, np.ndarray]  # parameter name -> float32 array (GLOBAL scope only)
 ClientId: TypeAlias = str
@@ -190,7 +193,7 @@ def aggregate(
     user_clip_norm: float | None = None,
     denominator: float | None = None,
     noise_std: float = 0.0,
-    rng: np.random.Generator | None = None,
+    rng: PrivacyRandomness | np.random.Generator | None = None,
     opt_cfg: ServerOptConfig,
     opt_state: ServerOptState,
 ) -> tuple[Params, ServerOptState, AggregationDiagnostics]:
@@ -200,10 +203,10 @@ def aggregate(
     client raises ValueError, since counting a user twice would double their influence.
     `denominator` (uniform weighting only) replaces the realised count: the user-level DP
     setting, where it is the EXPECTED number of sampled clients. `noise_std` is in delta units.
-    Noise is drawn from `rng` per parameter in `global_params`' order, so a seeded generator
-    reproduces a round exactly. For a real deployment seed it from the OS (`secrets`), and note
-    that floating-point Gaussian noise from a non-cryptographic PRNG is the usual practical
-    caveat (as in Opacus with secure_mode off).
+    Noise is drawn from `rng.normal` per parameter in `global_params`' order. A run passes a
+    `PrivacyRandomness` (a CSPRNG under a fresh OS key): noise whose generator can be
+    regenerated, as a seeded numpy Generator can, protects nothing (tests of the arithmetic
+    only).
 
     With no updates (or zero total weight) and no fixed denominator there is nothing to average:
     without noise the parameters come back unchanged (`applied=False`). Whenever noise_std > 0

@@ -59,6 +59,11 @@ class DeploymentRun(FederatedRun):
                 "dp 'distributed' needs secure aggregation, which this deployment does not "
                 "provide (see README, Deployment): use 'local' (+user)"
             )
+        if config.reproducible_noise:
+            raise UnsupportedDeployment(
+                "reproducible-noise derives DP noise from the recorded seed: it is for "
+                "simulations, tests and benchmarks, never a deployment"
+            )
         super().__init__(config)
         self.probe = None  # the simulation's forgetting probe reads users' data: not here
         self.registered = np.zeros(0, dtype=np.int64)
@@ -75,10 +80,6 @@ class DeploymentRun(FederatedRun):
             registered_clients=len(nodes),
         )
         self.calibrate_user_noise()
-
-    def sample(self, round: int) -> np.ndarray:
-        rng = np.random.default_rng([self.config.seed, round])
-        return self.registered[rng.random(len(self.registered)) < self.sample_rate]
 
 
 def wait_for_nodes(nodes: Nodes, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:

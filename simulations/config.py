@@ -103,7 +103,13 @@ class SimulationConfig:
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(id_embeddings=False, time_knots=1, bias_scale=15.0)
     )
+    # data generation, splits, simulation order and the public negatives; never DP noise or
+    # sampling, unless `reproducible_noise`
     seed: int = 0
+    # Derive DP noise and privacy-relevant sampling from `seed` instead of a CSPRNG under
+    # fresh OS keys: identical runs for tests and benchmarks, and NO privacy guarantee
+    # (anyone with config.json regenerates the noise); the summary says so
+    reproducible_noise: bool = False
     out: Path = Path("runs/simulate")
     resume: bool = False
 
@@ -176,6 +182,12 @@ class SimulationConfig:
         return self.aggregate_noise_multiplier / (
             self.reference_batch * math.sqrt(self.local_steps)
         )
+
+    @property
+    def noise_seed(self) -> int | None:
+        """The seed of DP noise and sampling: None (a CSPRNG under fresh OS keys) unless the
+        run opted into reproducible noise (`fedrec.common.privacy.randomness`)."""
+        return self.seed if self.reproducible_noise else None
 
     @property
     def secure_aggregation(self) -> bool:

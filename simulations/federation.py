@@ -26,6 +26,7 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer
+from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
     ClientUpdate,
@@ -331,6 +332,8 @@ class FederatedRun:
         )
         self.opt_config = ServerOptConfig(name=config.server_optimizer, lr=config.server_lr)
         self.user_dp = "user" in config.dp
+        if config.reproducible_noise:
+            log.warning("reproducible-noise is on: %s", VOID_REASON)
         # user-level noise multipliers: `noise_multiplier` is what every published sum carries
         # (and what the accountant charges); the server adds `server_noise_multiplier` on top
         # of the devices' own noise (SimulationConfig.user_noise_from_devices)
@@ -420,10 +423,11 @@ class FederatedRun:
 
     def sample(self, round: int) -> np.ndarray:
         """Poisson sampling: each registered device joins independently with rate q (the
-        user-level accountant's assumption). Seeded per round, so a resumed run samples the
-        same devices as an uninterrupted one."""
-        rng = np.random.default_rng([self.config.seed, round])
-        return self.registered[rng.random(len(self.registered)) < self.sample_rate]
+        user-level accountant's assumption, which needs the sample to be secret: a CSPRNG,
+        `privacy_randomness`). A resumed run samples its rounds afresh: the accountant charges
+        only published rounds, each under its own sample."""
+        source = privacy_randomness(self.config.noise_seed, "sample", round)
+        return self.registered[source.bernoulli(len(self.registered), self.sample_rate)]
 
     def finish_round(self, round: int, replies: Sequence[DeviceReply], seconds: float) -> dict:
         updates, dropped, declined, failed = [], [], 0, 0
@@ -477,7 +481,7 @@ class FederatedRun:
         # still flip with one user's participation, which user-level DP pays for in δ
         # (`discard_delta`), negligible when q·N >> K_min.
         discarded = secure and survivors < self.config.min_survivors
-        rng = np.random.default_rng([self.config.seed, round, 1])
+        noise = privacy_randomness(self.config.noise_seed, "user-noise", round)
         if discarded:
             log.warning(
                 "round %d: %d survivors < K_min=%d: discarded (only that is revealed), the "
@@ -505,7 +509,7 @@ class FederatedRun:
                 user_clip_norm=None,  # bounded on the device: see SimulationConfig.user_sensitivity
                 denominator=expected,
                 noise_std=noise_std,
-                rng=rng,
+                rng=noise,
                 opt_cfg=self.opt_config,
                 opt_state=self.opt_state,
             )

@@ -13,6 +13,7 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.privacy.accounting import Guarantee
+from fedrec.common.privacy.randomness import VOID_REASON
 from fedrec.common.reference import baseline_metrics
 from fedrec.server.user_privacy import discard_delta
 from fedrec.simulations.federation import FederatedRun
@@ -192,6 +193,9 @@ def finalize(run: FederatedRun) -> dict:
         "failed_clients": int(sum(r["failed"] for r in rows)),
         "guarantees": guarantees(run, eps_dist, eps_local),
     }
+    if config.reproducible_noise:  # the noise is in config.json: nothing above holds
+        privacy["guarantees"] = []
+        privacy["void_reason"] = VOID_REASON
     if "user" in config.dp:
         privacy["user_epsilon"] = run.accountant.epsilon(run.user_delta)
         privacy["user_budget_epsilon"] = config.user_epsilon

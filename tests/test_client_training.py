@@ -438,3 +438,40 @@ def test_gradient_taps_refuse_what_they_cannot_clip_exactly():
         taps.require_all(other)
     with pytest.raises(ValueError, match="bias"):
         GradientTaps().linear(torch.nn.Linear(3, 2), x)
+
+
+def test_a_devices_noise_and_batches_are_secret_unless_the_run_opts_out():
+    """The device's DP randomness never follows its seed (which a simulation derives from the
+    run's): the same round twice adds different noise and samples different batches. Only
+    `reproducible_noise` ties them to the seed."""
+    import dataclasses
+
+    import torch
+
+    from fedrec.client.training import _train, idle_result
+
+    model = template(id_embeddings=False)
+    params = global_params(model)
+
+    def noise_twice(config):
+        return [idle_result(params, config, 1, "idle").params for _ in range(2)]
+
+    def batches_twice(config):  # no noise: the update depends only on which pairs were drawn
+        config = dataclasses.replace(config, noise_multiplier=0.0, steps=1)
+        pairs = torch.arange(0, 80).remainder(NUM_ITEMS).view(2, 40)  # 2^-40: the same batch
+        when = torch.full((40,), 50, dtype=torch.int64)
+        return [
+            _train(model, pairs[0], pairs[1], when, config, torch.Generator().manual_seed(0))[0]
+            for _ in range(2)
+        ]
+
+    def same(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert CONFIG.seed is not None and CONFIG.private
+    assert not same(*noise_twice(CONFIG))
+    assert not same(*batches_twice(CONFIG))
+    reproducible = dataclasses.replace(CONFIG, reproducible_noise=True)
+    assert same(*noise_twice(reproducible)) and same(*batches_twice(reproducible))
+    with pytest.raises(ValueError, match="needs a seed"):
+        dataclasses.replace(CONFIG, reproducible_noise=True, seed=None)

@@ -33,6 +33,10 @@ SMALL = {
 }
 
 
+# Tests that compare two runs' models opt in: DP noise and sampling derived from the seed.
+REPRODUCIBLE = {"reproducible-noise": True}
+
+
 def small(tmp_path, **overrides) -> SimulationConfig:
     return SimulationConfig.from_flat(SMALL | {"out": str(tmp_path / "run")} | overrides)
 
@@ -101,8 +105,9 @@ def test_a_run_writes_consistent_outputs(tmp_path):
 
 
 def test_resume_continues_with_the_same_rounds_ledgers_and_accountant(tmp_path, monkeypatch):
-    full = run_in_process(small(tmp_path / "a"))
-    interrupted = small(tmp_path / "b")
+    # equal models only where noise and sampling follow the seed (secret ones never repeat)
+    full = run_in_process(small(tmp_path / "a", **REPRODUCIBLE))
+    interrupted = small(tmp_path / "b", **REPRODUCIBLE)
     original = FederatedRun.sample
 
     def crash_in_round_3(self, round):
@@ -361,7 +366,7 @@ def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
     from fedrec.client.store import ClientStore
     from fedrec.simulations.stream import load_stream
 
-    config = small(tmp_path, rounds=6)
+    config = small(tmp_path, rounds=6, **REPRODUCIBLE)  # the same noise both ways
     run = run_in_process(config)
     stream = load_stream(config.data, config.rounds, config.protocol)
     checked = 0
@@ -457,7 +462,9 @@ def test_a_run_with_fused_clipping_equals_one_through_opacus(tmp_path):
     """The same seeded run, its devices clipping with fedrec's fused path or through Opacus's
     own machinery: the same global model (to float rounding) and the same ledgers."""
     runs = {
-        c: run_in_process(small(tmp_path / c, rounds=2, **{"per-example-clipping": c}))
+        c: run_in_process(
+            small(tmp_path / c, rounds=2, **{"per-example-clipping": c}, **REPRODUCIBLE)
+        )
         for c in ("fused", "opacus")
     }
     for name, value in runs["fused"].params.items():
@@ -485,7 +492,8 @@ def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
 
     from fedrec.simulations.federation import device_reply, secure_sum
 
-    whole_run, parts_run = FederatedRun(small(tmp_path / "a")), FederatedRun(small(tmp_path / "b"))
+    whole_run = FederatedRun(small(tmp_path / "a", **REPRODUCIBLE))  # the same server noise
+    parts_run = FederatedRun(small(tmp_path / "b", **REPRODUCIBLE))
     assert "distributed" in whole_run.config.dp
     params = whole_run.params
     replies = [device_reply(whole_run.config, int(u), 1, params) for u in whole_run.sample(1)]
@@ -760,3 +768,73 @@ def test_a_run_whose_model_stops_being_finite_stops_without_publishing_it(tmp_pa
     with pytest.raises(ModelNotFiniteError, match="non-finite values in"):
         run.finish_round(1, replies, 0.0)
     assert not list((run.out / "checkpoints").glob("round-*.npz"))
+
+
+# -- secret noise and sampling ---------------------------------------------------------------------
+def test_two_private_runs_with_the_same_seed_publish_different_models(tmp_path):
+    """DP noise and sampling come from a CSPRNG under fresh keys, not from --seed: the same
+    config and seed twice publish different models. Opting into reproducible noise makes
+    them identical, and the summary then states that no guarantee holds."""
+    first, second = (run_in_process(small(tmp_path / n, rounds=2)) for n in "ab")
+    assert any(not np.array_equal(first.params[k], second.params[k]) for k in first.params)
+    assert finalize(first)["privacy"]["guarantees"]
+    same = [run_in_process(small(tmp_path / n, rounds=2, **REPRODUCIBLE)) for n in "cd"]
+    assert all(np.array_equal(same[0].params[k], same[1].params[k]) for k in same[0].params)
+    privacy = finalize(same[0])["privacy"]
+    assert privacy["guarantees"] == []
+    assert privacy["void_reason"].startswith("reproducible noise")
+    assert json.loads((same[0].out / "config.json").read_text())["reproducible-noise"] is True
+
+
+def test_the_servers_noise_cannot_be_regenerated_from_the_run_folder(tmp_path):
+    """A round with no device in it publishes the server's user-level noise alone (times the
+    server learning rate). Regenerated from config.json's seed by the old recipe
+    (numpy's generator seeded [seed, round, 1]), it must be unrelated to the published step;
+    under reproducible noise the run's own recipe regenerates it exactly (why that voids DP)."""
+    from fedrec.common.privacy.randomness import PrivacyRandomness
+    from fedrec.server.user_privacy import aggregate_noise_std
+
+    def published_and_regenerated(run, regenerate):
+        before = {k: v.astype(np.float64) for k, v in run.params.items()}
+        run.finish_round(1, [], 0.0)
+        flat = json.loads((run.out / "config.json").read_text())
+        std = aggregate_noise_std(
+            noise_multiplier=run.server_noise_multiplier,
+            clip_norm=run.config.user_sensitivity,
+            expected_clients=run.sample_rate * len(run.registered),
+        )
+        rng = regenerate(flat["seed"])
+        step = np.concatenate([(run.params[k] - before[k]).ravel() for k in before])
+        noise = np.concatenate(
+            [rng.normal(0.0, std, size=v.shape).ravel() for v in before.values()]
+        )
+        return step, noise * float(flat["server-lr"])
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    plain = {"dp": "user", "server-bias-decay": 0.0}  # the step is then the noise alone
+    run = FederatedRun(small(tmp_path / "secret", **plain))
+    assert run.server_noise_multiplier > 0
+    step, old_recipe = published_and_regenerated(run, lambda s: np.random.default_rng([s, 1, 1]))
+    assert step.size > 500 and abs(cosine(step, old_recipe)) < 0.2
+    run = FederatedRun(small(tmp_path / "seeded", **plain, **REPRODUCIBLE))
+    step, own = published_and_regenerated(
+        run, lambda s: PrivacyRandomness.reproducible_from(s, "user-noise", 1)
+    )
+    assert cosine(step, own) > 0.999
+
+
+def test_device_sampling_is_secret_and_poisson(tmp_path):
+    """Who is sampled cannot be regenerated from the seed (the old recipe: numpy's generator
+    seeded [seed, round]); the same round sampled twice differs; each device joins at rate q."""
+    config = small(tmp_path)
+    run = FederatedRun(config)
+    seed = json.loads((config.out / "config.json").read_text())["seed"]
+    n, q = len(run.registered), run.sample_rate
+    for round_ in (1, 2, 3):
+        old = run.registered[np.random.default_rng([seed, round_]).random(n) < q]
+        assert not np.array_equal(run.sample(round_), old)
+    assert not np.array_equal(run.sample(1), run.sample(1))
+    sizes = [len(run.sample(1)) for _ in range(300)]
+    assert abs(np.mean(sizes) - q * n) < 5 * np.sqrt(q * (1 - q) * n / 300)

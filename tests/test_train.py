@@ -82,3 +82,29 @@ def test_dp_config_validation():
         DPConfig(epsilon=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="delta"):
         DPConfig(epsilon=1.0, delta=2.0)
+
+
+def test_dp_training_noise_and_batches_are_secret_unless_reproducible(small):
+    """Opacus's noise and Poisson batches come from a CSPRNG, not from the seed: the same
+    seeded DP training twice gives different models; with reproducible noise, the same."""
+    import dataclasses
+
+    dataset, text, split = small
+
+    def weights(**changes):
+        config = dataclasses.replace(CONFIG, epochs=1, **changes)
+        model = train_centralized(
+            split,
+            num_users=dataset.num_users,
+            text_features=text,
+            years=None,
+            config=config,
+            dp=DPConfig(noise_multiplier=1.0),
+        ).model
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def same(a, b):
+        return all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+    assert not same(weights(), weights())
+    assert same(weights(reproducible_noise=True), weights(reproducible_noise=True))

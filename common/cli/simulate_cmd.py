@@ -62,6 +62,14 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="random seed (simulation only)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/simulate)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
+    reproducible_noise: Annotated[
+        bool,
+        typer.Option(
+            "--reproducible-noise",
+            help="derive DP noise and sampling from --seed (tests, benchmarks): NO privacy "
+            "guarantee holds",
+        ),
+    ] = False,
     in_process: Annotated[
         bool, typer.Option("--in-process", help="call devices in this process instead of Flower")
     ] = False,
@@ -90,6 +98,8 @@ def simulate(
         raise typer.BadParameter("--items-file is not supported by simulate yet; use --columns")
     if resume:
         overrides["resume"] = True
+    if reproducible_noise:
+        overrides["reproducible-noise"] = True
     try:
         if config_file is not None:
             config = SimulationConfig.from_toml(config_file, overrides)
@@ -97,6 +107,10 @@ def simulate(
             config = SimulationConfig.from_flat(overrides)
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from err
+    if config.reproducible_noise:
+        from fedrec.common.privacy.randomness import VOID_REASON
+
+        typer.secho(f"warning: {VOID_REASON}", err=True, fg="yellow")
     checkpoints = Path(config.out) / "checkpoints"
     if checkpoints.exists() and not config.resume:
         raise fail(f"{config.out} already holds a run: pass --resume, or choose another --out")
@@ -153,6 +167,8 @@ def simulate(
     )
     for name, metrics in summary.get(f"{target}_baselines", {}).items():
         typer.echo(f"  {name.replace('_', ' ')}: NDCG@10 {metrics['ndcg@10']:.4f}")
+    if "void_reason" in summary["privacy"]:
+        typer.secho(f"  no privacy guarantee: {summary['privacy']['void_reason']}", fg="yellow")
     for g in summary["privacy"]["guarantees"]:
         if not g.get("earned", True):
             typer.secho(f"  {g['name']}: NOT claimed: {g['why_not']}", err=True, fg="yellow")

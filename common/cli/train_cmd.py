@@ -53,6 +53,14 @@ def train(
     dim: Annotated[int, typer.Option(help="embedding size")] = 64,
     negatives: Annotated[int, typer.Option(help="catalogue-sampled negatives per example")] = 100,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    reproducible_noise: Annotated[
+        bool,
+        typer.Option(
+            "--reproducible-noise",
+            help="derive DP noise and batches from --seed (tests, benchmarks): NO privacy "
+            "guarantee holds",
+        ),
+    ] = False,
     dataset: DatasetOpt = "builtin",
     data_dir: DataDirOpt = None,
     columns: ColumnsOpt = None,
@@ -86,6 +94,7 @@ def train(
             lr=lr,
             num_negatives=negatives,
             seed=seed,
+            reproducible_noise=reproducible_noise,
             model=ModelConfig(dim=dim),
         )
         protocols = [
@@ -104,4 +113,6 @@ def train(
     if dp is not None:
         line += f"  ε {summary['epsilon']:.2f} (δ={delta:g}, per interaction)"
     typer.echo(line)
+    if dp is not None and reproducible_noise:
+        typer.secho(f"no privacy guarantee: {summary['privacy']['void_reason']}", fg="yellow")
     typer.echo(f"wrote {out / 'summary.json'}")

@@ -42,9 +42,10 @@ def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:
 def silence_known_opacus_warnings() -> None:
     """Two warnings Opacus prints on every step that say nothing about our setup.
 
-    "Secure RNG turned off": we use torch's PRNG for noise (fine for research and simulation;
-    deployments that need a CSPRNG can enable Opacus's secure_mode). "Full backward hook is
-    firing ...": ghost clipping's second backward pass on integer (index) inputs.
+    "Secure RNG turned off": Opacus's own generator never draws fedrec's noise or batches
+    (`draw_noise_from`, `secure_poisson_loader`, the devices' `PrivacyRandomness`). "Full
+    backward hook is firing ...": ghost clipping's second backward pass on integer (index)
+    inputs.
     """
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -263,4 +264,67 @@ def _embedding_route(batch: int, lookups: int, rows: int, width: int) -> str:
         return "gram"
     return (
         "dense" if dense + batch * lookups * width <= batch * lookups**2 * (width + 1) else "gram"
+    )
+
+
+# -- Opacus's randomness from a CSPRNG ----------------------------------------------------------
+#
+# Opacus draws DP noise and Poisson batches from torch generators (MT19937); its secure_mode
+# needs torchcsprng, which is not installable here. These route both through a
+# `fedrec.common.privacy.randomness.PrivacyRandomness` instead; everything else stays Opacus's.
+
+
+def draw_noise_from(optimizer: torch.optim.Optimizer, randomness) -> None:
+    """Make an Opacus DP optimizer add its Gaussian noise, N(0, (σC)²) per coordinate of each
+    parameter's clipped sum, from `randomness`. Opacus has no hook for a noise source, so the
+    instance gets a subclass that overrides only `add_noise` (the same formula as Opacus's)."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    base = type(optimizer)
+
+    class CSPRNGNoise(base):
+        def add_noise(self) -> None:
+            sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                (noise,) = randomness.normal_like(
+                    [p.summed_grad], sigma * self.max_grad_norm, dtype=p.summed_grad.dtype
+                )
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    CSPRNGNoise.__name__ = f"CSPRNGNoise{base.__name__}"
+    optimizer.__class__ = CSPRNGNoise
+
+
+class PoissonBatchSampler(torch.utils.data.Sampler):
+    """`steps` batches, each example in each independently with rate q (Opacus's
+    UniformWithReplacementSampler, its coins from `randomness`)."""
+
+    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, randomness) -> None:
+        self.num_samples, self.sample_rate, self.steps = num_samples, sample_rate, steps
+        self.randomness = randomness
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            take = self.randomness.bernoulli_tensor(self.num_samples, self.sample_rate)
+            yield take.nonzero().reshape(-1).tolist()
+
+
+def secure_poisson_loader(loader, randomness) -> torch.utils.data.DataLoader:
+    """Opacus's DPDataLoader (Poisson batches, empty ones kept) with its coins from
+    `randomness`: the same rate, number of steps and collation."""
+    sampler = loader.batch_sampler
+    return torch.utils.data.DataLoader(
+        loader.dataset,
+        batch_sampler=PoissonBatchSampler(
+            num_samples=sampler.num_samples,
+            sample_rate=sampler.sample_rate,
+            steps=sampler.steps,
+            randomness=randomness,
+        ),
+        collate_fn=loader.collate_fn,
     )
