@@ -42,14 +42,16 @@ def test_scaled_normals_numpy_and_torch():
 def test_bernoulli_masks_have_their_rate(rate):
     mask = PrivacyRandomness.reproducible_from(13, "mask").bernoulli(N, rate)
     assert mask.dtype == bool and mask.shape == (N,)
-    assert abs(mask.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / N)
+    assert abs(mask.mean() - rate) <= 5 * np.sqrt(rate * (1 - rate) / N)  # exact at 0 and 1
     with pytest.raises(ValueError, match="rate"):
         PrivacyRandomness.secure().bernoulli(3, 1.5)
 
 
-def test_uniforms_are_strictly_inside_the_unit_interval():
+def test_uniforms_are_on_the_53_bit_grid_in_the_half_open_unit_interval():
     u = PrivacyRandomness.reproducible_from(14, "u").random(N)
-    assert 0 < u.min() and u.max() < 1
+    assert 0 < u.min() and u.max() <= 1
+    k = u * 2.0**53
+    np.testing.assert_array_equal(k, np.round(k))  # exactly (k + 1)·2⁻⁵³
     assert stats.kstest(u, "uniform").pvalue > 1e-3
 
 

@@ -10,9 +10,9 @@ model initialisation) stays on the seeded generators.
 
 Source: the AES-256-CTR keystream (a CTR_DRBG-style generator, NIST SP 800-90A) under a
 256-bit key from the OS (`os.urandom`), a fresh key per source, through the `cryptography`
-package (OpenSSL, AES-NI). Uniforms take the top 53 bits of each 64-bit keystream word,
-(k + 1/2)·2⁻⁵³, never 0 or 1. Normals: the Box-Muller transform (Box & Muller 1958) in
-float64, so the largest draw is about 8.6σ (tail mass beyond it ~1e-17, far below any δ).
+package (OpenSSL, AES-NI). Uniforms take the top 53 bits k of each 64-bit keystream word,
+(k + 1)·2⁻⁵³ in (0, 1]. Normals: the Box-Muller transform (Box & Muller 1958) in float64, so
+the largest draw is about 8.6σ (tail mass beyond it ~1e-17, far below any δ).
 
 Floating-point attacks (Mironov 2012, "On significance of the least significant bits for
 differential privacy"; for Gaussian samplers Jin et al. 2022, "Are we there yet? Timing and
@@ -77,13 +77,13 @@ class PrivacyRandomness:
 
     # -- raw draws ------------------------------------------------------------------------------
     def _uniform(self, n: int) -> torch.Tensor:
-        """(n,) float64 uniforms in (0, 1) on the 2⁻⁵³ grid, shifted by half a step."""
+        """(n,) float64 uniforms (k + 1)·2⁻⁵³ in (0, 1], k the top 53 bits of a keystream word
+        (every step exact: k + 1 <= 2⁵³ is a float64)."""
         buffer = bytearray(8 * n + 16)  # update_into wants a block of slack
         self._stream.update_into(bytes(8 * n), buffer)
         words = torch.frombuffer(buffer, dtype=torch.int64, count=n)
-        # the top 53 bits (the arithmetic shift's sign bits masked off)
-        top = words.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
-        return top.to(torch.float64).add_(0.5).mul_(_SCALE)
+        # the arithmetic shift leaves the top 53 bits as a signed k - 2⁵², uniform on [-2⁵², 2⁵²)
+        return words.bitwise_right_shift_(11).add_((1 << 52) + 1).to(torch.float64).mul_(_SCALE)
 
     def _standard_normal(self, n: int) -> torch.Tensor:
         """(n,) float64 N(0, 1) by Box-Muller (torch's vectorised log/cos/sin: ~2x numpy's
@@ -99,7 +99,7 @@ class PrivacyRandomness:
 
     # -- numpy ----------------------------------------------------------------------------------
     def random(self, size: int | Sequence[int] | None = None) -> np.ndarray:
-        """Uniforms in (0, 1), float64."""
+        """Uniforms in (0, 1], float64, on the 2⁻⁵³ grid."""
         shape = () if size is None else tuple(np.atleast_1d(size))
         return self._uniform(math.prod(shape)).numpy().reshape(shape)
 
@@ -113,10 +113,8 @@ class PrivacyRandomness:
 
     def bernoulli(self, n: int, rate: float) -> np.ndarray:
         """(n,) bool: each entry independently True with probability `rate` (Poisson
-        sampling of n candidates), to 2⁻⁵³."""
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"rate must be in [0, 1], got {rate}")
-        return (self._uniform(n) < rate).numpy()
+        sampling of n candidates), rounded down to the 2⁻⁵³ grid: 0 never, 1 always."""
+        return self.bernoulli_tensor(n, rate).numpy()
 
     # -- torch ----------------------------------------------------------------------------------
     def normal_like(
@@ -131,7 +129,9 @@ class PrivacyRandomness:
         ]
 
     def bernoulli_tensor(self, n: int, rate: float) -> torch.Tensor:
-        return torch.from_numpy(self.bernoulli(n, rate))
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        return self._uniform(n) <= rate
 
 
 def privacy_randomness(seed: int | None, *labels: int | str) -> PrivacyRandomness:
