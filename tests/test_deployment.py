@@ -107,6 +107,14 @@ def test_the_deployment_refuses_distributed_without_secure_aggregation(tmp_path)
         load_server_config(path)
 
 
+def test_the_deployment_refuses_reproducible_noise(tmp_path):
+    """Noise derived from the recorded seed is for simulations and tests: a deployment with
+    it would publish models whose noise anyone with the run config can remove."""
+    config = SimulationConfig.from_flat(RUN | {"reproducible-noise": True, "out": str(tmp_path)})
+    with pytest.raises(UnsupportedDeployment, match="reproducible-noise"):
+        run_deployment(config, DeploymentSettings(), lambda: [1], lambda *a: [])
+
+
 def test_server_config_and_run_config_split(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[server]\nport = 9999\ncertificates = "c"\n[run]\nrounds = 3\nmin-nodes = 5\n')

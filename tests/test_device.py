@@ -101,6 +101,9 @@ def test_the_policy_decides_not_the_server():
     assert "clipping norm 1 is above" in policy_violation(policy, wide)
     plain = round_settings(policy, RUN | {"dp": "off"})
     assert "without DP-SGD" in policy_violation(policy, plain)
+    # a server asking for noise derived from its seed is not obeyed: the device's is secret
+    asked = round_settings(policy, RUN | {"clip-norm": 0.5, "reproducible-noise": True})
+    assert asked.reproducible_noise is False and asked.seed is None
 
 
 @pytest.fixture(scope="module")
