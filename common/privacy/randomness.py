@@ -85,14 +85,14 @@ class PrivacyRandomness:
         # the arithmetic shift leaves the top 53 bits as a signed k - 2⁵², uniform on [-2⁵², 2⁵²)
         return words.bitwise_right_shift_(11).add_((1 << 52) + 1).to(torch.float64).mul_(_SCALE)
 
-    def _standard_normal(self, n: int) -> torch.Tensor:
-        """(n,) float64 N(0, 1) by Box-Muller (torch's vectorised log/cos/sin: ~2x numpy's
-        float64 ones here)."""
+    def _normal(self, n: int, std: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(n,) N(0, std²) by Box-Muller, computed in float64 and rounded once to `dtype`
+        (torch's vectorised log/cos/sin: ~2x numpy's float64 ones here)."""
         half = (n + 1) // 2
         u = self._uniform(2 * half)
-        radius = u[:half].log_().mul_(-2.0).sqrt_()
+        radius = u[:half].log_().mul_(-2.0).sqrt_().mul_(std)
         angle = u[half:].mul_(2.0 * math.pi)
-        out = torch.empty(2 * half, dtype=torch.float64)
+        out = torch.empty(2 * half, dtype=dtype)
         torch.mul(radius, torch.cos(angle), out=out[:half])
         torch.mul(radius, angle.sin_(), out=out[half:])
         return out[:n]
@@ -108,8 +108,8 @@ class PrivacyRandomness:
     ) -> np.ndarray:
         """N(loc, scale²) entries of `size`, float64 (numpy Generator.normal's arguments)."""
         shape = () if size is None else tuple(np.atleast_1d(size))
-        z = self._standard_normal(math.prod(shape)).numpy().reshape(shape)
-        return z * scale + loc
+        z = self._normal(math.prod(shape), scale).numpy().reshape(shape)
+        return z + loc if loc else z
 
     def bernoulli(self, n: int, rate: float) -> np.ndarray:
         """(n,) bool: each entry independently True with probability `rate` (Poisson
@@ -123,7 +123,7 @@ class PrivacyRandomness:
         """Independent N(0, std²) entries shaped like each of `tensors` (arrays or tensors):
         one draw, split (the same distribution as one draw per tensor)."""
         sizes = [math.prod(t.shape) for t in tensors]
-        flat = self._standard_normal(sum(sizes)).mul_(std).to(dtype)
+        flat = self._normal(sum(sizes), std, dtype)
         return [
             part.view(tuple(t.shape)) for part, t in zip(flat.split(sizes), tensors, strict=True)
         ]
