@@ -233,11 +233,9 @@ def ingest(
         if not accepted:
             return IngestReport(0, tuple(rejected), None)
         cohort = f"ingest-{time.time_ns()}"
-        with _open_ledger(Path(store_dir), PrivacyLedger) as ledger:
-            retired = ledger.retired_cohorts()
-            added = store.ingest(
-                [i for i, _ in accepted], [t for _, t in accepted], cohort, retired
-            )
+        # after a running round (it holds the ledger), never in the middle of one
+        with _open_ledger(Path(store_dir), PrivacyLedger):
+            added = store.ingest([i for i, _ in accepted], [t for _, t in accepted], cohort)
     return IngestReport(added, tuple(rejected), cohort)
 
 

@@ -76,10 +76,15 @@ def device_round(
     from fedrec.simulations.config import SimulationConfig
 
     settings = round_settings(device.policy, run_flat)
+    config = SimulationConfig.from_flat(run_flat)
     reason = policy_violation(device.policy, settings)
+    if reason is None and not config.per_interaction_holds:
+        reason = (
+            "the run trains LOCAL parameters (model-user-embedding): no per-interaction "
+            "guarantee holds, and this device's policy is a per-interaction budget"
+        )
     if reason is not None:
         return LocalResult(None, 0, {"declined": 1.0}, declined=reason)
-    config = SimulationConfig.from_flat(run_flat)
     model, index = device_template(config, device.catalogue, catalogue_digest)
     folder = Path(device.store)
     with ClientStore(folder, verify=True) as store:

@@ -187,11 +187,11 @@ def simulated_device_round(
     if not folder.exists() and not stream.deliveries(user, 0, round):
         # Nothing has arrived on this device yet: the reply an empty store would give, without
         # creating one (most devices sampled early in a run are still empty).
-        reason = "no trainable pair: nothing has arrived on this device yet"
+        reason = "no trainable example: nothing has arrived on this device yet"
         return idle_result(global_params, device, round, reason)
     idle = _still_idle(folder, stream, user, round)
     if idle is not None:
-        reason = "no trainable pair: nothing new since the last round it had nothing to train"
+        reason = "no trainable example: nothing new since the last round it had nothing to train"
         return idle_result(global_params, device, round, reason, idle)
     result = _device_round(device, model, index, stream, user, folder, round, global_params)
     if result.idle_metrics is not None:
@@ -233,9 +233,7 @@ def _device_round(device, model, index, stream, user, folder, round, global_para
         delivered = int(store.get_meta(DELIVERED_KEY, "0"))
         new_cohorts = set()
         for delivery in stream.deliveries(user, delivered, round):
-            store.ingest(
-                delivery.items, delivery.timestamps, delivery.cohort, ledger.retired_cohorts()
-            )
+            store.ingest(delivery.items, delivery.timestamps, delivery.cohort)
             new_cohorts.add(delivery.cohort)
         store.set_meta(DELIVERED_KEY, str(max(delivered, round)))
         return local_round(

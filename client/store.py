@@ -3,15 +3,16 @@
 One folder per client (under the run's output dir in simulation, a path the device chooses in
 deployment):
 
-    store.sqlite   interactions: item id, timestamp, cohort, pair            (SQLite, WAL)
+    store.sqlite   interactions: item id, timestamp, cohort                  (SQLite, WAL)
     local.npz      local parameters and inference state, written atomically  (temp + rename)
     ledger.jsonl   the hash-chained privacy ledger (fedrec.client.ledger)
 
-Pairs are fixed when interactions ARRIVE: a new interaction pairs with the oldest interaction of
-the device that is still unpaired, else it waits. Because a pair never changes afterwards,
-removing one interaction removes exactly one training example (its pair) and adding one adds at
-most one: DP-SGD's add/remove-one-example guarantee is then a per-interaction guarantee (see
-fedrec.common.examples). A cohort is the set of interactions that arrived together.
+The store links no interaction to another: under DP-SGD each interaction is its own training
+example (fedrec.common.examples, `single`), so adding or removing one changes exactly one
+example, however and whenever the others arrived, and DP-SGD's add/remove-one-example guarantee
+is a per-interaction guarantee. (Schema 1 paired each arrival with the oldest unpaired
+interaction; one interaction's presence then re-paired every later one. Its `pair` column is
+left in old files and never read.) A cohort is the set of interactions that arrived together.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from fedrec.common.io import atomic_write
 
 STORE_FILE = "store.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no pairing at ingest (a schema-1 file is read as is; `pair` is ignored)
 LOCAL_STATE_FILE = "local.npz"
 
 _SCHEMA = """
@@ -33,8 +34,7 @@ CREATE TABLE IF NOT EXISTS interactions (
     id INTEGER PRIMARY KEY,
     item TEXT NOT NULL,
     timestamp INTEGER NOT NULL,
-    cohort TEXT NOT NULL,
-    pair INTEGER
+    cohort TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS interactions_cohort ON interactions(cohort);
 CREATE UNIQUE INDEX IF NOT EXISTS interactions_event ON interactions(item, timestamp);
@@ -54,7 +54,6 @@ class StoredInteractions:
     item: np.ndarray  # (N,) str external item id
     timestamp: np.ndarray  # (N,) int64
     cohort: np.ndarray  # (N,) str
-    pair: np.ndarray  # (N,) int64, -1 while unpaired
 
     def __len__(self) -> int:
         return len(self.id)
@@ -80,6 +79,7 @@ class ClientStore:
             if not durable:
                 self._db.execute("PRAGMA synchronous=OFF")
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                # a new file, or a schema-1 one: its rows stay (and its `pair` column, unread)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             if verify:
@@ -102,18 +102,11 @@ class ClientStore:
         self.close()
 
     # -- interactions ---------------------------------------------------------------------------
-    def ingest(
-        self,
-        items: list[str],
-        timestamps: list[int],
-        cohort: str,
-        retired_cohorts: frozenset[str] = frozenset(),
-    ) -> int:
-        """Append a cohort of interactions (time-ordered inside), pairing them as they arrive.
+    def ingest(self, items: list[str], timestamps: list[int], cohort: str) -> int:
+        """Append a cohort of interactions.
 
         Returns how many were new; an event already stored (same item and timestamp) is skipped,
         so re-delivering a window after a crash is harmless. All or nothing (one transaction).
-        A waiting interaction of a retired cohort is never paired again (it cannot be trained).
         """
         if len(items) != len(timestamps):
             raise ValueError(f"{len(items)} items but {len(timestamps)} timestamps")
@@ -121,30 +114,12 @@ class ClientStore:
         added = 0
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            waiting = None
-            for wid, wcohort in self._db.execute(
-                "SELECT id, cohort FROM interactions WHERE pair IS NULL ORDER BY timestamp, id"
-            ).fetchall():
-                if wcohort not in retired_cohorts:
-                    waiting = wid
-                    break
             for i in order:
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO interactions(item, timestamp, cohort) VALUES (?, ?, ?)",
                     (str(items[i]), int(timestamps[i]), cohort),
                 )
-                if cur.rowcount == 0:
-                    continue
-                added += 1
-                new_id = cur.lastrowid
-                if waiting is None:
-                    waiting = new_id
-                else:
-                    self._db.execute(
-                        "UPDATE interactions SET pair = ? WHERE id IN (?, ?)",
-                        (waiting, waiting, new_id),
-                    )
-                    waiting = None
+                added += cur.rowcount
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -153,21 +128,19 @@ class ClientStore:
 
     def interactions(self) -> StoredInteractions:
         rows = self._db.execute(
-            "SELECT id, item, timestamp, cohort, COALESCE(pair, -1) FROM interactions "
-            "ORDER BY timestamp, id"
+            "SELECT id, item, timestamp, cohort FROM interactions ORDER BY timestamp, id"
         ).fetchall()
         if not rows:
             empty = np.zeros(0, dtype=np.int64)
             return StoredInteractions(
-                empty, np.zeros(0, dtype=object), empty, np.zeros(0, dtype=object), empty
+                empty, np.zeros(0, dtype=object), empty, np.zeros(0, dtype=object)
             )
-        ids, items, ts, cohorts, pairs = zip(*rows, strict=True)
+        ids, items, ts, cohorts = zip(*rows, strict=True)
         return StoredInteractions(
             id=np.array(ids, dtype=np.int64),
             item=np.array(items, dtype=object),
             timestamp=np.array(ts, dtype=np.int64),
             cohort=np.array(cohorts, dtype=object),
-            pair=np.array(pairs, dtype=np.int64),
         )
 
     def cohorts(self) -> list[str]:

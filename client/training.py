@@ -27,10 +27,17 @@ less, as in fixed-denominator DP-FedAvg (McMahan et al. 2018).
 
 A device with nothing to train under the DISTRIBUTED calibration still sends a noise-only
 update: the number of devices in the sum (and so its noise) must not depend on anyone's data.
+
+Under DP-SGD an example is ONE interaction of a live cohort, scored with no context item
+(fedrec.common.examples, `single`): removing an interaction removes its own example and changes
+no other, so a step's clipped sum moves by at most C and the ledger charges exactly that
+interaction's cohort. The context tower, which no such example reaches, is frozen during the
+steps. Without DP-SGD (no per-interaction guarantee) consecutive pairs train it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -146,24 +153,28 @@ class LocalResult:
     idle_metrics: Metrics | None = None
 
 
-def _examples(data: StoredInteractions, item_index: dict[str, int], trainable: set[str]):
-    """Complete pairs whose two interactions are both in trainable cohorts, oldest first."""
-    by_pair: dict[int, list[int]] = {}
-    for row, pair in enumerate(data.pair.tolist()):
-        if pair >= 0:
-            by_pair.setdefault(pair, []).append(row)
-    first, second, when, cohorts = [], [], [], {}
-    for rows in by_pair.values():
-        if len(rows) != 2 or not all(data.cohort[r] in trainable for r in rows):
-            continue
-        a, b = sorted(rows, key=lambda r: (data.timestamp[r], data.id[r]))
-        first.append(item_index[data.item[a]])
-        second.append(item_index[data.item[b]])
-        when.append(int(data.timestamp[b]))
-        for r in (a, b):
-            cohorts[data.cohort[r]] = cohorts.get(data.cohort[r], 0) + 1
+def _examples(
+    data: StoredInteractions, item_index: dict[str, int], trainable: set[str], private: bool
+):
+    """The trainable examples, oldest first: under DP-SGD one per interaction of a trainable
+    cohort (`first` is None); without it, consecutive pairs of the time-ordered store. Returns
+    (first, second, time, {cohort: interactions in the examples})."""
+    rows = [r for r in range(len(data)) if data.cohort[r] in trainable]
+    if private:
+        seconds, firsts = rows, None
+    else:
+        seconds, firsts = rows[1:], rows[:-1]
+    cohorts: dict[str, int] = {}
+    for r in sorted(set(seconds) | set(firsts or ())):
+        cohorts[data.cohort[r]] = cohorts.get(data.cohort[r], 0) + 1
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
-    return as_tensor(first), as_tensor(second), as_tensor(when), cohorts
+    items = [item_index[i] for i in data.item]
+    return (
+        None if firsts is None else as_tensor([items[r] for r in firsts]),
+        as_tensor([items[r] for r in seconds]),
+        as_tensor([int(data.timestamp[r]) for r in seconds]),
+        cohorts,
+    )
 
 
 _CATALOGUE_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -249,11 +260,11 @@ def local_round(
     if retired_now is not None:
         metrics["retired_now"] = float(retired_now)
     cohorts = sorted(set(data.cohort.tolist()) - ledger.retired_cohorts())
-    first, second, when, present = _examples(data, item_index, set(cohorts))
+    first, second, when, present = _examples(data, item_index, set(cohorts), config.private)
     metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
     randomness = privacy_source(config, round)
-    if len(first) == 0:
-        reason = "no trainable pair: every interaction is unpaired or retired"
+    if len(second) == 0:
+        reason = "no trainable example: every interaction is retired (or alone, without DP)"
         result = idle_result(global_params, config, round, reason, metrics, randomness)
         idle = _idle_metrics(data, ledger, mechanism)
         return dataclasses.replace(result, idle_metrics=idle)
@@ -276,16 +287,16 @@ def local_round(
             _retire(ledger, data, mechanism, config, round, "after another round") or 0
         )
         remaining = set(data.cohort.tolist()) - ledger.retired_cohorts()
-        if len(_examples(data, item_index, remaining)[0]) == 0:
+        if len(_examples(data, item_index, remaining, config.private)[1]) == 0:
             idle = _idle_metrics(data, ledger, mechanism)
     store.save_local_state(_local_state(model))
     metrics |= {
         "loss": loss,
-        "examples": float(len(first)),
+        "examples": float(len(second)),
         "declined": 0.0,
         "seconds": time.perf_counter() - start,
     }
-    return LocalResult(new_params, len(first), metrics, idle_metrics=idle)
+    return LocalResult(new_params, len(second), metrics, idle_metrics=idle)
 
 
 def _retire(
@@ -394,18 +405,37 @@ def _local_state(model: RecModel) -> Params:
     return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.LOCAL)}
 
 
+@contextlib.contextmanager
+def context_frozen(model: RecModel, frozen: bool):
+    """While `frozen`: the context tower does not require gradients (single-interaction
+    examples never reach it, and per-example clipping wants every trainable weight used)."""
+    names = model.context_parameter_names() if frozen else []
+    for name in names:
+        model.get_parameter(name).requires_grad_(False)
+    try:
+        yield
+    finally:
+        for name in names:
+            model.get_parameter(name).requires_grad_(True)
+
+
 def _train(
     model, first, second, when, config: LocalTrainConfig, generator, randomness=None
 ) -> tuple[Params, float]:
     """Fixed-point DP-SGD (plain SGD when not private) steps; returns the new global params and
-    the mean loss. See the module docstring for the unit argument. Batch sampling and noise
-    come from `randomness` (a `PrivacyRandomness`; default: the round's `privacy_source`),
-    negatives from the public `generator`."""
+    the mean loss. `first` None: single-interaction examples. See the module docstring for the
+    unit argument. Batch sampling and noise come from `randomness` (a `PrivacyRandomness`;
+    default: the round's `privacy_source`), negatives from the public `generator`."""
     randomness = randomness or privacy_source(config, 0)
+    with context_frozen(model, first is None):
+        return _train_steps(model, first, second, when, config, generator, randomness)
+
+
+def _train_steps(model, first, second, when, config, generator, randomness) -> tuple[Params, float]:
     model.train()  # Opacus captures activations only in training mode
     names = model.parameter_names(Scope.GLOBAL)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    n = len(first)
+    n = len(second)
     opacus = config.private and config.clipping == "opacus"
     if opacus:
         module, optimizer, criterion = _dp_step_machinery(model, config)
@@ -429,13 +459,13 @@ def _train(
             # with the others' below and the ledger counts every step (`mechanism`)
             continue
         else:
-            a, b, t = first[take], second[take], when[take]
+            a, b, t = None if first is None else first[take], second[take], when[take]
             negatives, hits = sample_negatives(
                 a, b, model.num_items, config.num_negatives, generator
             )
             inputs = (a, b, negatives, t)
             if model.config.user_embedding:  # a device's store is one user: local row 0
-                inputs = (*inputs, torch.zeros_like(a))
+                inputs = (*inputs, torch.zeros_like(b))
             if config.private and not opacus:
                 losses.append(_fused_private_step(model, optimizer, inputs, hits, config))
             else:
@@ -487,7 +517,7 @@ def _fused_private_step(model, optimizer, inputs, hits, config: LocalTrainConfig
     machinery at all: its per-example gradient is the batch gradient, and Opacus's factor
     min(1, C / (||g|| + 1e-6)) is exactly `clip_grad_norm_`'s (same formula, same 1e-6)."""
     optimizer.zero_grad(set_to_none=True)
-    batch = len(inputs[0])
+    batch = len(inputs[1])
     if batch == 1:
         loss = PairSoftmaxLoss(reduction="sum")(model(*inputs), hits)
         loss.backward()
@@ -553,15 +583,29 @@ def _dp_step_machinery(model: RecModel, config: LocalTrainConfig):
             )
             criterion = DPLossFastGradientClipping(module, optimizer, PairSoftmaxLoss())
         else:
-            from opacus.grad_sample import GradSampleModuleExpandedWeights
-
-            module = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+            module = _expanded_weights_module(model)
             optimizer = noise_later_dp_optimizer(
                 sgd, max_grad_norm=config.clip_norm, expected_batch_size=config.reference_batch
             )
             criterion = PairSoftmaxLoss()
         _DP_MACHINERY[key] = (module, optimizer, criterion)
     return _DP_MACHINERY[key]
+
+
+def _expanded_weights_module(model: RecModel):
+    """Opacus's ExpandedWeights module around `model`, with the batch size taken from the
+    target items (`second`): Opacus reads it from the first input, which single-interaction
+    examples do not have (`first=None`)."""
+    from opacus.grad_sample import GradSampleModuleExpandedWeights
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    class TargetBatch(GradSampleModuleExpandedWeights):
+        def forward(self, first, second, *args, **kwargs):
+            return call_for_per_sample_grads(
+                module=self._module, batch_size=second.shape[0], loss_reduction=self.loss_reduction
+            )(first, second, *args, **kwargs)
+
+    return TargetBatch(model, batch_first=True, loss_reduction="mean")
 
 
 def _noise_only(

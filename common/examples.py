@@ -1,17 +1,20 @@
 """Training examples built so that the privacy argument holds.
 
-An example is a PAIR of one user's interactions (a, b), trained in both directions in one
-example: loss = CE(b | context a) + CE(a | context b), both against the same negatives sampled
-uniformly from the public catalogue. Two pairings:
+Two forms:
 
-- `disjoint`: each user's interactions, in time order, are paired (1st,2nd), (3rd,4th), ... ; an
-  unpaired last interaction waits for a partner and is not trained on. Every interaction is in
-  at most ONE example, and adding or removing one interaction adds or removes exactly one example
-  when pairs are fixed when interactions arrive (the device stores the pair id with the
-  interaction; see the federated client), so DP-SGD's add/remove-one-example guarantee is a
-  guarantee for each interaction. This is what DP training uses.
-- `consecutive`: every consecutive pair (i, i+1). Each interaction is in up to two examples and a
-  removal re-links the chain, so it is only for non-private training.
+- `single` (what DP training uses): one example per interaction, its item scored with NO
+  context item (`RecModel.forward(None, item, ...)`): the loss depends on that interaction
+  (item, timestamp), public values (the catalogue, negatives drawn from the public catalogue)
+  and the global parameters only. Adding or removing one interaction adds or removes exactly
+  its own example and changes no other, whatever else the user holds, whenever it arrived: so
+  DP-SGD's add/remove-one-example guarantee, at the sensitivity C it assumes, is a guarantee
+  for each interaction. Any rule that forms PAIRS from the set of a user's interactions fails
+  this: one interaction's presence shifts the parity of every later pair, or re-links a chain,
+  so the release differs in many examples (a tested property: `tests/test_examples.py`).
+- `consecutive`: every consecutive pair (i, i+1), trained in both directions in one example:
+  loss = CE(b | context a) + CE(a | context b), against the same negatives. Each interaction is
+  in up to two examples and a removal re-links the chain, so it is only for non-private
+  training (no per-interaction guarantee is stated there).
 
 Negatives are public randomness: they never depend on other examples (no in-batch negatives).
 """
@@ -25,35 +28,34 @@ import torch
 
 from fedrec.common.data.history import UserHistories
 
-PAIRINGS = ("disjoint", "consecutive")
+FORMS = ("single", "consecutive")
 
 
 @dataclass(frozen=True)
-class PairExamples:
-    first: np.ndarray  # (P,) int64 item index, the earlier interaction
-    second: np.ndarray  # (P,) int64 item index, the later interaction
+class Examples:
+    first: np.ndarray | None  # (P,) int64 item index of the context; None: single interactions
+    second: np.ndarray  # (P,) int64 item index of the (later) interaction
     user: np.ndarray  # (P,) int64 dense user index (only to route LOCAL parameters)
-    time: np.ndarray  # (P,) int64 timestamp of the later interaction
+    time: np.ndarray  # (P,) int64 timestamp of the (later) interaction
 
     def __len__(self) -> int:
-        return len(self.first)
+        return len(self.second)
 
 
-def build_pairs(history: UserHistories, pairing: str = "disjoint") -> PairExamples:
-    """Pairs of each user's time-ordered history (vectorized over users)."""
-    if pairing not in PAIRINGS:
-        raise ValueError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+def build_examples(history: UserHistories, form: str) -> Examples:
+    """Examples of each user's time-ordered history (vectorized over users)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown example form {form!r}; choose one of {', '.join(FORMS)}")
     lengths = history.lengths()
     n = len(history.items)
     owner = np.repeat(np.arange(history.num_users), lengths)
+    if form == "single":
+        return Examples(
+            first=None, second=history.items.copy(), user=owner, time=history.timestamps.copy()
+        )
     position = np.arange(n) - np.repeat(history.indptr[:-1], lengths)
-    has_next = position < np.repeat(lengths, lengths) - 1
-    if pairing == "disjoint":
-        start = has_next & (position % 2 == 0)
-    else:
-        start = has_next
-    i = np.flatnonzero(start)
-    return PairExamples(
+    i = np.flatnonzero(position < np.repeat(lengths, lengths) - 1)
+    return Examples(
         first=history.items[i],
         second=history.items[i + 1],
         user=owner[i],
@@ -62,21 +64,24 @@ def build_pairs(history: UserHistories, pairing: str = "disjoint") -> PairExampl
 
 
 def sample_negatives(
-    first: torch.Tensor,
+    first: torch.Tensor | None,
     second: torch.Tensor,
     num_items: int,
     num_negatives: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform catalogue negatives (B, N), shared by an example's two directions, and the mask
-    (B, 2, N) of accidental hits (a negative equal to that direction's true item)."""
-    negatives = torch.randint(num_items, (first.shape[0], num_negatives), generator=generator)
-    targets = torch.stack([second, first], dim=1)  # slot 0 predicts second, slot 1 first
+    """Uniform catalogue negatives (B, N), shared by an example's directions, and the mask
+    (B, S, N) of accidental hits (a negative equal to that direction's true item); S = 2 for a
+    pair, 1 for a single interaction (`first=None`). The same draws either way."""
+    negatives = torch.randint(num_items, (second.shape[0], num_negatives), generator=generator)
+    # slot 0 predicts second, slot 1 first
+    targets = second[:, None] if first is None else torch.stack([second, first], dim=1)
     return negatives, negatives[:, None, :] == targets[:, :, None]
 
 
 class PairSoftmaxLoss(torch.nn.Module):
-    """Per-example sampled-softmax loss summed over the example's two directions.
+    """Per-example sampled-softmax loss summed over the example's directions (two for a pair,
+    one for a single interaction).
 
     Has a `reduction` attribute so that Opacus's ghost clipping can ask for per-sample losses.
     """
@@ -86,7 +91,7 @@ class PairSoftmaxLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-        # logits (B, 2, 1+N); hits (B, 2, N) masks negatives equal to the target
+        # logits (B, S, 1+N); hits (B, S, N) masks negatives equal to the target
         masked = torch.cat(
             [logits[..., :1], logits[..., 1:].masked_fill(hits, float("-inf"))], dim=-1
         )

@@ -3,10 +3,12 @@
 Shape of the privacy argument (why the model looks like this). Clients train with per-interaction
 DP-SGD, whose guarantee needs each training example's gradient to depend on one privacy unit
 plus parameters and public data. So in TRAINING the model has no per-user representation
-computed from the raw history: an example is a (context item -> target item) pair (see
-`fedrec.common.examples`), scored against negatives sampled from the public catalogue. At
-INFERENCE on the device the user vector is a recency-weighted mean of the context vectors of the
-user's whole private history: recommendations never leave the device.
+computed from the raw history. Under DP-SGD an example is ONE interaction, its target item
+scored with no context item (the global part of the score: item biases at the interaction's
+time); without DP it may be a (context item -> target item) pair (see `fedrec.common.examples`).
+Either way it is scored against negatives sampled from the public catalogue. At INFERENCE on the
+device the user vector is a recency-weighted mean of the context vectors of the user's whole
+private history: recommendations never leave the device.
 
 Item tower (target side):  v_i = E_tgt[i] + W_tgt^T t_i + Y_tgt[year(i)]
 Item bias:                 b_i(t) = s (B[i] + [w . t_i] + sum_k h_k(t) B_T[i, k]) + B_Y[year(i)]
@@ -224,32 +226,50 @@ class RecModel(nn.Module):
         q = q + _lookup(self.ctx_year, self.year[items], taps)
         return q + _lookup(self.ctx_id, items, taps) if self.config.id_embeddings else q
 
+    def context_parameter_names(self) -> list[str]:
+        """The trainable parameters only a context ITEM reaches (the context tower): a
+        single-interaction example (`forward` with `first=None`) gives them no gradient."""
+        names = ["ctx_text.weight", "ctx_year.weight"]
+        names += ["ctx_id.weight"] if self.config.id_embeddings else []
+        return [n for n in names if self.get_parameter(n).requires_grad]
+
     def forward(
         self,
-        first: torch.Tensor,
+        first: torch.Tensor | None,
         second: torch.Tensor,
         negatives: torch.Tensor,
         time: torch.Tensor,
         user: torch.Tensor | None = None,
         taps: GradientTaps | None = None,
     ) -> torch.Tensor:
-        """Logits of a pair example in both directions against shared sampled negatives.
+        """Logits of a pair example in both directions against shared sampled negatives, or of
+        a single-interaction example (`first=None`) in its one direction.
 
         first, second: (B,) item indices of the pair; negatives: (B, N) catalogue samples;
+        first=None: `second` is the only interaction and the context is empty (q = 0, plus
+        the local user vector if any), so the score is the item's global part (biases at
+        `time`) and the example's gradient depends on no other interaction;
         time: (B,) the example's timestamp (selects the time-varying bias it trains);
         user: (B,) local user indices, only with `user_embedding`.
         taps: record every trainable weight's use for fused per-example clipping
         (`fedrec.common.privacy.dpsgd.clip_per_example`); the logits are the same.
         Returns (B, 2, 1+N): slot 0 scores [second, negatives...] given first, slot 1 scores
-        [first, negatives...] given second; the true item is always column 0.
+        [first, negatives...] given second; (B, 1, 1+N) for a single interaction; the true
+        item is always column 0.
         """
         d = self.config.dim
-        q = self.context_vectors(torch.stack([first, second], dim=1), taps)  # (B, 2, d)
+        if first is None:
+            q = torch.zeros(len(second), 1, d)  # (B, 1, d): no context item
+            targets = second[:, None]  # (B, 1)
+        else:
+            q = self.context_vectors(torch.stack([first, second], dim=1), taps)  # (B, 2, d)
+            targets = torch.stack([second, first], dim=1)  # (B, 2)
         if self.config.user_embedding:
             if user is None:
                 raise ValueError("this model has a local user embedding: pass `user`")
             q = q + _lookup(self.user, user.unsqueeze(1), taps)  # (B, 1, d): batch-first
-        candidates = torch.cat([second[:, None], first[:, None], negatives], dim=1)  # (B, C=2+N)
+        s = targets.shape[1]
+        candidates = torch.cat([targets, negatives], dim=1)  # (B, C=S+N)
         rows = _lookup(self.item_table, candidates, taps)  # (B, C, d+1+K)
         years = _lookup(self.year_table, self.year[candidates], taps)  # (B, C, d+1)
         e = self.id_dim  # id-vector columns of the item table (0 for a content model)
@@ -259,12 +279,12 @@ class RecModel(nn.Module):
         if self.config.text_bias:
             item_bias = item_bias + _linear(self.text_bias, self.text[candidates], taps)[..., 0]
         bias = self.config.bias_scale * item_bias + years[..., d]  # (B, C)
-        logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, 2, C)
+        logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, S, C)
         projected = _linear(self.tgt_text, q, taps)
         logits = logits + torch.einsum("bst,bct->bsc", projected, self.text[candidates])
         logits = logits + bias[:, None, :]
-        target = torch.stack([logits[:, 0, 0], logits[:, 1, 1]], dim=1)  # (B, 2)
-        return torch.cat([target[..., None], logits[:, :, 2:]], dim=-1)
+        target = torch.diagonal(logits[:, :, :s], dim1=1, dim2=2)  # (B, S): slot k's own target
+        return torch.cat([target[..., None], logits[:, :, s:]], dim=-1)
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()

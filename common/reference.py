@@ -131,7 +131,8 @@ def run_reference(
         spent = [r["epsilon"] for r in results.values()]
         summary["epsilon"] = max(spent)
         summary["privacy"] = {
-            "unit": "one interaction (each is in exactly one training example: disjoint pairs)",
+            "unit": "one interaction (each is exactly one training example, formed from it "
+            "alone: no other interaction changes when it is added or removed)",
             "adjacency": "add/remove one interaction",
             "accountant": "Opacus RDP, Poisson sampling",
             "epsilon": max(spent),

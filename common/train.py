@@ -3,8 +3,10 @@
 Without DP, or with Opacus DP-SGD (ghost clipping, Poisson sampling, RDP accountant) at a target
 ε or an explicit noise multiplier. This is the yardstick federated quality is measured against.
 
-Privacy unit under DP: one interaction. DP training uses `disjoint` pairs, so each interaction is
-in exactly one example and Opacus's add/remove-one-example guarantee covers it. Early stopping
+Privacy unit under DP: one interaction, add/remove. DP training uses `single` examples (one per
+interaction, no context item: see fedrec.common.examples), so adding or removing one interaction
+adds or removes exactly its own example, and Opacus's add/remove-one-example guarantee at
+sensitivity C covers it. The context tower, which only a context item reaches, is frozen then. Early stopping
 and hyperparameters are chosen on the validation split, which is not part of the accounted
 training data (standard practice; the validation rows are never trained on).
 """
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedrec.common.data.history import UserHistories
 from fedrec.common.data.splits import Split
 from fedrec.common.evaluation import evaluate
-from fedrec.common.examples import PairSoftmaxLoss, build_pairs, sample_negatives
+from fedrec.common.examples import PairSoftmaxLoss, build_examples, sample_negatives
 from fedrec.common.model import ModelConfig, ModelScorer, RecModel
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
@@ -62,7 +64,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 0.001
     num_negatives: int = 100  # catalogue-sampled negatives per direction of each example
-    pairing: str = "consecutive"  # DP forces "disjoint" (see fedrec.common.examples)
+    examples: str = "consecutive"  # DP forces "single" (see fedrec.common.examples)
     bias_lr_scale: float = 20.0  # biases (popularity) converge slowly, embeddings overfit fast
     patience: int = 3  # epochs without validation NDCG@10 gain before stopping
     # data order and negatives; DP noise and Poisson batches only with `reproducible_noise`
@@ -100,14 +102,12 @@ def param_groups(model: RecModel, config: TrainConfig) -> list[dict]:
     ]
 
 
-def _examples_tensors(history: UserHistories, pairing: str) -> TensorDataset:
-    pairs = build_pairs(history, pairing)
-    return TensorDataset(
-        torch.from_numpy(pairs.first),
-        torch.from_numpy(pairs.second),
-        torch.from_numpy(pairs.time),
-        torch.from_numpy(pairs.user),
-    )
+def _examples_tensors(history: UserHistories, form: str) -> TensorDataset:
+    """(second, time, user[, first]) columns: single-interaction examples have no `first`."""
+    examples = build_examples(history, form)
+    columns = [examples.second, examples.time, examples.user]
+    columns += [] if examples.first is None else [examples.first]
+    return TensorDataset(*(torch.from_numpy(c) for c in columns))
 
 
 def train_centralized(
@@ -126,10 +126,10 @@ def train_centralized(
     start = time.perf_counter()
     num_items = text_features.shape[0]
     train_history = UserHistories.from_interactions(split.train, num_users)
-    pairing = "disjoint" if dp is not None else config.pairing
-    dataset = _examples_tensors(train_history, pairing)
+    form = "single" if dp is not None else config.examples
+    dataset = _examples_tensors(train_history, form)
     if len(dataset) == 0:
-        raise ValueError("no training pairs: every user has fewer than 2 training interactions")
+        raise ValueError(f"no training examples ({form}): too few training interactions")
 
     model = RecModel(
         config.model,
@@ -138,6 +138,9 @@ def train_centralized(
         num_local_users=num_users if config.model.user_embedding else 1,
         time_range=(int(split.train.timestamp.min()), int(split.train.timestamp.max())),
     )
+    if form == "single":  # nothing reaches the context tower: not trained, not noised
+        for name in model.context_parameter_names():
+            model.get_parameter(name).requires_grad_(False)
     optimizer = torch.optim.Adam(param_groups(model, config), lr=config.lr)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False
@@ -179,8 +182,9 @@ def train_centralized(
     for epoch in range(1, config.epochs + 1):
         trained.train()
         total, count = 0.0, 0
-        for first, second, when, user in loader:
-            if len(first) == 0:  # Poisson sampling drew nothing: still a noised, counted step
+        for second, when, user, *first in loader:
+            first = first[0] if first else None  # None: single-interaction examples
+            if len(second) == 0:  # Poisson sampling drew nothing: still a noised, counted step
                 step_on_empty_batch(optimizer)
                 continue
             negatives, hits = sample_negatives(
@@ -193,8 +197,8 @@ def train_centralized(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.item()) * len(first)
-            count += len(first)
+            total += float(loss.item()) * len(second)
+            count += len(second)
         row: Metrics = {"epoch": epoch, "loss": total / max(count, 1)}
         if len(split.valid):
             valid = evaluate(

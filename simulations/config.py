@@ -135,6 +135,17 @@ class SimulationConfig:
             raise ValueError("reference-batch, local-steps and min-survivors must be >= 1")
         if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("budgets must be > 0 and delta in (0, 1)")
+        if (
+            self.model.user_embedding
+            and self.dp & {"distributed", "local"}
+            and "user" not in self.dp
+        ):
+            raise ValueError(
+                f"model-user-embedding = true with dp = {'+'.join(sorted(self.dp))}: a LOCAL "
+                "user vector voids every per-interaction guarantee, and this dp states no "
+                "other. Use dp = user (or user+distributed, user+local), or "
+                "model-user-embedding = false"
+            )
 
     @property
     def stream_protocol(self) -> str:
@@ -196,11 +207,19 @@ class SimulationConfig:
         return "distributed" in self.dp
 
     @property
+    def per_interaction_holds(self) -> bool:
+        """Whether a per-interaction guarantee (distributed or local) may be stated: devices
+        run DP-SGD and the model has no LOCAL parameters. Every released gradient must depend
+        on public values, global parameters and ONE interaction; a local user vector trained
+        on the device's other interactions feeds them (even frozen during DP-SGD, it was
+        trained on those interactions, and with noise-free gradients), so with local
+        parameters only user-level DP, whose unit is the whole device, is stated."""
+        return self.device_noise_multiplier is not None and not self.model.user_embedding
+
+    @property
     def distributed_holds(self) -> bool:
-        """The per-interaction guarantee with secure aggregation needs every released gradient
-        to depend on public values, global parameters and one interaction: a LOCAL user vector
-        trained under the small per-device noise would feed them, so it voids the guarantee."""
-        return "distributed" in self.dp and not self.model.user_embedding
+        """The per-interaction guarantee with secure aggregation (`per_interaction_holds`)."""
+        return "distributed" in self.dp and self.per_interaction_holds
 
     @property
     def device_noise_multiplier(self) -> float | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,10 +44,8 @@ CONFIG = LocalTrainConfig(
 )
 
 
-def deliver(store: ClientStore, cohort: str, items: list[int], start: int, retired=frozenset()):
-    store.ingest(
-        [ITEM_IDS[i] for i in items], list(range(start, start + len(items))), cohort, retired
-    )
+def deliver(store: ClientStore, cohort: str, items: list[int], start: int):
+    store.ingest([ITEM_IDS[i] for i in items], list(range(start, start + len(items))), cohort)
 
 
 def test_a_round_trains_writes_the_ledger_and_reports(tmp_path):
@@ -62,10 +63,11 @@ def test_a_round_trains_writes_the_ledger_and_reports(tmp_path):
             new_cohorts=frozenset({"w0"}),
             config=CONFIG,
         )
-        assert result.declined is None and result.num_examples == 2  # 5 interactions -> 2 pairs
+        # under DP-SGD each interaction is its own example, charged once to its own cohort
+        assert result.declined is None and result.num_examples == 5
         assert any(not np.array_equal(result.params[n], params[n]) for n in params)
         train = [e for e in ledger.entries if e["kind"] == "train"]
-        assert len(train) == 1 and train[0]["cohorts"] == {"w0": 4}  # the unpaired one is not used
+        assert len(train) == 1 and train[0]["cohorts"] == {"w0": 5}
         assert train[0]["mechanism"]["noise_multiplier"] == 1.0
         assert 0 < result.metrics["max_interaction_epsilon"] < CONFIG.budget_epsilon
         assert result.metrics["preq_count"] == 5
@@ -103,7 +105,7 @@ def test_retirement_and_decline_when_the_budget_is_spent(tmp_path):
         eps = ledger.epsilons(Guarantee.DISTRIBUTED, config.delta)
         assert eps["w0"] <= 3.0
         # a new cohort has its own fresh budget: the device keeps learning
-        deliver(store, "w1", [7, 8], 100, ledger.retired_cohorts())
+        deliver(store, "w1", [7, 8], 100)
         result = local_round(
             model,
             global_params(model),
@@ -193,7 +195,7 @@ def test_lifelong_invariants(tmp_path_factory, arrivals, budget):
     clock = 0
     for r, items in enumerate(arrivals, start=1):
         with ClientStore(folder) as store, PrivacyLedger.open(folder / "ledger.jsonl") as ledger:
-            deliver(store, f"w{r}", items, clock, ledger.retired_cohorts())
+            deliver(store, f"w{r}", items, clock)
             clock += 10
             retired_before = ledger.retired_cohorts()
             local_round(
@@ -222,7 +224,7 @@ def _update_norm(model, first, second, config) -> float:
     from fedrec.client.training import _train
 
     start = global_params(model)
-    when = torch.full((len(first),), 50, dtype=torch.int64)
+    when = torch.full((len(second),), 50, dtype=torch.int64)
     new, _ = _train(model, first, second, when, config, torch.Generator().manual_seed(0))
     return float(np.sqrt(sum(np.sum((new[n] - start[n]) ** 2) for n in start)))
 
@@ -248,9 +250,9 @@ def test_every_device_update_is_in_one_unit_and_bounded_by_lr_c(id_embeddings):
     )
     rng = np.random.default_rng(0)
     many = torch.tensor(rng.integers(0, NUM_ITEMS, size=(2, 200)))
-    big = _update_norm(model, many[0], many[1], config)
+    big = _update_norm(model, None, many[1], config)  # single interactions, as DP-SGD trains
     assert 0.9 * config.lr * config.clip_norm < big <= config.lr * config.clip_norm * (1 + 1e-5)
-    one = _update_norm(model, many[0][:1], many[1][:1], config)
+    one = _update_norm(model, None, many[1][:1], config)
     assert 0 < one <= config.lr * config.clip_norm / config.reference_batch * (1 + 1e-5)
 
 
@@ -269,10 +271,10 @@ def test_empty_poisson_batches_are_steps_in_both_clipping_modes(id_embeddings):
         budget_guarantee=Guarantee.LOCAL,
         seed=0,
     )
-    pair = torch.tensor([[1, 2], [3, 4]])
-    assert _update_norm(model, pair[0], pair[1], config) == 0.0
+    items = torch.tensor([2, 4])
+    assert _update_norm(model, None, items, config) == 0.0
     noisy = LocalTrainConfig(**{**config.__dict__, "noise_multiplier": 1.0})
-    assert _update_norm(model, pair[0], pair[1], noisy) > 0.0
+    assert _update_norm(model, None, items, noisy) > 0.0
 
 
 MODEL_VARIANTS = {
@@ -287,22 +289,29 @@ MODEL_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("form", ["single", "pair"])
 @pytest.mark.parametrize("clipping", ["fused", "opacus"])
 @pytest.mark.parametrize("variant", sorted(MODEL_VARIANTS))
 @pytest.mark.parametrize("batch", [1, 5])
-def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, monkeypatch):
+def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, form, monkeypatch):
     """A device's DP step, with fedrec's fused per-example clipping or through Opacus's own
     machinery (noise added later), moves the parameters exactly as Opacus's hooks +
     DPOptimizer at noise 0 do: the same per-example gradients, clipped jointly, summed,
     divided by B. For every model variant (both routes of each kind of weight: ghost and
-    materialized Linear norms, Gram and dense Embedding norms; frozen weights untouched)."""
+    materialized Linear norms, Gram and dense Embedding norms; frozen weights untouched), on
+    single-interaction examples (what DP-SGD trains; the context tower frozen) and on pairs."""
     import copy
 
     import torch
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from fedrec.client.training import _dp_step_machinery, _fused_private_step, _step
+    from fedrec.client.training import (
+        _dp_step_machinery,
+        _fused_private_step,
+        _step,
+        context_frozen,
+    )
     from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 
     if variant in ("gram", "dense"):
@@ -324,11 +333,17 @@ def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, monkeyp
         torch.randint(NUM_ITEMS, (batch,), generator=g),
         torch.randint(NUM_ITEMS, (batch,), generator=g),
     )
+    single = form == "single"
+    if single:
+        first = None
     negatives, hits = sample_negatives(first, second, NUM_ITEMS, 7, g)
     inputs = (first, second, negatives, torch.full((batch,), 50, dtype=torch.int64))
     if model_config.user_embedding:
-        inputs = (*inputs, torch.zeros_like(first))
+        inputs = (*inputs, torch.zeros_like(second))
 
+    frozen = contextlib.ExitStack()  # as `_train` does for single-interaction examples
+    frozen.enter_context(context_frozen(model, single))
+    frozen.enter_context(context_frozen(reference, single))
     if clipping == "fused":
         sgd = torch.optim.SGD(model.parameters(), lr=config.lr)
         _fused_private_step(model, sgd, inputs, hits, config)
@@ -362,8 +377,12 @@ def test_private_step_equals_opacus_hooks_step(batch, variant, clipping, monkeyp
         for (name, p), q in zip(model.named_parameters(), initial.parameters(), strict=True)
         if not torch.equal(p, q)
     }
-    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_changed = {n for n, p in model.named_parameters() if p.requires_grad}
+    if single and not model.config.user_embedding:  # no context: q = 0, W_tgt·q has no gradient
+        expected_changed -= {"tgt_text.weight"}
+    assert changed == expected_changed
     hooks._close()
+    frozen.close()
 
 
 @pytest.mark.parametrize(
@@ -475,3 +494,159 @@ def test_a_devices_noise_and_batches_are_secret_unless_the_run_opts_out():
     assert same(*noise_twice(reproducible)) and same(*batches_twice(reproducible))
     with pytest.raises(ValueError, match="needs a seed"):
         dataclasses.replace(CONFIG, reproducible_noise=True, seed=None)
+
+
+# -- adjacency: what one interaction changes in a device's release -------------------------------
+windows_strategy = st.lists(
+    st.lists(st.integers(0, NUM_ITEMS - 1), min_size=1, max_size=4), min_size=1, max_size=4
+)
+
+
+def _device_stream(windows: list[list[int]]) -> list[tuple[str, int, int]]:
+    """(cohort, item, timestamp) of every interaction, one cohort per window, distinct times."""
+    rows, clock = [], 0
+    for w, items in enumerate(windows):
+        for item in items:
+            rows.append((f"w{w}", item, clock))
+            clock += 1
+    return rows
+
+
+def _dp_examples_of(folder, rows, retired=frozenset()):
+    """The DP-SGD examples a device forms from `rows` delivered window by window (the real
+    store and `_examples`), as (first, second, time) rows, and the cohorts they charge."""
+    from fedrec.client.training import _examples
+
+    with ClientStore(folder, durable=False) as store:
+        for cohort in dict.fromkeys(c for c, _, _ in rows):
+            mine = [(i, t) for c, i, t in rows if c == cohort]
+            store.ingest([ITEM_IDS[i] for i, _ in mine], [t for _, t in mine], cohort)
+        data = store.interactions()
+    trainable = set(data.cohort.tolist()) - retired
+    first, second, when, present = _examples(data, INDEX, trainable, True)
+    firsts = [None] * len(second) if first is None else first.tolist()
+    return list(zip(firsts, second.tolist(), when.tolist(), strict=True)), present
+
+
+def test_a_schema_1_store_that_paired_at_ingest_stays_readable(tmp_path):
+    """A store written before pairing stopped (its `pair` column filled) opens, keeps its
+    rows, takes new ones, and every interaction is then its own DP-SGD example."""
+    import sqlite3
+
+    from fedrec.client.store import SCHEMA_VERSION
+    from fedrec.client.training import _examples
+
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    db.executescript(
+        "CREATE TABLE interactions (id INTEGER PRIMARY KEY, item TEXT NOT NULL, "
+        "timestamp INTEGER NOT NULL, cohort TEXT NOT NULL, pair INTEGER);"
+        "CREATE UNIQUE INDEX interactions_event ON interactions(item, timestamp);"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO interactions VALUES (1, 'i1', 0, 'w0', 1), (2, 'i2', 1, 'w0', 1),"
+        " (3, 'i3', 2, 'w0', NULL);"
+        "PRAGMA user_version = 1;"
+    )
+    db.close()
+    with ClientStore(tmp_path) as store:
+        assert store.ingest(["i4", "i1"], [3, 0], "w1") == 1  # (i1, 0) is already stored
+        data = store.interactions()
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert data.item.tolist() == ["i1", "i2", "i3", "i4"]
+    first, second, _, present = _examples(data, INDEX, {"w0", "w1"}, True)
+    assert first is None and second.tolist() == [1, 2, 3, 4]
+    assert present == {"w0": 3, "w1": 1}
+
+
+@settings(max_examples=40, deadline=None)
+@given(windows=windows_strategy, retire=st.integers(0, 3))
+def test_removing_one_interaction_changes_only_its_own_charged_example(windows, retire):
+    """For every interaction x of a device's stream (random windows = cohorts, some retired):
+    the DP-SGD examples formed with and without x differ in exactly x's own example, and the
+    cohort counts the ledger charges differ by exactly one, on x's cohort; an interaction of a
+    retired cohort forms no example at all."""
+    import tempfile
+    from collections import Counter
+
+    rows = _device_stream(windows)
+    retired = frozenset({f"w{retire}"})
+    with tempfile.TemporaryDirectory() as tmp:
+        full, charged = _dp_examples_of(f"{tmp}/full", rows, retired)
+        for x, (cohort, item, when) in enumerate(rows):
+            without, charged_without = _dp_examples_of(
+                f"{tmp}/{x}", rows[:x] + rows[x + 1 :], retired
+            )
+            if cohort in retired:
+                assert Counter(full) == Counter(without) and charged == charged_without
+                continue
+            assert Counter(full) - Counter(without) == Counter({(None, item, when): 1})
+            assert not Counter(without) - Counter(full)
+            assert Counter(charged) - Counter(charged_without) == Counter({cohort: 1})
+            assert not Counter(charged_without) - Counter(charged)
+
+
+@settings(max_examples=15, deadline=None)
+@given(windows=windows_strategy)
+def test_one_interaction_moves_the_released_step_sum_by_at_most_c(windows):
+    """The real fused DP-SGD step (noise off) on the examples a device forms with and without
+    x, each example keeping its own public negatives: the steps' clipped sums differ by at
+    most C, the sensitivity the accountant assumes, for every x."""
+    import copy
+    import tempfile
+
+    import torch
+
+    from fedrec.client.training import _fused_private_step, context_frozen
+    from fedrec.common.examples import sample_negatives
+
+    model = _randomised_template()
+    config = LocalTrainConfig(lr=1.0, clip_norm=0.05, reference_batch=1, noise_multiplier=0.0)
+
+    def step_sum(examples) -> torch.Tensor:
+        """The parameters' move, -lr·(clipped sum)/B, of one step on these examples."""
+        trained = copy.deepcopy(model)
+        start = torch.cat([p.detach().flatten().clone() for p in trained.parameters()])
+        if not examples:
+            return torch.zeros_like(start)
+        firsts = [f for f, _, _ in examples]
+        first = None if firsts[0] is None else torch.tensor(firsts)
+        second = torch.tensor([s for _, s, _ in examples])
+        time = torch.tensor([t for _, _, t in examples])
+        # each example draws its own negatives, seeded by its own timestamp: with and without
+        # x, every other example keeps the same public randomness
+        draws = [
+            sample_negatives(None, second[k : k + 1], NUM_ITEMS, 7, _seeded(int(time[k])))
+            for k in range(len(examples))
+        ]
+        negatives = torch.cat([n for n, _ in draws])
+        hits = torch.cat([h for _, h in draws])
+        with context_frozen(trained, first is None):
+            sgd = torch.optim.SGD(trained.parameters(), lr=config.lr)
+            _fused_private_step(trained, sgd, (first, second, negatives, time), hits, config)
+        return torch.cat([p.detach().flatten() for p in trained.parameters()]) - start
+
+    rows = _device_stream(windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = step_sum(_dp_examples_of(f"{tmp}/full", rows)[0])
+        for x in range(len(rows)):
+            without = step_sum(_dp_examples_of(f"{tmp}/{x}", rows[:x] + rows[x + 1 :])[0])
+            gap = float((full - without).norm())
+            assert 0 < gap <= config.lr * config.clip_norm / config.reference_batch * (1 + 1e-4)
+
+
+def _seeded(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+@functools.cache
+def _randomised_template() -> RecModel:
+    """A template away from the zero init (every example's gradient is larger than C), built
+    once: `step_sum` copies it."""
+    import torch
+
+    model = template()
+    torch.manual_seed(1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model

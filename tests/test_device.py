@@ -147,6 +147,17 @@ def test_a_device_round_then_status_and_recommend(tmp_path, synthetic_items):
     assert status(tmp_path, device.policy)["ledger_entries"] == info["ledger_entries"]
 
 
+def test_a_device_declines_a_run_that_trains_local_parameters(tmp_path, synthetic_items):
+    """Its policy is a per-interaction budget, which no run with a LOCAL user vector can keep:
+    it trains nothing and writes nothing to its ledger."""
+    device = DeviceConfig(store=tmp_path, policy=PrivacyPolicy(epsilon=50.0))
+    ingest(tmp_path, [f"{synthetic_items[0]},1000"], set(synthetic_items))
+    run = RUN | {"dp": "user+local", "model-user-embedding": "true"}
+    result = device_round(device, run, 1, _global(run))
+    assert result.params is None and "model-user-embedding" in result.declined
+    assert status(tmp_path, device.policy)["ledger_entries"] == 0
+
+
 def test_a_corrupted_store_is_a_clear_error(tmp_path, synthetic_items):
     ingest(tmp_path, [f"{synthetic_items[0]},1000"], set(synthetic_items))
     (tmp_path / "store.sqlite").write_bytes(b"this is not a database" * 100)

@@ -62,6 +62,30 @@ def test_config_round_trips_and_rejects_unknown_settings():
         parse_dp("user+central")
 
 
+@pytest.mark.parametrize("dp", ["local", "distributed"])
+def test_a_local_user_vector_without_user_level_dp_is_refused(dp):
+    with pytest.raises(ValueError, match=r"model-user-embedding = true with dp = .*dp = user"):
+        SimulationConfig.from_flat({"dp": dp, "model-user-embedding": "true"})
+
+
+def test_local_parameters_withdraw_every_per_interaction_guarantee(tmp_path):
+    """With a LOCAL user vector only user-level DP is stated: the per-interaction guarantees
+    (distributed and local) are listed as not earned, with no ε, in summary.json."""
+    assert SimulationConfig().per_interaction_holds
+    for dp in ("user+distributed", "user+local"):
+        config = SimulationConfig.from_flat({"dp": dp, "model-user-embedding": "true"})
+        assert not config.per_interaction_holds and not config.distributed_holds
+    config = small(tmp_path, dp="user+local", **{"model-user-embedding": "true", "rounds": 2})
+    summary = finalize(run_in_process(config))
+    privacy = summary["privacy"]
+    assert privacy["per_interaction_holds"] is False
+    held = [g for g in privacy["guarantees"] if g.get("earned", True)]
+    assert [g["name"] for g in held] == ["user-level DP of the published global model"]
+    withdrawn = [g for g in privacy["guarantees"] if not g.get("earned", True)]
+    assert [g["unit"] for g in withdrawn] == ["one interaction"]
+    assert all(g["epsilon"] is None and "LOCAL user vector" in g["why_not"] for g in withdrawn)
+
+
 def test_a_run_writes_consistent_outputs(tmp_path):
     config = small(tmp_path)
     run = run_in_process(config)
@@ -80,6 +104,7 @@ def test_a_run_writes_consistent_outputs(tmp_path):
     assert 0 < privacy["user_epsilon"] <= config.user_epsilon
     names = [g["name"] for g in privacy["guarantees"]]
     assert any("user-level" in n for n in names) and any("secure aggregation" in n for n in names)
+    assert privacy["per_interaction_holds"] is True
     # every device ledger that holds entries verifies, is within budget, and its head is
     # in ledger_heads.json (not in summary.json, which stays small)
     assert "ledger_heads" not in summary
