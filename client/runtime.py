@@ -256,3 +256,23 @@ def _seed(config: SimulationConfig, user: int) -> int | None:
 def global_parameters(model: RecModel) -> dict[str, np.ndarray]:
     state = model.state_dict()
     return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.GLOBAL)}
+
+
+def device_ledger_head(config: SimulationConfig, user: int) -> str | None:
+    """The hash of the last entry of a simulated device's ledger (None without one): what the
+    device reports with its reply, so the server can record it (fedrec.server.run_record).
+    Read from the file's last line: the ledger verified the chain when it appended it."""
+    stream = load_stream(config.data, config.rounds, config.protocol)
+    path = client_dir(config, str(stream.dataset.user_ids[user])) / "ledger.jsonl"
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if size > len(tail) and tail.count(b"\n") < 2:
+                f.seek(0)
+                tail = f.read()
+    except FileNotFoundError:
+        return None
+    lines = tail.rstrip(b"\n").split(b"\n")
+    return json.loads(lines[-1])["hash"] if lines and lines[-1] else None

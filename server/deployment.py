@@ -71,6 +71,9 @@ class DeploymentRun(FederatedRun):
         )
         self.calibrate_user_noise()
 
+    def device_name(self, user: int) -> str:
+        return str(user)  # the node: its ledger lives on the device, not in the run folder
+
     def sample(self, round: int) -> np.ndarray:
         rng = np.random.default_rng([self.config.seed, round])
         return self.registered[rng.random(len(self.registered)) < self.sample_rate]
