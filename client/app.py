@@ -59,7 +59,7 @@ def train(msg: Message, context: Context) -> Message:
             continue
         user = reply.user
         status[f"{user}/error"] = reply.error or ""
-        status[f"{user}/head"] = reply.ledger_head or ""  # a hash of its ledger, beside the flag
+        status[f"{user}/head"] = reply.ledger_head or ""  # a keyed commitment: looks random
         if config.secure_aggregation:  # nothing of its own beyond a failure
             if reply.error is None:
                 pooled_users.append(user)

@@ -6,17 +6,21 @@ Canonical JSON (keys sorted, no whitespace):
     v           format, 1
     round       the round
     registered  N, the devices the round sampled from (user-level q = expected / N)
-    sampled     names of the devices sampled (their store folders: clients/<name>/), sorted
+    devices     {name: commitment} for every device sampled (name: its store folder,
+                clients/<name>/); the commitment is what the device reported with its reply
+                (16 hex, `fedrec.client.runtime.device_commitment`: HMAC-SHA256 under the
+                devices' key of "name\0round\0head", head = its ledger's head hash after the
+                round, 64 zeros while empty), "" when it reported none
     failed      names of the sampled devices that failed, sorted
     summed      devices whose update is in the round's sum
     discarded   the round was discarded (secure aggregation below K_min): nothing published
-    heads       {name: the first HEAD_CHARS hex of the device's ledger head hash after its
-                round}, only where it differs from the last head recorded for that device
 
-A ledger head is a hash of the device's own privacy records: it reveals nothing of its data,
-so it travels beside the failure flag even under secure aggregation. A forger who rewrites a
-ledger (deletes a train and a retire entry, re-hashes the chain) cannot make it agree with the
-heads the server recorded round by round.
+A commitment is a keyed hash of the device's privacy records: without the devices' key it
+looks random, so the server learns nothing from it (not even whether the ledger changed, i.e.
+whether the device trained), and it travels beside the failure flag under secure aggregation
+too. With the key, an auditor checks each device's ledger against what it committed to, round
+by round: a forger who rewrites a ledger (deletes a train and a retire entry, re-hashes the
+chain) cannot make it agree with commitments the server recorded before.
 
 Each checkpoint's `extra["run_record"]` (`round_record`) chains the run's files together:
     params_sha256   of the model arrays (`params_digest`)
@@ -40,7 +44,6 @@ from fedrec.common.io import atomic_write
 
 PARTICIPATION_FILE = "participation.jsonl"
 RECORD_KEY = "run_record"
-HEAD_CHARS = 16  # 64 bits: a forged chain would need a preimage-like search to match
 FORMAT = 1
 
 
@@ -96,20 +99,17 @@ def round_record(out: Path, params: Mapping[str, np.ndarray], metrics_line: str)
 
 
 class ParticipationLog:
-    """participation.jsonl of a run: appends one line per round, remembers the heads it
-    recorded. Opened at the committed round: lines of later rounds (written before a crash
-    that kept their checkpoint from committing) are dropped, as the rounds are run again."""
+    """participation.jsonl of a run, appended one line per round. Opened at the committed
+    round: lines of later rounds (written before a crash that kept their checkpoint from
+    committing) are dropped, as those rounds are run again."""
 
     def __init__(self, path: Path, committed: int):
         self.path = Path(path)
-        self.heads: dict[str, str] = {}
-        kept = []
-        for line in _read(self.path).decode().splitlines():
-            row = json.loads(line)
-            if row["round"] > committed:
-                continue
-            kept.append(line + "\n")
-            self.heads.update(row["heads"])
+        kept = [
+            line + "\n"
+            for line in _read(self.path).decode().splitlines()
+            if json.loads(line)["round"] <= committed
+        ]
         if self.path.exists():
             text = "".join(kept).encode()
             atomic_write(self.path, lambda f: f.write(text))
@@ -119,27 +119,19 @@ class ParticipationLog:
         round: int,
         *,
         registered: int,
-        sampled: Sequence[str],
+        devices: Mapping[str, str | None],
         failed: Sequence[str],
         summed: int,
         discarded: bool,
-        heads: Mapping[str, str | None],
     ) -> None:
-        changed = {}
-        for name, head in heads.items():
-            short = (head or "")[:HEAD_CHARS]
-            if short and self.heads.get(name) != short:
-                changed[name] = short
         line = {
             "v": FORMAT,
             "round": round,
             "registered": registered,
-            "sampled": sorted(sampled),
+            "devices": {name: commit or "" for name, commit in devices.items()},
             "failed": sorted(failed),
             "summed": summed,
             "discarded": bool(discarded),
-            "heads": changed,
         }
         with open(self.path, "a") as f:
             f.write(canonical(line) + "\n")
-        self.heads.update(changed)

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedrec.client.runtime import (
     build_model,
-    device_ledger_head,
+    device_commitment,
     global_parameters,
     simulated_device_round,
 )
@@ -64,7 +64,8 @@ class DeviceReply:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the device failed (bad store, bad parameters, crash)
     # head hash of the device's ledger after its round (deployment: reported every round, so
-    # an auditor can later detect a truncated or rewritten ledger)
+    # an auditor can later detect a truncated or rewritten ledger); in simulation a keyed
+    # commitment to it (`fedrec.client.runtime.device_commitment`), recorded by the server
     ledger_head: str | None = None
     # > 0: not one device's reply but the secure sum of this many devices' replies (their
     # updates minus the received parameters, and their counters: `secure_sum`), summed where
@@ -148,7 +149,7 @@ def secure_sum(
                 counters["loss"] += loss
                 counters["loss_count"] += 1
         members.append(reply.user)
-        # a ledger head is a hash of the device's privacy records, nothing of its data
+        # a keyed commitment to its ledger's head: looks random to the server (not a count)
         out.append(DeviceReply(reply.user, None, 0, {}, ledger_head=reply.ledger_head))
     if members:
         changes = {name: value.astype(np.float32) for name, value in total.items()}
@@ -423,17 +424,16 @@ class FederatedRun:
         return str(self.stream.dataset.user_ids[user])
 
     def record_participation(self, round, replies, summed: int, discarded: bool) -> None:
-        """The server's record of who was sampled, failed and reported which ledger head
+        """The server's record of who was sampled, failed and committed to which ledger head
         (`fedrec.server.run_record`), written before the round's checkpoint commits it."""
         names = {r.user: self.device_name(r.user) for r in replies}
         self.participation.append(
             round,
             registered=len(self.registered),
-            sampled=list(names.values()),
+            devices={names[r.user]: r.ledger_head for r in replies},
             failed=[names[r.user] for r in replies if r.error is not None],
             summed=summed,
             discarded=discarded,
-            heads={names[r.user]: r.ledger_head for r in replies},
         )
 
     def _decay_item_biases(self, decay: float) -> None:
@@ -537,7 +537,7 @@ def device_reply(config: SimulationConfig, user: int, round: int, params) -> Dev
     try:
         result = simulated_device_round(config, user, round, params)
     except Exception as err:
-        head = device_ledger_head(config, user)
+        head = device_commitment(config, user, round)
         return DeviceReply(
             user, None, 0, {}, error=f"{type(err).__name__}: {err}", ledger_head=head
         )
@@ -546,7 +546,7 @@ def device_reply(config: SimulationConfig, user: int, round: int, params) -> Dev
         result.params,
         result.num_examples,
         dict(result.metrics),
-        ledger_head=device_ledger_head(config, user),
+        ledger_head=device_commitment(config, user, round),
     )
 
 

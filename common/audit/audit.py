@@ -120,7 +120,7 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     cross: dict[str, Any] = {}
     if run is not None:
         cross["mechanism_entries_checked"] = check_mechanisms(ledgers, run, findings)
-        cross |= check_participation(ledgers, run, findings)
+        cross |= check_participation(root, ledgers, run, findings)
         check_metrics_rows(run, findings)
 
     delta = options.delta or privacy.get("delta") or run_delta(ledgers)

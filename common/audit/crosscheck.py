@@ -7,17 +7,29 @@ A ledger is a device's own record, hash-chained, so a forger can rewrite it cons
 (every entry edited and re-hashed: a doubled σ; a train and a retire entry deleted and the
 chain re-hashed). What the forger cannot rewrite consistently is the server's record of the
 same rounds: each mechanism must be the one the configuration prescribes, each round a round
-in which the server sampled the device, and each head the device reported after a round a
-hash in its chain, followed only by entries of later rounds.
+in which the server sampled the device, and the ledger's head after each round the one the
+device committed to in its reply (a keyed hash the server recorded in participation.jsonl).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import hmac
 import math
+from pathlib import Path
 from typing import Any
 
 from fedrec.common.audit.ledgers import DISTRIBUTED, LOCAL
-from fedrec.common.audit.records import GENESIS, RETIRE, TRAIN, Finding, Ledger, RecordsError
+from fedrec.common.audit.records import (
+    GENESIS,
+    RETIRE,
+    TRAIN,
+    Finding,
+    Ledger,
+    RecordsError,
+    read_bytes,
+)
 from fedrec.common.audit.run_record import RunRecord
 
 
@@ -127,107 +139,78 @@ def _mechanism_differences(recorded: dict[str, Any], config: dict[str, Any]) -> 
     ]
 
 
+COMMIT_KEY_FILE = "commit.key"  # the simulated devices' key, in clients/
+
+
+def commitment(key: bytes, device: str, round: int, head: str) -> str:
+    """A device's commitment to its ledger head after a round (fedrec's format, restated):
+    HMAC-SHA256(key, "device\\0round\\0head"), first 16 hex."""
+    message = f"{device}\0{round}\0{head}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:16]
+
+
+def _head_after(entries: list[dict[str, Any]], rounds: list[int], round: int) -> str:
+    """The chain's head once every entry of rounds <= `round` was appended."""
+    at = bisect.bisect_right(rounds, round)
+    return str(entries[at - 1].get("hash")) if at else GENESIS
+
+
 def check_participation(
-    ledgers: list[Ledger], run: RunRecord, findings: list[Finding]
+    root: Path, ledgers: list[Ledger], run: RunRecord, findings: list[Finding]
 ) -> dict[str, int]:
-    """Each ledger against the server's per-round record of sampled devices and their heads."""
+    """Each ledger against the server's per-round record: every entry in a round in which the
+    server sampled the device, and the ledger's head after each such round the one the
+    device committed to in its reply."""
     by_name = {ledger.client: ledger for ledger in ledgers}
-    recorded: dict[str, list[tuple[int, str]]] = {}  # device -> [(round, head prefix)]
     sampled: dict[str, set[int]] = {}
-    failed: dict[str, set[int]] = {}
+    commits: dict[str, list[tuple[int, str]]] = {}
     for r, row in sorted(run.participation.items()):
-        for name in row.get("sampled", []):
+        for name, commit in (row.get("devices") or {}).items():
             sampled.setdefault(str(name), set()).add(r)
-        for name in row.get("failed", []):
-            failed.setdefault(str(name), set()).add(r)
-        for name, head in (row.get("heads") or {}).items():
-            recorded.setdefault(str(name), []).append((r, str(head)))
-    missing = sorted(set(recorded) - set(by_name))
-    if missing:
-        raise RecordsError(
-            f"{len(missing)} devices reported ledger heads (participation.jsonl) but have no "
-            f"ledger: {', '.join(f'clients/{m}/ledger.jsonl' for m in missing[:5])}"
-        )
-    heads_checked = 0
-    for ledger in ledgers:
-        client, entries = ledger.client, ledger.entries
+            if commit:
+                commits.setdefault(str(name), []).append((r, str(commit)))
+    key = None
+    if commits:
+        path = root / "clients" / COMMIT_KEY_FILE
+        if not path.exists():
+            raise RecordsError(f"{path}: missing: the devices' commitments cannot be checked")
+        key = read_bytes(path)
+    checked = 0
+    for name in sorted(set(by_name) | set(commits)):
+        ledger = by_name.get(name)
+        entries = [] if ledger is None else [e for e in ledger.entries if not e.get("_malformed")]
         for e in entries:
-            if e.get("_malformed") or e["kind"] not in (TRAIN, RETIRE):
+            if e["kind"] not in (TRAIN, RETIRE):
                 continue
             r = int(e["round"])
-            if r in run.participation and r not in sampled.get(client, set()):
-                findings.append(
-                    Finding(
-                        "participation",
-                        f"a {e['kind']} entry of round {r}, a round in which the server did "
-                        "not sample this device",
-                        client,
-                        e["seq"],
-                    )
-                )
-            elif r not in run.participation:
-                findings.append(
-                    Finding(
-                        "participation",
-                        f"a {e['kind']} entry of round {r}, a round the server never recorded",
-                        client,
-                        e["seq"],
-                    )
-                )
-        position = {GENESIS[:16]: -1}
-        for i, e in enumerate(entries):
-            position.setdefault(str(e.get("hash", ""))[:16], i)
-        last = -1
-        for r, head in recorded.get(client, []):
-            heads_checked += 1
-            at = position.get(head)
-            if at is None:
-                findings.append(
-                    Finding(
-                        "participation",
-                        f"the ledger head it reported after round {r} ({head}) is not in its "
-                        "chain: entries up to that round were edited, deleted or inserted and "
-                        "the chain re-hashed",
-                        client,
-                    )
-                )
-                last = None
-                break
-            late = [
-                e["seq"]
-                for e in entries[at + 1 :]
-                if e.get("kind") in (TRAIN, RETIRE) and int(e.get("round", 0)) <= r
-            ]
-            if late:
-                findings.append(
-                    Finding(
-                        "participation",
-                        f"entries of round <= {r} after the head it reported for round {r}: "
-                        "inserted later",
-                        client,
-                        late[0],
-                    )
-                )
-            last = at
-        if last is None:
-            continue
-        after = [
-            e
-            for e in entries[last + 1 :]
-            if e.get("kind") in (TRAIN, RETIRE)
-            and int(e.get("round", 0)) not in failed.get(client, set())
-        ]
-        if after:
+            if r not in run.participation:
+                what = "a round the server never recorded"
+            elif r not in sampled.get(name, set()):
+                what = "a round in which the server did not sample this device"
+            else:
+                continue
             findings.append(
                 Finding(
-                    "participation",
-                    f"{len(after)} entries after the last head the server recorded for this "
-                    "device: appended later, or the reported heads were removed",
-                    client,
-                    after[0].get("seq"),
+                    "participation", f"a {e['kind']} entry of round {r}, {what}", name, e["seq"]
                 )
             )
-    return {"rounds": len(run.participation), "heads_checked": heads_checked}
+        rounds = [int(e["round"]) for e in entries]
+        if rounds != sorted(rounds):
+            continue  # out of order: the chain check names it
+        for r, commit in commits.get(name, []):
+            checked += 1
+            if commitment(key, name, r, _head_after(entries, rounds, r)) != commit:
+                findings.append(
+                    Finding(
+                        "participation",
+                        f"its ledger after round {r} is not the one it committed to in its "
+                        "reply to the server: entries of that round or earlier were edited, "
+                        "deleted or inserted (and the chain re-hashed)",
+                        name,
+                    )
+                )
+                break
+    return {"rounds": len(run.participation), "commitments_checked": checked}
 
 
 def check_metrics_rows(run: RunRecord, findings: list[Finding]) -> None:
@@ -240,7 +223,7 @@ def check_metrics_rows(run: RunRecord, findings: list[Finding]) -> None:
             )
             continue
         pairs = (
-            ("sampled", len(part.get("sampled", []))),
+            ("sampled", len(part.get("devices", {}))),
             ("failed", len(part.get("failed", []))),
             ("aggregated", part.get("summed")),
             ("discarded", part.get("discarded")),
