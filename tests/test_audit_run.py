@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedrec.common.audit import RecordsError, audit
+from fedrec.common.audit import audit
 from fedrec.common.audit.records import canonical, entry_hash
 from fedrec.common.cli import app
 from fedrec.simulations.config import SimulationConfig
@@ -224,13 +224,16 @@ def test_a_budget_that_bounds_nothing_is_refused(honest, budget):
 
 
 def test_an_unfinished_run_is_reported_as_such(copy):
+    """No summary.json: its ledgers are checked (not its logs, as if they were ledgers), and
+    the verdict is "unfinished", exit 2, never "all claims hold"."""
     (copy / "summary.json").unlink()
-    with pytest.raises(RecordsError, match="unfinished run"):
-        audit(copy)
-    out = CliRunner().invoke(app, ["audit", str(copy)])
-    assert out.exit_code == 2 and "unfinished run" in out.output
+    result = audit(copy)
+    assert result.unfinished and result.findings == [] and result.exit_code == 2
+    assert result.figures["ledgers"]["count"] == 20  # clients/*/ledger.jsonl, nothing else
+    out = CliRunner().invoke(app, ["audit", str(copy), "--out", str(copy / "audit")])
+    assert out.exit_code == 2 and "unfinished run" in out.output, out.output
     assert "edited by hand" not in out.output
-    assert audit(copy / "clients").exit_code == 0  # its ledgers alone are auditable
+    assert "UNFINISHED RUN" in (copy / "audit" / "audit.md").read_text()
 
 
 def test_a_void_user_level_guarantee_stated_as_held_is_caught(copy):

@@ -71,10 +71,14 @@ class AuditResult:
     findings: list[Finding]
     notes: list[str]
     figures: dict[str, Any]
+    # A run folder without summary.json (interrupted): it states no guarantee yet, so only its
+    # ledgers are checked and the verdict is "unfinished" (exit 2: the records holding the
+    # claims are missing), never "all claims hold"
+    unfinished: str | None = None
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.findings else 0
+        return 1 if self.findings else 2 if self.unfinished else 0
 
 
 def _heads(root: Path, summary: dict | None, options: AuditOptions) -> tuple[dict, str]:
@@ -105,9 +109,10 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     notes: list[str] = []
     run_findings: list[Finding] = []
     run: RunRecord | None = None
-    if is_run_folder(root):
-        if summary is None:
-            raise RecordsError(_unfinished(root))
+    unfinished = _unfinished(root) if summary is None and is_run_folder(root) else None
+    if unfinished is not None:
+        notes.append(unfinished)
+    elif is_run_folder(root):
         run = check_run_record(root, run_findings, notes)
     heads, source = _heads(root, summary, options)
     if not heads and run is None:
@@ -178,7 +183,7 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     figures["clients"] = _clients(ledgers, replays, views, rec, delta)
     figures["seconds"] = time.perf_counter() - started
     figures["distinct_histories"] = rec.distinct()
-    return AuditResult(root, findings, notes, figures)
+    return AuditResult(root, findings, notes, figures, unfinished)
 
 
 def _check_options(options: AuditOptions) -> None:
@@ -198,8 +203,8 @@ def _unfinished(root: Path) -> str:
         pass
     return (
         f"{root}: an unfinished run (no summary.json; {committed}): it states no guarantee "
-        f"yet, so there is nothing to check. Finish it (`fedrec simulate --resume --out {root}`) "
-        f"or audit its ledgers alone (`fedrec audit {root / 'clients'}`)"
+        "yet, so only its ledgers were checked; finish it "
+        f"(`fedrec simulate --resume --out {root}`) to audit its claims"
     )
 
 
