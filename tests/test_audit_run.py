@@ -264,10 +264,25 @@ def test_a_misreported_user_epsilon_and_a_rewritten_server_record_are_caught(cop
 
 @pytest.mark.parametrize("dp", ["off", "user", "local", "user+local", "distributed"])
 def test_honest_runs_of_every_calibration_pass(tmp_path, dp):
-    """(user+distributed is the `honest` fixture.) A `user` run used to fail on the discard
-    δ of secure aggregation, which only `distributed` has."""
-    finalize(run_in_process(tiny(tmp_path / "run", dp)))
+    """(user+distributed is the `honest` fixture.) Half the devices per round: a `user` run
+    used to fail on the discard δ of secure aggregation, which only `distributed` has."""
+    finalize(run_in_process(tiny(tmp_path / "run", dp, **{"clients-per-round": 10})))
     result = audit(tmp_path / "run")
     assert result.findings == [], [f.line() for f in result.findings]
     kinds = {g["kind"] for g in result.figures["guarantees"]}
     assert ("user" in kinds) == ("user" in dp)
+
+
+def test_a_doubled_user_level_noise_in_the_server_record_is_caught(copy):
+    """The latest checkpoint's user-level record claims twice the noise in every round (its
+    zip rewritten whole): z is no longer the calibration of the configured budget."""
+    path = copy / "checkpoints" / "round-0003.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["__meta__"].tobytes().decode())
+    for item in meta["extra"]["user_privacy"]["rounds"]:
+        item["mechanism"]["noise_multiplier"] *= 2
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    found = findings(copy)
+    assert any("[mechanism] user-level round 1: noise multiplier z" in f for f in found), found
