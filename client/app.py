@@ -73,6 +73,7 @@ def pack_devices(
             continue
         user = reply.user
         status[f"{user}/error"] = reply.error or ""
+        status[f"{user}/head"] = reply.ledger_head or ""  # a keyed commitment: looks random
         if secure:  # nothing of its own beyond a failure
             if reply.error is None:
                 pooled_users.append(user)

@@ -8,7 +8,11 @@ reused; everything that belongs to a device is read from and written to its fold
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
@@ -256,3 +260,59 @@ def _seed(config: SimulationConfig, user: int) -> int | None:
 def global_parameters(model: RecModel) -> dict[str, np.ndarray]:
     state = model.state_dict()
     return {name: state[name].numpy().copy() for name in model.parameter_names(Scope.GLOBAL)}
+
+
+# The simulated devices' key for ledger commitments (in clients/, their storage, which the
+# server never reads; an auditor given the devices' folders reads it)
+COMMIT_KEY_FILE = "commit.key"
+COMMIT_CHARS = 16  # 64 bits: matching a forged ledger to a recorded commitment is infeasible
+
+
+def _commit_key(folder: Path) -> bytes:
+    path = folder / COMMIT_KEY_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{COMMIT_KEY_FILE}.{os.getpid()}"
+        tmp.write_bytes(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # atomic: concurrent workers all end up with the first key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_bytes()
+
+
+def ledger_commitment(key: bytes, device: str, round: int, head: str) -> str:
+    """HMAC-SHA256(key, "device\0round\0head"), truncated: a value that looks random to
+    anyone without the key (the server learns nothing of the ledger, not even whether it
+    changed), and that an auditor with the key checks against the ledger's head after the
+    round."""
+    message = f"{device}\0{round}\0{head}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:COMMIT_CHARS]
+
+
+def device_commitment(config: SimulationConfig, user: int, round: int) -> str:
+    """What a simulated device reports with every reply: its commitment to its ledger's head
+    after the round (the genesis hash while it has no entries)."""
+    stream = load_stream(config.data, config.rounds, config.protocol)
+    name = str(stream.dataset.user_ids[user])
+    head = _last_hash(client_dir(config, name) / "ledger.jsonl") or "0" * 64
+    return ledger_commitment(_commit_key(Path(config.out) / "clients"), name, round, head)
+
+
+def _last_hash(path: Path) -> str | None:
+    """The hash of a ledger's last entry, read from its last line (the ledger verified the
+    chain when it appended it); None without entries."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if size > len(tail) and tail.count(b"\n") < 2:
+                f.seek(0)
+                tail = f.read()
+    except FileNotFoundError:
+        return None
+    lines = tail.rstrip(b"\n").split(b"\n")
+    return json.loads(lines[-1])["hash"] if lines and lines[-1] else None

@@ -139,6 +139,7 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
                 int(mine.pop("num-examples", 0)),
                 mine,
                 error=error or None,
+                ledger_head=str(status.get(f"{prefix}head", "")) or None,
             )
         )
     return out

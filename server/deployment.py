@@ -81,6 +81,9 @@ class DeploymentRun(FederatedRun):
         )
         self.calibrate_user_noise()
 
+    def device_name(self, user: int) -> str:
+        return str(user)  # the node: its ledger lives on the device, not in the run folder
+
 
 def wait_for_nodes(nodes: Nodes, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
     deadline = time.monotonic() + timeout

@@ -16,11 +16,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.runtime import build_model, global_parameters, simulated_device_round
+from fedrec.client.runtime import (
+    build_model,
+    device_commitment,
+    global_parameters,
+    simulated_device_round,
+)
 from fedrec.client.training import load_parameters
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import evaluate
@@ -36,6 +42,7 @@ from fedrec.server.aggregation import (
     validate_update,
 )
 from fedrec.server.checkpoint import load_latest, save_checkpoint
+from fedrec.server.run_record import PARTICIPATION_FILE, RECORD_KEY, ParticipationLog, round_record
 from fedrec.server.user_privacy import (
     UserLevelAccountant,
     aggregate_noise_std,
@@ -60,7 +67,8 @@ class DeviceReply:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the device failed (bad store, bad parameters, crash)
     # head hash of the device's ledger after its round (deployment: reported every round, so
-    # an auditor can later detect a truncated or rewritten ledger)
+    # an auditor can later detect a truncated or rewritten ledger); in simulation a keyed
+    # commitment to it (`fedrec.client.runtime.device_commitment`), recorded by the server
     ledger_head: str | None = None
     # > 0: not one device's reply but the secure sum of this many devices' replies (their
     # updates minus the received parameters, and their counters: `secure_sum`), summed where
@@ -129,7 +137,9 @@ def secure_sum(
             reason = validate_update(reply.params, received, max_change)
             error = None if reason is None else f"invalid update: {reason}"
         if error is not None or reply.params is None:
-            out.append(DeviceReply(reply.user, None, 0, {}, error=error))
+            out.append(
+                DeviceReply(reply.user, None, 0, {}, error=error, ledger_head=reply.ledger_head)
+            )
             continue
         for name, value in reply.params.items():
             total[name] += value.astype(np.float64) - received[name]
@@ -145,7 +155,8 @@ def secure_sum(
                 counters["loss"] += loss
                 counters["loss_count"] += 1
         members.append(reply.user)
-        out.append(DeviceReply(reply.user, None, 0, {}))
+        # a keyed commitment to its ledger's head: looks random to the server (not a count)
+        out.append(DeviceReply(reply.user, None, 0, {}, ledger_head=reply.ledger_head))
     if members:
         changes = {name: value.astype(np.float32) for name, value in total.items()}
         out.append(DeviceReply(min(members), changes, 0, counters, pooled=len(members)))
@@ -550,16 +561,43 @@ class FederatedRun:
         row["discarded"] = discarded
         row["server_diagnostics"] = diag.as_metrics() if diag is not None else {}
         row = _json_safe(row)
+        line = json.dumps(row) + "\n"
+        self.record_participation(round, replies, survivors, discarded)
         save_checkpoint(
             self.out,
             round,
             self.params,
             self.opt_state,
-            extra={"user_privacy": self.accountant.to_dict(), "metrics": row},
+            extra={
+                "user_privacy": self.accountant.to_dict(),
+                "metrics": row,
+                RECORD_KEY: round_record(self.out, self.params, line),
+            },
         )
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line)
         return row
+
+    @cached_property
+    def participation(self) -> ParticipationLog:
+        return ParticipationLog(self.out / PARTICIPATION_FILE, committed=self.next_round - 1)
+
+    def device_name(self, user: int) -> str:
+        """The name of a device's store folder (clients/<name>/): its user id."""
+        return str(self.stream.dataset.user_ids[user])
+
+    def record_participation(self, round, replies, summed: int, discarded: bool) -> None:
+        """The server's record of who was sampled, failed and committed to which ledger head
+        (`fedrec.server.run_record`), written before the round's checkpoint commits it."""
+        names = {r.user: self.device_name(r.user) for r in replies}
+        self.participation.append(
+            round,
+            registered=len(self.registered),
+            devices={names[r.user]: r.ledger_head for r in replies},
+            failed=[names[r.user] for r in replies if r.error is not None],
+            summed=summed,
+            discarded=discarded,
+        )
 
     def _decay_item_biases(self, decay: float) -> None:
         if "item_table.weight" not in self.params:  # frozen (ModelConfig.train_only)
@@ -662,8 +700,17 @@ def device_reply(config: SimulationConfig, user: int, round: int, params) -> Dev
     try:
         result = simulated_device_round(config, user, round, params)
     except Exception as err:
-        return DeviceReply(user, None, 0, {}, error=f"{type(err).__name__}: {err}")
-    return DeviceReply(user, result.params, result.num_examples, dict(result.metrics))
+        head = device_commitment(config, user, round)
+        return DeviceReply(
+            user, None, 0, {}, error=f"{type(err).__name__}: {err}", ledger_head=head
+        )
+    return DeviceReply(
+        user,
+        result.params,
+        result.num_examples,
+        dict(result.metrics),
+        ledger_head=device_commitment(config, user, round),
+    )
 
 
 __all__ = ["DeviceReply", "FederatedRun", "RunExistsError", "run_in_process", "secure_sum"]

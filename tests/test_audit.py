@@ -9,7 +9,6 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -19,9 +18,6 @@ from fedrec.common.audit.records import canonical, entry_hash
 from fedrec.common.audit.report import PLOTS, write_report
 from fedrec.common.cli import app
 from fedrec.common.privacy.accounting import Guarantee, Mechanism
-from fedrec.server.aggregation import ServerOptConfig, init_server_state
-from fedrec.server.checkpoint import save_checkpoint
-from fedrec.server.user_privacy import UserLevelAccountant, user_level_mechanism
 
 DELTA, BUDGET, ROUNDS = 1e-5, 8.0, 4
 MECH = Mechanism(
@@ -57,7 +53,8 @@ def write_ledger(folder: Path, client: int, late_round: int = 1) -> str:
 
 
 def honest_run(root: Path, clients: int = 5) -> Path:
-    """A run folder as `fedrec simulate` writes it (ledgers, checkpoint, metrics, summary)."""
+    """Ledgers as a run's devices write them, with a summary.json of their claims and head
+    hashes (no server records: those are checked on real runs in test_audit_run.py)."""
     heads, eps_d, eps_l = [], [], []
     for c in range(clients):
         folder = root / "clients" / str(c)
@@ -65,35 +62,15 @@ def honest_run(root: Path, clients: int = 5) -> Path:
         with PrivacyLedger.open(folder / "ledger.jsonl", fsync=False) as lg:
             eps_d += lg.epsilons(Guarantee.DISTRIBUTED, DELTA).values()
             eps_l += lg.epsilons(Guarantee.LOCAL, DELTA).values()
-    acc, rows = UserLevelAccountant(), []
-    for r in range(1, ROUNDS + 1):
-        acc.record_round(
-            user_level_mechanism(noise_multiplier=0.8, sample_rate=0.1, clip_norm=1.0, delta=DELTA),
-            round=r,
-        )
-        rows.append({"round": r, "user_epsilon": acc.epsilon(DELTA)})
-    params = {"w": np.zeros(3, dtype=np.float32)}
-    state = init_server_state(params, ServerOptConfig())
-    save_checkpoint(root, ROUNDS, params, state, extra={"user_privacy": acc.to_dict()})
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    user_eps = acc.epsilon(DELTA)
     summary = {
         "rounds": ROUNDS,
-        "dp": {"mode": "distributed+user", "user_noise_multiplier": 0.8, "client_sample_rate": 0.1},
+        "dp": {"mode": "distributed"},
         "privacy": {
             "budget_epsilon": BUDGET,
             "delta": DELTA,
             "max_interaction_epsilon": max(eps_d),
             "max_interaction_epsilon_local": max(eps_l),
-            "user_epsilon": user_eps,
-            "user_budget_epsilon": 10.0,
             "guarantees": [
-                {
-                    "name": "user-level DP of the published global model",
-                    "epsilon": user_eps,
-                    "delta": DELTA,
-                    "unit": "one device",
-                },
                 {
                     "name": "per-interaction DP against the server, with secure aggregation",
                     "epsilon": max(eps_d),
@@ -149,11 +126,8 @@ def test_honest_run_passes_and_recomputation_agrees(run_dir):
         assert row["agrees"] and row["above_pld"], row
         assert math.isclose(row["reported"], row["recomputed_rdp"], rel_tol=1e-9)
         assert row["recomputed_pld"] < row["recomputed_rdp"]
-    user = result.figures["user_level"]
-    assert math.isclose(user["reported"], user["epsilon_rdp"], rel_tol=1e-9)
-    assert user["epsilon_pld"] < user["epsilon_rdp"] and user["rounds"] == ROUNDS
     kinds = {g["kind"]: g for g in result.figures["guarantees"]}
-    assert set(kinds) == {"user", "local", "distributed"}
+    assert set(kinds) == {"local", "distributed"}
     assert kinds["distributed"]["earned"] is False and kinds["distributed"]["budget"] == BUDGET
     for g in kinds.values():
         assert g["unit"] and g["adjacency"] and g["threat_model"] and g["accountant"]
@@ -290,10 +264,9 @@ def test_retirement_recording_less_than_spent_is_caught(tmp_path):
 def test_misreported_summary_is_caught(copy):
     summary = json.loads((copy / "summary.json").read_text())
     summary["privacy"]["max_interaction_epsilon"] *= 0.9
-    summary["privacy"]["user_epsilon"] *= 0.9
     (copy / "summary.json").write_text(json.dumps(summary))
     whats = " ".join(f.what for f in audit(copy).findings)
-    assert "max_interaction_epsilon" in whats and "user-level" in whats
+    assert "max_interaction_epsilon" in whats
 
 
 def test_cli_exit_codes_and_report_files(run_dir, copy, tmp_path):
@@ -339,37 +312,6 @@ def test_report_states_the_empirical_bound_beside_the_analytic(run_dir, tmp_path
     assert json.loads((tmp_path / "audit.json").read_text())["empirical"]["control"]["dp"] == "off"
 
 
-def test_rewritten_server_record_is_caught(copy):
-    """An earlier checkpoint whose user-level record is not a prefix of the final one."""
-    meta = {"extra": {"user_privacy": {"rounds": [{"round": 1, "mechanism": {"rewritten": 1}}]}}}
-    text = json.dumps(meta).encode()
-    np.savez(copy / "checkpoints" / "round-0001.npz", __meta__=np.frombuffer(text, np.uint8))
-    assert any("not a prefix" in f.what for f in audit(copy).findings)
-
-
-def test_a_real_simulation_passes_its_audit(tmp_path):
-    """End to end on the artifacts `fedrec simulate --in-process` writes."""
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.federation import run_in_process
-    from fedrec.simulations.report import finalize
-
-    config = SimulationConfig.from_flat(
-        {
-            "dataset": "synthetic",
-            "synthetic": "num_users=100,num_items=60,seed=1",
-            "rounds": 2,
-            "clients-per-round": 30,
-            "num-negatives": 20,
-            "out": str(tmp_path / "run"),
-        }
-    )
-    finalize(run_in_process(config))
-    result = audit(tmp_path / "run")
-    assert result.exit_code == 0, [f.line() for f in result.findings]
-    assert {g["kind"] for g in result.figures["guarantees"]} == {"user", "distributed", "local"}
-    assert all(r["agrees"] and r["above_pld"] for r in result.figures["reported"])
-
-
 def test_heads_kept_elsewhere_catch_truncation_of_a_folder_of_ledgers(run_dir, tmp_path):
     folder = Path(shutil.copytree(run_dir / "clients", tmp_path / "ledgers"))
     entries = lines(tmp_path, "ledgers/1")
@@ -377,24 +319,3 @@ def test_heads_kept_elsewhere_catch_truncation_of_a_folder_of_ledgers(run_dir, t
     assert audit(folder).exit_code == 0  # a clean cut leaves a valid chain
     found = audit(folder, AuditOptions(heads=run_dir / "summary.json")).findings
     assert [(f.check, f.client) for f in found] == [("chain", "1")]
-
-
-def test_discard_delta_is_recomputed(copy):
-    """A run that discards rounds below K_min states an extra user-level δ: checked."""
-    from scipy.stats import binom
-
-    summary = json.loads((copy / "summary.json").read_text())
-    eps = summary["privacy"]["user_epsilon"]
-    summary["dp"] |= {"min_survivors": 9}
-    summary["config"] = {"clients-per-round": 20}  # q = 0.1: N = 200
-    extra = ROUNDS * (1 + math.exp(eps)) * binom.cdf(8, 199, 0.1)
-    user = summary["privacy"]["guarantees"][0]
-    user |= {"delta": DELTA + extra, "delta_from_discarded_rounds": extra}
-    (copy / "summary.json").write_text(json.dumps(summary))
-    result = audit(copy)
-    assert result.findings == [] and math.isclose(
-        result.figures["user_level"]["discard_delta"], extra
-    )
-    user["delta_from_discarded_rounds"] = extra / 10
-    (copy / "summary.json").write_text(json.dumps(summary))
-    assert any("discard" in f.what for f in audit(copy).findings)

@@ -195,6 +195,13 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
     assert all(r["failed"] == r["dropped"] == 0 for r in rows)
     assert all(r["aggregated"] == r["sampled"] - r["declined"] + r["noise_only"] for r in rows)
     assert "NDCG@10" in proc.stdout
+    # every device's ledger commitment reached the server's participation record via Flower
+    from fedrec.common.audit import audit
+
+    part = [json.loads(x) for x in (out / "participation.jsonl").read_text().splitlines()]
+    assert all(p["devices"] and all(p["devices"].values()) for p in part)
+    checks = {f.check for f in audit(out).findings}
+    assert not checks & {"chain", "record", "participation", "mechanism", "config"}, checks
     leftovers = subprocess.run(["pgrep", "-f", str(out / "flower")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # every process the run started is gone
 

@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedrec.common.audit.crosscheck import (
+    budget_view,
+    check_mechanisms,
+    check_metrics_rows,
+    check_participation,
+    interactions,
+)
 from fedrec.common.audit.ledgers import (
     DISTRIBUTED,
     LOCAL,
@@ -44,7 +51,8 @@ from fedrec.common.audit.records import (
     parse_heads,
     read_json,
 )
-from fedrec.common.audit.statement import guarantee_kind, statements
+from fedrec.common.audit.run_record import RunRecord, check_run_record, is_run_folder
+from fedrec.common.audit.statement import USER, guarantee_kind, statements
 from fedrec.common.audit.user_level import user_level
 
 
@@ -63,10 +71,19 @@ class AuditResult:
     findings: list[Finding]
     notes: list[str]
     figures: dict[str, Any]
+    # A run folder without summary.json (interrupted): it states no guarantee yet, so only its
+    # ledgers are checked and the verdict is "unfinished" (exit 2: the records holding the
+    # claims are missing), never "all claims hold"
+    unfinished: str | None = None
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.findings else 0
+        return 1 if self.findings else 2 if self.unfinished else 0
+
+
+# where a run folder keeps its ledgers' head hashes (the file format is the interface: the
+# audit imports nothing of the writer)
+LEDGER_HEADS_FILE = "ledger_heads.json"
 
 
 def _heads(root: Path, summary: dict | None, options: AuditOptions) -> tuple[dict, str]:
@@ -77,7 +94,12 @@ def _heads(root: Path, summary: dict | None, options: AuditOptions) -> tuple[dic
         if isinstance(data, dict):
             return {str(k): str(v) for k, v in data.items()}, str(options.heads)
         raise RecordsError(f"{options.heads}: neither a summary nor a {{client: head}} map")
-    if summary is not None and "ledger_heads" in summary:
+    if (root / LEDGER_HEADS_FILE).exists():
+        data = read_json(root / LEDGER_HEADS_FILE)
+        if not isinstance(data, dict):
+            raise RecordsError(f"{root / LEDGER_HEADS_FILE}: not a {{client: head}} map")
+        return {str(k): str(v) for k, v in data.items()}, str(root / LEDGER_HEADS_FILE)
+    if summary is not None and "ledger_heads" in summary:  # runs written before that file
         return parse_heads(summary["ledger_heads"]), str(root / "summary.json")
     return {}, ""
 
@@ -89,17 +111,32 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     root = Path(path)
     if not root.is_dir():
         raise RecordsError(f"{root}: not a folder (a run, a device's store, or ledgers)")
+    _check_options(options)
     summary = read_json(root / "summary.json") if (root / "summary.json").exists() else None
+    if summary is not None and not isinstance(summary, dict):
+        raise RecordsError(f"{root / 'summary.json'}: not a JSON object")
     privacy = (summary or {}).get("privacy", {})
-    heads, source = _heads(root, summary, options)
     notes: list[str] = []
-    if not heads:
+    run_findings: list[Finding] = []
+    run: RunRecord | None = None
+    unfinished = _unfinished(root) if summary is None and is_run_folder(root) else None
+    if unfinished is not None:
+        notes.append(unfinished)
+    elif is_run_folder(root):
+        run = check_run_record(root, run_findings, notes)
+    heads, source = _heads(root, summary, options)
+    if not heads and run is None:
         notes.append(
             "no recorded head hashes: truncation of whole trailing entries is not detectable"
         )
     ledgers = load_ledgers(root, heads, source)
-    findings = [f for ledger in ledgers for f in ledger.findings]
+    findings = [f for ledger in ledgers for f in ledger.findings] + run_findings
     notes += [n for ledger in ledgers for n in ledger.notes]
+    cross: dict[str, Any] = {}
+    if run is not None:
+        cross["mechanism_entries_checked"] = check_mechanisms(ledgers, run, findings)
+        cross |= check_participation(root, ledgers, run, findings)
+        check_metrics_rows(run, findings)
 
     delta = options.delta or privacy.get("delta") or run_delta(ledgers)
     if not delta:
@@ -108,7 +145,7 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
         )
     calibrated = distributed_calibrated(ledgers)
     views = [LOCAL, DISTRIBUTED] if calibrated else [LOCAL]
-    budget = _budget(options, summary, ledgers, calibrated, notes)
+    budget = _budget(options, summary, ledgers, calibrated, notes, run)
 
     rec = Recomputer(options.accounting)
     replays: dict[str, dict[str, Replay]] = {}
@@ -143,22 +180,60 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
     }
     if summary is not None:
         figures["reported"] = _compare_reported(privacy, per_view, budget, findings)
-        figures["user_level"] = user_level(root, summary, rec, findings, notes)
+        figures["user_level"] = user_level(root, summary, rec, findings, notes, run)
+        figures["deltas"] = _check_deltas(summary, run, ledgers, figures, findings)
+    if run is not None:
+        figures["run_record"] = {
+            "committed_round": run.latest,
+            "checkpoints": run.checkpoints,
+            "participation_rounds": len(run.participation),
+            **cross,
+        }
     figures["guarantees"] = statements(summary, figures, per_view)
     figures["clients"] = _clients(ledgers, replays, views, rec, delta)
     figures["seconds"] = time.perf_counter() - started
     figures["distinct_histories"] = rec.distinct()
-    return AuditResult(root, findings, notes, figures)
+    return AuditResult(root, findings, notes, figures, unfinished)
 
 
-def _budget(options, summary, ledgers, calibrated, notes) -> Budget | None:
+def _check_options(options: AuditOptions) -> None:
+    """A budget or δ given on the command line must be a number that can bound anything."""
+    if options.budget is not None and not (math.isfinite(options.budget) and options.budget > 0):
+        raise RecordsError(f"--budget {options.budget}: must be a finite number > 0")
+    if options.delta is not None and not (0 < options.delta < 1):
+        raise RecordsError(f"--delta {options.delta}: must be in (0, 1)")
+
+
+def _unfinished(root: Path) -> str:
+    """Why a run folder without summary.json is not audited: its claims are not written yet."""
+    committed = "no round committed"
+    try:
+        committed = f"round {read_json(root / 'checkpoints' / 'latest.json')['round']} committed"
+    except (RecordsError, KeyError, TypeError):
+        pass
+    return (
+        f"{root}: an unfinished run (no summary.json; {committed}): it states no guarantee "
+        "yet, so only its ledgers were checked; finish it "
+        f"(`fedrec simulate --resume --out {root}`) to audit its claims"
+    )
+
+
+def _budget(options, summary, ledgers, calibrated, notes, run=None) -> Budget | None:
     """The per-interaction budget and the view it is held in.
 
     The view: --guarantee; else the guarantee the devices' own retirements name; else the run's
     DP mode (distributed unless a local user vector voids it, as fedrec decides); else, for bare
-    ledgers, distributed iff the devices recorded a K_min."""
+    ledgers, distributed iff the devices recorded a K_min. The budget: --budget; else the
+    strictest the run ever had (config.json and every checkpoint's configuration: a budget
+    raised on --resume does not raise it) and summary.json's."""
     privacy = (summary or {}).get("privacy", {})
     eps = options.budget if options.budget is not None else privacy.get("budget_epsilon")
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise RecordsError(f"summary.json: budget_epsilon {eps!r} is not a finite number > 0")
+    if options.budget is None and run is not None:
+        strictest = run.strictest("epsilon")
+        if strictest is not None and (eps is None or strictest < eps):
+            eps = strictest
     named = {
         e["guarantee"]
         for ledger in ledgers
@@ -168,6 +243,8 @@ def _budget(options, summary, ledgers, calibrated, notes) -> Budget | None:
     view = options.budget_view
     if view is None and len(named) == 1:
         view = named.pop()
+    elif view is None and run is not None:
+        view = budget_view(run.config_at(1))
     elif view is None and summary is not None:
         mode = summary.get("dp", {}).get("mode", "")
         user_vector = bool(summary.get("config", {}).get("model-user-embedding", False))
@@ -284,3 +361,55 @@ def _compare(name, reported, figures, findings) -> dict[str, Any]:
     if not row["above_pld"]:
         findings.append(Finding("recompute", f"{name}: reported ε={reported} < PLD ε {pld}"))
     return row
+
+
+def _check_deltas(summary, run, ledgers, figures, findings) -> list[dict[str, Any]]:
+    """A guarantee stated as held must have a δ that means something: finite ε, δ at most the
+    run's target δ (the strictest it had), and δ < 1/N, N the units it protects (registered
+    devices for user-level DP, interactions trained on for per-interaction DP). A void one
+    (δ=1 when every round was discarded, ε=inf) stated as held is a violation."""
+    privacy = summary.get("privacy", {})
+    target = run.strictest("delta") if run is not None else privacy.get("delta")
+    user = figures.get("user_level") or {}
+    registered = user.get("registered")
+    if registered is None:
+        q = summary.get("dp", {}).get("client_sample_rate")
+        expected = summary.get("config", {}).get("clients-per-round")
+        if q and expected and q < 1:
+            registered = round(float(expected) / float(q))
+    count = interactions(ledgers)
+    out = []
+    for g in privacy.get("guarantees", []):
+        if g.get("earned") is False or g.get("epsilon") is None:
+            continue  # stated as not held
+        name, eps, delta = g.get("name"), g.get("epsilon"), g.get("delta")
+        n = registered if guarantee_kind(g) == USER else count
+        row = {"name": name, "delta": delta, "target_delta": target, "units": n}
+        out.append(row)
+        real = all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in (eps, delta)
+        )
+        if not real or not 0 < delta < 1:
+            findings.append(
+                Finding("guarantee", f"{name}: stated as held with a void ε={eps}, δ={delta}")
+            )
+            continue
+        if target is not None and delta > float(target) * (1 + 1e-12):
+            findings.append(
+                Finding(
+                    "guarantee",
+                    f"{name}: stated as held with δ={delta:.6g} above the run's target "
+                    f"δ={float(target):g}",
+                )
+            )
+        if n and delta >= 1.0 / n:
+            findings.append(
+                Finding(
+                    "guarantee",
+                    f"{name}: δ={delta:.6g} is not below 1/N = 1/{n} (N: "
+                    f"{'registered devices' if guarantee_kind(g) == USER else 'interactions'}):"
+                    " such a δ allows releasing one unit's data outright",
+                )
+            )
+    return out

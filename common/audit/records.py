@@ -269,7 +269,12 @@ def find_ledgers(root: Path) -> dict[str, Path]:
     base = root / "clients" if (root / "clients").is_dir() else root
     found = {p.parent.name: p for p in base.glob(f"*/{LEDGER_FILE}")}
     if not (root / "summary.json").exists():  # a plain folder of ledgers: NAME.jsonl too
-        found |= {p.stem: p for p in root.glob("*.jsonl") if p.stem not in found}
+        run_logs = {"metrics", "participation", "devices"}  # a run's own logs, not ledgers
+        found |= {
+            p.stem: p
+            for p in root.glob("*.jsonl")
+            if p.stem not in found and p.stem not in run_logs
+        }
     return dict(sorted(found.items()))
 
 
@@ -289,7 +294,7 @@ def load_ledgers(root: Path, heads: Mapping[str, str] | None, source: str) -> li
         if heads:
             if client in heads:
                 check_heads(ledger, heads[client], source)
-            else:
+            elif ledger.entries:  # a ledger without entries has no head to record
                 ledger.findings.append(
                     Finding("chain", f"this ledger is not listed in {source}", client)
                 )

@@ -47,12 +47,35 @@ def write_report(result: AuditResult, out: Path, empirical: dict | None = None) 
     return [out / "audit.json", out / "audit.md", *plots]
 
 
+def _verdict(result: AuditResult) -> str:
+    if result.findings:
+        return f"{len(result.findings)} violations"
+    return "UNFINISHED RUN, no claims checked" if result.unfinished else "all claims hold"
+
+
+def _run_record(f: dict[str, Any]) -> list[str]:
+    r = f.get("run_record")
+    if not r:
+        return []
+    return [
+        "## Run records",
+        "",
+        f"Checkpoints {', '.join(r['checkpoints'])} (committed round {r['committed_round']}) "
+        "chained by hash, each pinning the model, config.json and the rows of metrics.jsonl "
+        f"and participation.jsonl written so far; {r['mechanism_entries_checked']} ledger "
+        "entries' mechanisms checked against the configuration of their round; "
+        f"{r['commitments_checked']} ledger commitments of {r['rounds']} rounds checked "
+        "against the server's participation record.",
+        "",
+    ]
+
+
 def markdown(result: AuditResult, empirical: dict | None, plots: list[str]) -> str:
     f = result.figures
     lines = [
         f"# Privacy audit of `{result.path}`",
         "",
-        f"**Verdict: {'all claims hold' if not result.findings else f'{len(result.findings)} violations'}** "
+        f"**Verdict: {_verdict(result)}** "
         f"(exit code {result.exit_code}). {f['ledgers']['count']} ledgers, "
         f"{f['ledgers']['entries']} entries, {f['ledgers']['cohorts']} cohorts "
         f"({f['ledgers']['retired_cohorts']} retired), {f['distinct_histories']} distinct "
@@ -72,6 +95,7 @@ def markdown(result: AuditResult, empirical: dict | None, plots: list[str]) -> s
         lines.append("")
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes[:50]] + [""]
+    lines += _run_record(f)
     lines += ["## Guarantees", ""]
     for g in f["guarantees"]:
         lines += [f"### {g.get('name')}", ""]

@@ -20,6 +20,19 @@ _THREAT = {
     USER: "anyone who sees the published global models; trusts the server to sample, clip "
     "and add the noise",
 }
+# The neighbouring datasets each guarantee is stated for, as the run defines them: user-level
+# DP under zero-out (the sampled Gaussian's RDP bound holds for it as for add/remove, so the
+# same accountant applies), per-interaction DP under add/remove.
+_INTERACTION = (
+    "add/remove: one interaction added to or removed from one device's data (the rest, "
+    "and every other device, unchanged)"
+)
+ADJACENCY = {
+    USER: "zero-out: one device's data replaced by none; the device is still sampled and, "
+    "under 'distributed', still sends its noise share (Kairouz et al. 2021)",
+    LOCAL: _INTERACTION,
+    DISTRIBUTED: _INTERACTION,
+}
 _SIGMA = {
     LOCAL: "σ_dev per step (the device's own noise)",
     DISTRIBUTED: "σ_dev·√min(n, K_min) per step (n = recorded survivors, K_min if none)",
@@ -64,7 +77,8 @@ def _interaction(g, view, figures, fig) -> dict[str, Any]:
         "name": g.get("name"),
         "kind": view,
         "unit": "one interaction (one training example)",
-        "adjacency": "add or remove one interaction from one device's data",
+        "adjacency": ADJACENCY[view],
+        "adjacency_stated": g.get("adjacency"),
         "threat_model": g.get("threat_model") or _THREAT[view],
         "audit_threat_model": _THREAT[view],
         "accountant": figures["accountant"]["rdp"] + "; PLD for the tighter value",
@@ -98,7 +112,8 @@ def _user(g, figures) -> dict[str, Any]:
         "name": g.get("name"),
         "kind": USER,
         "unit": "one device (all its interactions in all rounds)",
-        "adjacency": "add or remove one device",
+        "adjacency": ADJACENCY[USER],
+        "adjacency_stated": g.get("adjacency"),
         "threat_model": g.get("threat_model") or _THREAT[USER],
         "audit_threat_model": _THREAT[USER],
         "accountant": figures["accountant"]["rdp"] + "; PLD for the tighter value",

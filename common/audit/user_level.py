@@ -24,9 +24,10 @@ from fedrec.common.audit.records import (
 )
 
 
-def user_level(root, summary, rec, findings, notes) -> dict[str, Any] | None:
+def user_level(root, summary, rec, findings, notes, run=None) -> dict[str, Any] | None:
     """User-level ε recomputed from the server's own record (checkpoint), checked against the
-    summary, the per-round log and the user-level budget."""
+    summary, the per-round log, the user-level budget and, with the run's records (`run`),
+    the configuration and participation of every round."""
     privacy, dp = summary.get("privacy", {}), summary.get("dp", {})
     if "user" not in dp.get("mode", ""):
         return None
@@ -69,6 +70,15 @@ def user_level(root, summary, rec, findings, notes) -> dict[str, Any] | None:
     if reported is not None and not pld_below(float(reported), pld):
         findings.append(Finding("recompute", f"{where}: reported ε={reported} < PLD ε {pld}"))
     budget = privacy.get("user_budget_epsilon")
+    if budget is not None and not (
+        isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0
+    ):
+        raise RecordsError(f"summary.json: user_budget_epsilon {budget!r} is not a number > 0")
+    if run is not None:  # the strictest budget the run ever had (one raised on --resume)
+        strictest = run.strictest("user-epsilon")
+        budget = strictest if budget is None or strictest is None else min(budget, strictest)
+        out["budget"] = budget
+        out["registered"] = _check_against_config(record["rounds"], run, rec, findings)
     if budget is not None and eps > float(budget) * (1 + 1e-9):
         findings.append(Finding("budget", f"{where}: ε={eps:.4f} > user budget {budget}"))
     if (z := dp.get("user_noise_multiplier")) is not None and {m[1] for m in mechanisms} - {z}:
@@ -143,6 +153,17 @@ def _discard_delta(summary, eps: float, rounds: int, findings, notes) -> float |
     if g is None:
         return None
     dp, config = summary.get("dp", {}), summary.get("config", {})
+    if "distributed" not in dp.get("mode", ""):
+        # no secure aggregation, no threshold: no round is ever discarded, no δ for it
+        extra = 0.0
+        reported = float(g["delta_from_discarded_rounds"])
+        if reported != 0.0:
+            findings.append(
+                Finding(
+                    "recompute", f"user-level: discard δ {reported} where no round is discarded"
+                )
+            )
+        return extra
     q, k_min, expected = (
         dp.get("client_sample_rate"),
         dp.get("min_survivors"),
@@ -169,3 +190,74 @@ def _discard_delta(summary, eps: float, rounds: int, findings, notes) -> float |
             )
         )
     return extra
+
+
+def _check_against_config(rounds, run, rec, findings) -> int | None:
+    """Each published round's mechanism against the configuration in force and the number of
+    registered devices the server recorded: q = min(clients-per-round, N)/N; the clipping
+    norm is the update bound (local-lr·clip-norm with DP-SGD on the device, else
+    update-clip-norm); z is the smallest multiple of 0.001 whose `rounds`-round ε fits the
+    user budget, or the devices' own noise when that is larger (user+distributed:
+    aggregate-noise-multiplier/(reference-batch·√local-steps)). Returns N."""
+    from fedrec.common.audit.crosscheck import dp_parts
+
+    recorded = {item["round"] for item in rounds}
+    for r in sorted(set(run.participation) - recorded):
+        findings.append(
+            Finding("guarantee", f"user-level: round {r} ran but is not in the server's record")
+        )
+    cache: dict[tuple, list[str]] = {}
+    registered = None
+    for item in rounds:
+        r, m = item["round"], item["mechanism"]
+        part = run.participation.get(r)
+        if part is None:
+            findings.append(
+                Finding("guarantee", f"user-level: round {r} has no participation record")
+            )
+            continue
+        config, registered = run.config_at(r), int(part["registered"])
+        key = (id(config), registered, tuple(sorted(m.items())))
+        if key not in cache:
+            cache[key] = _user_differences(m, config, registered, rec, dp_parts(config))
+        for what in cache[key]:
+            findings.append(Finding("mechanism", f"user-level round {r}: {what}"))
+    return registered
+
+
+def _user_differences(m, config, registered, rec, dp) -> list[str]:
+    out = []
+    q = min(int(config["clients-per-round"]), registered) / registered
+    if dp & {"distributed", "local"}:
+        clip = float(config["local-lr"]) * float(config["clip-norm"])
+    else:
+        clip = float(config["update-clip-norm"])
+    from_devices = 0.0
+    if "distributed" in dp:
+        from_devices = float(config["aggregate-noise-multiplier"]) / (
+            int(config["reference-batch"]) * math.sqrt(int(config["local-steps"]))
+        )
+    if not math.isclose(float(m["sample_rate"]), q, rel_tol=1e-9):
+        out.append(f"sampling rate {m['sample_rate']} != {q:.10g} (clients-per-round / N)")
+    if not math.isclose(float(m["clip_norm"]), clip, rel_tol=1e-9):
+        out.append(f"clipping norm {m['clip_norm']} != {clip:.10g} from the configuration")
+    if int(m.get("steps", 1)) != 1:
+        out.append(f"{m['steps']} compositions in one round")
+    if not math.isclose(float(m["delta"]), float(config["delta"]), rel_tol=1e-9):
+        out.append(f"δ {m['delta']} != {config['delta']} from the configuration")
+    z, target = float(m["noise_multiplier"]), float(config["user-epsilon"])
+    planned = int(config["rounds"])
+    delta = float(config["delta"])
+
+    def fits(zz: float) -> bool:
+        return zz > 0 and rec.epsilon(((q, zz, planned),), delta) <= target * (1 + 1e-9)
+
+    if math.isclose(z, from_devices, rel_tol=1e-9) and from_devices > 0:
+        if not fits(z):
+            out.append(f"z {z} (the devices' noise) does not fit user-epsilon {target}")
+    elif not fits(z) or (z > 0.001 and fits(round(z - 0.001, 3)) and z - 0.001 >= from_devices):
+        out.append(
+            f"noise multiplier z {z} is not the calibration of user-epsilon {target} over "
+            f"{planned} rounds at q={q:.6g} (smallest z on a 0.001 grid that fits)"
+        )
+    return out

@@ -18,7 +18,11 @@ def audit(
         Path | None, typer.Option(help="where to write the report (default PATH/audit)")
     ] = None,
     budget: Annotated[
-        float | None, typer.Option(help="per-interaction ε budget (default: summary.json's)")
+        float | None,
+        typer.Option(
+            help="per-interaction ε budget, a finite number > 0 (default: the strictest the "
+            "run recorded)"
+        ),
     ] = None,
     guarantee: Annotated[
         str | None, typer.Option(help="view the budget is in: local | distributed")
@@ -80,6 +84,8 @@ def audit(
         )
     for f in result.findings:
         typer.secho(f"violation {f.line()}", fg="red", err=True)
+    if result.unfinished:
+        typer.secho(f"unfinished run: {result.unfinished}", fg="yellow", err=True)
     typer.echo(
         f"{len(result.findings)} violations; wrote {files[1]} ({result.figures['seconds']:.2f} s)"
     )
