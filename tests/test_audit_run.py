@@ -199,13 +199,17 @@ def test_a_rewritten_model_with_valid_zip_is_caught(copy):
 
 
 def test_a_budget_raised_on_resume_is_caught(tmp_path):
-    """Stopped after round 1, resumed with --epsilon 1000: every setting that changed within
-    the run is named, and budgets are held to the strictest the run had."""
+    """Stopped after round 1, resumed with --epsilon 1000 (fedrec refuses that, so the operator
+    edited config.json to get past the refusal): every setting that changed within the run
+    is named, and budgets are held to the strictest the run had."""
     config = tiny(tmp_path / "run", "distributed", rounds=2)
     run = FederatedRun(config)
     replies = [device_reply(config, int(u), 1, run.params) for u in run.sample(1)]
     run.finish_round(1, secure_sum(replies, run.params), 0.0)
     resumed = dataclasses.replace(config, resume=True, epsilon=1000.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        FederatedRun(resumed)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(resumed.to_flat()))
     finalize(run_in_process(resumed))
     result = audit(tmp_path / "run")
     found = [f.line() for f in result.findings]
