@@ -55,6 +55,7 @@ class Releases:
     claimed_epsilon: float  # the ledger's ε of a canary after `rounds` honest rounds
     claimed_noise_multiplier: float  # σ around a canary in the view (honest)
     noise_multiplier: float  # σ the devices really added, in the view
+    noise_scale: float  # noise_multiplier / claimed_noise_multiplier (1: honest)
     sample_rate: float
     steps: int
     clip_norm: float
@@ -225,6 +226,7 @@ def run_canaries(
         claimed_epsilon=claimed,
         claimed_noise_multiplier=view_sigma,
         noise_multiplier=view_sigma * noise_scale,
+        noise_scale=noise_scale,
         sample_rate=honest.sample_rate,
         steps=honest.steps,
         clip_norm=honest.clip_norm,
