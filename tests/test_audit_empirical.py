@@ -135,6 +135,7 @@ def test_cli_empirical_audit_exits_1_on_ten_times_less_noise(recorded_run, tmp_p
         return runner.invoke(app, out)
 
     plain = audit("plain")
+    assert plain.exit_code == 0, plain.output  # an honest run
     honest = audit("honest", "--empirical", "--empirical-canaries", "200")
     assert honest.exit_code == plain.exit_code, honest.output  # the audit adds no finding
     assert (
