@@ -114,7 +114,7 @@ def recorded_run(tmp_path, monkeypatch) -> Path:
             "dataset": "synthetic",
             "synthetic": "num_users=60,num_items=40,mean_interactions_per_user=8,seed=2",
             "rounds": 2,
-            "clients-per-round": 30,
+            "clients-per-round": 60,  # every device: no round can fall below K_min
             "min-survivors": 3,
             "model-dim": 8,
             "model-text-dim": 8,
