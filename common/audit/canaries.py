@@ -16,6 +16,10 @@ The adversary's view is the calibration's threat model:
   variances), and the ledger, planning with K_min = K, charges the same ε. More devices would
   only add more canaries per sum, not change one canary's mechanism.
 - LOCAL: the server sees each device's own update.
+Canaries run in batches of K devices, each batch from the same sent parameters and with its own
+fresh devices; the K canary items are reused by every batch. A batch's releases depend only on
+its own canaries, so each canary stays its own trial (Steinke et al. need DP in each canary's
+inclusion, which changing one coin changes in one batch only).
 
 The server chooses what it sends (the guarantee holds whatever it sends), so the auditor sends
 parameters under which the devices' background interactions are already predicted with
