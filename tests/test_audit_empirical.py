@@ -88,7 +88,6 @@ def _verdicts(result: dict) -> tuple[str, str]:
     return result["dp"]["verdict"], result["control"]["verdict"]
 
 
-@pytest.mark.timeout(120)
 def test_local_calibration_passes_and_its_ten_times_less_noise_control_fails(tmp_path):
     sim = SimulationConfig.from_toml(LOCAL_DP, {**SMALL_CLAIM, "local-noise-multiplier": 2.0})
     result = run_empirical(sim, EmpiricalConfig(canaries=300), tmp_path)
@@ -126,7 +125,6 @@ def recorded_run(tmp_path, monkeypatch) -> Path:
     return config.out
 
 
-@pytest.mark.timeout(180)
 def test_cli_empirical_audit_exits_1_on_ten_times_less_noise(recorded_run, tmp_path):
     runner = CliRunner()
 
