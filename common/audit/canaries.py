@@ -1,151 +1,238 @@
-"""Canary runs for the empirical audit: data with canaries, the federated run, the scores.
+"""Dirac canaries through the real device code, seen the way the threat model's adversary sees them.
 
-The run is fedrec's own in-process federation (`run_in_process`) on a CSV dataset written
-here: a synthetic dataset plus the included canaries, with a catalogue that lists every
-canary item (included or not), so the data differs from a canary-free one only in the
-included canaries' interactions. Nothing in the training code knows about canaries.
+Each canary is ONE interaction with a fresh item that no other data uses, on its own device,
+included by a fair coin (the auditor's randomness). Its gradient lands mostly in that item's
+own bias, so m canaries are m separate trials of one mechanism. Every device is a real one:
+a `ClientStore` and a `PrivacyLedger` in a folder, and `local_round` (the fused DP-SGD step,
+the projection onto B·C, the device's own noise, retirement by the ledger) with the device
+settings the run would send (`fedrec.client.runtime.local_config`). Nothing in it knows about
+canaries.
+
+The adversary's view is the calibration's threat model:
+- DISTRIBUTED: the server sees one SUM per round over the devices of a secure aggregation
+  (`fedrec.simulations.federation.secure_sum`). A sum holds K devices, one canary each, every
+  device adding σ/√K: the sum carries σ·C around each canary exactly as a shipped round of
+  K_min = 2,350 devices does (a sum of independent Gaussians is the Gaussian of the summed
+  variances), and the ledger, planning with K_min = K, charges the same ε. More devices would
+  only add more canaries per sum, not change one canary's mechanism.
+- LOCAL: the server sees each device's own update.
+Canaries run in batches of K devices, each batch from the same sent parameters and with its own
+fresh devices; the K canary items are reused by every batch. A batch's releases depend only on
+its own canaries, so each canary stays its own trial (Steinke et al. need DP in each canary's
+inclusion, which changing one coin changes in one batch only).
+
+The server chooses what it sends (the guarantee holds whatever it sends), so the auditor sends
+parameters under which the devices' background interactions are already predicted with
+certainty (their gradient vanishes, so the projection onto B·C leaves a canary's clipped
+gradient whole) and repeats the same parameters in every round a canary trains. Each device
+also holds three background interactions, arriving before its canary: the device always has
+something to train (a device without would decline, and under LOCAL a decline is visible), and
+with pairs formed on arrival the canary is the second half of its own pair, with singletons its
+own example: either way including it changes exactly one example.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fedrec.common.audit.empirical import EmpiricalConfig
+BACKGROUND = "background"  # the one public item the devices' other interactions are of
+BACKGROUND_PER_DEVICE = 3
+FILLERS = 1000  # unused public items: the negatives a canary competes against
+DOMINANT_LOGIT = 30.0  # the background item's logit in what the auditor sends
+CONTROL_BUDGET = 1e9  # a control's devices never retire: it trains as many rounds as the claim
 
 
 @dataclass(frozen=True)
-class Canaries:
-    users: np.ndarray  # (m,) external user id of each canary's client
-    first: np.ndarray  # (m,) a canary is a pair of fresh items (first -> second) no one else
-    second: np.ndarray  # has: one training example of one client
-    included: np.ndarray  # (m,) bool: the fair coin
-    data: Path  # interactions.csv and items.csv
+class Releases:
+    """What the adversary saw of each canary, and what the mechanism claims."""
 
-    @classmethod
-    def draw(cls, config: EmpiricalConfig, folder: Path) -> Canaries:
-        from fedrec.common.data.synthetic import SyntheticConfig, generate_synthetic
-
-        rng = np.random.default_rng([config.seed, 7])
-        ds = generate_synthetic(
-            SyntheticConfig(
-                num_users=config.num_users, num_items=config.num_items, seed=config.seed
-            )
-        )
-        inter, cat = ds.interactions, ds.catalogue
-        m = config.canaries
-        users = ds.user_ids[rng.integers(0, ds.num_users, size=m)].astype(str)
-        first = np.array([f"canary{j:05d}a" for j in range(m)])
-        second = np.array([f"canary{j:05d}b" for j in range(m)])
-        included = rng.random(m) < 0.5  # independent of everything else
-        # Before every real interaction, in the first window, each canary's two interactions
-        # consecutive: the device pairs them with each other (pairs form in arrival order), so
-        # a canary is exactly one training example, trained from round 1.
-        start = int(inter.timestamp.min()) - 2 * m - 2
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "interactions.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["user", "item", "time"])
-            for j in np.flatnonzero(included):
-                w.writerow([users[j], first[j], start + 2 * j])
-                w.writerow([users[j], second[j], start + 2 * j + 1])
-            for u, i, t in zip(inter.user, inter.item, inter.timestamp, strict=True):
-                w.writerow([ds.user_ids[u], cat.item_ids[i], int(t)])
-        words = np.array([f"zq{x:05d}" for x in range(20 * m)])  # fresh words: no shared text
-        with open(folder / "items.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["item", "title", "genres"])
-            for i, title, genres in zip(cat.item_ids, cat.titles, cat.genres, strict=True):
-                w.writerow([i, title, genres])
-            for i in [*first, *second]:
-                w.writerow([i, " ".join(rng.choice(words, size=3, replace=False)), ""])
-        return cls(users, first, second, included, folder)
-
-    def analytic_epsilon(self, run, out: Path) -> float:
-        """The largest ε any canary's cohort has, recomputed by the audit from the run's
-        ledgers (and the user-level ε from the server's record, when that is tighter)."""
-        from fedrec.common.audit import audit
-        from fedrec.common.audit.recompute import Recomputer, key_of
-        from fedrec.common.audit.records import server_record
-
-        result = audit(out)
-        view = "distributed" if "distributed" in run.config.dp else "local"
-        clients = {c["client"]: c for c in result.figures["clients"]}
-        eps = max(
-            (max((e[view] for e in clients[u]["cohorts"].values()), default=0.0))
-            for u in set(self.users.tolist())
-            if u in clients
-        )
-        if "user" in run.config.dp:
-            record, _ = server_record(out)
-            counts: dict = {}
-            for r in record["rounds"]:
-                key = (r["mechanism"]["sample_rate"], r["mechanism"]["noise_multiplier"])
-                counts[key] = counts.get(key, 0) + 1
-            eps = min(eps, Recomputer().epsilon(key_of(counts), run.config.delta))
-        return eps
+    scores: np.ndarray  # (m,) change of the canary item's bias, summed over its rounds
+    included: np.ndarray  # (m,) bool: the fair coins
+    rounds: int  # rounds each canary trained (until the honest ledger retires it)
+    view: str  # "distributed" (one sum per round) or "local" (one update per device)
+    claimed_epsilon: float  # the ledger's ε of a canary after `rounds` honest rounds
+    claimed_noise_multiplier: float  # σ around a canary in the view (honest)
+    noise_multiplier: float  # σ the devices really added, in the view
+    noise_scale: float  # noise_multiplier / claimed_noise_multiplier (1: honest)
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    devices_per_release: int  # K (devices in one sum under DISTRIBUTED)
 
 
-def train(config: EmpiricalConfig, canaries: Canaries, dp: str, out: Path):
-    """The federated run on the canary data (every client every round)."""
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.federation import run_in_process
+def device_settings(sim, *, devices_per_sum: int, noise_scale: float):
+    """The device settings of `sim` (a SimulationConfig), with the sum scaled down to
+    `devices_per_sum` devices at the same σ per sum, and the devices' noise multiplied by
+    `noise_scale` (a control: the claim stays that of σ)."""
+    from fedrec.client.runtime import local_config
 
-    sim = SimulationConfig.from_flat(
-        {
-            "dataset": "csv",
-            "data-dir": str(canaries.data / "interactions.csv"),
-            "columns": "user=user,item=item,time=time",
-            "text-encoder": "hashing",
-            "rounds": config.rounds,
-            "clients-per-round": config.num_users,  # every client: q = 1
-            "dp": dp,
-            "epsilon": config.epsilon,
-            "local-noise-multiplier": config.local_noise_multiplier,
-            "delta": config.delta,
-            "local-lr": config.local_lr,
-            "model-id-embeddings": config.id_embeddings,
-            "num-negatives": config.num_negatives,
-            "local-steps": config.local_steps,
-            # pinned, not the simulation's defaults (tuned for the built-in data): Poisson
-            # rate 0.5 keeps 4 steps at σ = 1 within ε 8, so every canary trains once
-            "sample-rate": 0.5,
-            "server-lr": 1.0,
-            "server-bias-decay": 0.0,
-            "model-bias-scale": 1.0,
-            "model-time-knots": 4,
-            "seed": config.seed,
-            "out": str(out),
-        }
+    distributed = "distributed" in sim.dp
+    scaled = dataclasses.replace(sim, min_survivors=devices_per_sum) if distributed else sim
+    honest = local_config(scaled, None)
+    if not honest.private:
+        raise ValueError(f"calibration {sorted(sim.dp)} runs no DP-SGD: no per-interaction claim")
+    if noise_scale == 1.0:
+        return honest, honest
+    aggregate = honest.aggregate_noise_multiplier
+    noisy = dataclasses.replace(
+        honest,
+        noise_multiplier=honest.noise_multiplier * noise_scale,
+        aggregate_noise_multiplier=None if aggregate is None else aggregate * noise_scale,
+        budget_epsilon=CONTROL_BUDGET,
     )
-    data = dataclasses.replace(sim.data, items_path=str(canaries.data / "items.csv"))
-    return run_in_process(dataclasses.replace(sim, data=data))
+    return honest, noisy
 
 
-def score_canaries(run, canaries: Canaries) -> np.ndarray:
-    """Membership score of each canary from the final global model alone: how much training
-    raised the model's logit of its second item after its first. The initial global model is
-    public (seeded), so its logit is subtracted: what is left is what the data moved."""
-    from fedrec.client.runtime import build_model
+def claimed_rounds(honest) -> tuple[int, float]:
+    """(rounds, ε): how many rounds one cohort trains before the honest ledger retires it, and
+    its ε then, in the budget's view (the device's own planner, on a scratch ledger)."""
+    import tempfile
 
-    stream, now = run.stream, int(run.stream.window_end[-1])
-    index = {str(x): i for i, x in enumerate(stream.dataset.catalogue.item_ids)}
-    a = np.array([index[i] for i in canaries.first])
-    b = np.array([index[i] for i in canaries.second])
-    run.load_into_model()
-    initial = build_model(run.config.data, run.config.model, stream)
-    return _pair_logits(run.model, a, b, now) - _pair_logits(initial, a, b, now)
+    from fedrec.client.ledger import PrivacyLedger
+
+    mechanism = honest.mechanism()
+    with tempfile.TemporaryDirectory() as tmp:
+        with PrivacyLedger.open(Path(tmp) / "ledger.jsonl", fsync=False) as ledger:
+            rounds = 0
+            while rounds < 1000:
+                trainable, _ = ledger.plan(
+                    mechanism, ["w1"], honest.budget_epsilon, honest.budget_guarantee, honest.delta
+                )
+                if not trainable:
+                    break
+                rounds += 1
+                ledger.append_train(rounds, mechanism, {"w1": 1})
+            eps = ledger.epsilons(honest.budget_guarantee, honest.delta).get("w1", 0.0)
+    return rounds, eps
 
 
-def _pair_logits(model, a: np.ndarray, b: np.ndarray, now: int) -> np.ndarray:
-    import torch
+def _catalogue(model_config, slots: int):
+    """Public items: the background item, one fresh item per canary slot, unused fillers."""
+    from fedrec.common.model import RecModel
 
-    model.eval()
-    with torch.no_grad():
-        vecs, bias = model.item_vectors(now)
-        ctx = model.all_context_vectors()
-    return ((ctx[a] * vecs[b]).sum(dim=1) + bias[b]).numpy()
+    items = [BACKGROUND, *(f"canary{j:05d}" for j in range(slots))]
+    items += [f"filler{j:05d}" for j in range(FILLERS)]
+    text = np.zeros((len(items), model_config.text_dim), np.float32)
+    text[0, min(1, model_config.text_dim - 1)] = 1.0  # the background item's own direction
+    text[1 : 1 + slots, 0] = 1.0  # canaries share one: each is scored on its own bias
+    years = np.zeros(len(items), np.int64)  # one year bucket: its gradients cancel in a softmax
+    torch.manual_seed(0)
+    model = RecModel(model_config, text, years, time_range=(0, 1000))
+    return model, {item: i for i, item in enumerate(items)}
+
+
+def _sent_parameters(model) -> dict[str, np.ndarray]:
+    """The model's global parameters, with the background item's logit at DOMINANT_LOGIT."""
+    from fedrec.common.model import Scope
+
+    state = model.state_dict()
+    params = {n: state[n].numpy().copy() for n in model.parameter_names(Scope.GLOBAL)}
+    scale = model.config.bias_scale
+    if "item_table.weight" in params:
+        params["item_table.weight"][0, model.item_columns["bias"]] = DOMINANT_LOGIT / scale
+    elif "text_bias.weight" in params:
+        params["text_bias.weight"][0, min(1, model.config.text_dim - 1)] = DOMINANT_LOGIT / scale
+    return params
+
+
+def _biases(model, params: dict[str, np.ndarray]) -> np.ndarray:
+    """(I,) every item's bias as the model serves it under `params`."""
+    state = model.state_dict()
+    for name, value in params.items():
+        state[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    model.load_state_dict(state)
+    return model.item_vectors()[1].double().numpy()
+
+
+def run_canaries(
+    sim,
+    *,
+    canaries: int,
+    devices_per_sum: int,
+    noise_scale: float,
+    seed: int,
+    folder: Path,
+) -> Releases:
+    """Train `canaries` Dirac canaries of calibration `sim` and score them from the view."""
+    from fedrec.client.ledger import PrivacyLedger
+    from fedrec.client.store import ClientStore
+    from fedrec.client.training import local_round
+    from fedrec.common.privacy.accounting import Guarantee
+    from fedrec.simulations.federation import DeviceReply, add_pooled, secure_sum
+
+    honest, device = device_settings(sim, devices_per_sum=devices_per_sum, noise_scale=noise_scale)
+    rounds, claimed = claimed_rounds(honest)
+    if rounds == 0:
+        raise ValueError("the budget allows no round: nothing to audit")
+    distributed = honest.budget_guarantee is Guarantee.DISTRIBUTED
+    k = devices_per_sum
+    model, index = _catalogue(sim.model, k)
+    scorer, _ = _catalogue(sim.model, k)
+    sent = _sent_parameters(model)
+    before = _biases(scorer, sent)
+    included = np.random.default_rng([seed, 7]).random(canaries) < 0.5
+    scores = np.zeros(canaries)
+    for start in range(0, canaries, k):
+        batch = range(start, min(start + k, canaries))
+        stores, ledgers = [], []
+        for j in batch:
+            where = folder / f"device{j:06d}"
+            store = ClientStore(where, durable=False)
+            items = [BACKGROUND] * BACKGROUND_PER_DEVICE
+            if included[j]:
+                items.append(f"canary{j - start:05d}")
+            store.ingest(items, list(range(1, len(items) + 1)), "w1")
+            stores.append(store)
+            ledgers.append(PrivacyLedger.open(where / "ledger.jsonl", fsync=False))
+        try:
+            for r in range(1, rounds + 1):
+                replies = []
+                for slot, (store, ledger) in enumerate(zip(stores, ledgers, strict=True)):
+                    result = local_round(
+                        model,
+                        sent,
+                        store,
+                        ledger,
+                        index,
+                        round=r,
+                        new_cohorts=frozenset(),
+                        config=device,
+                    )
+                    if result.params is None:
+                        raise RuntimeError(f"a canary device declined: {result.declined}")
+                    replies.append(DeviceReply(slot, result.params, result.num_examples))
+                if distributed:  # what the server of a secure aggregation learns: one sum
+                    total = add_pooled([r for r in secure_sum(replies, sent) if r.pooled])
+                    released = {n: sent[n] + total.params[n] for n in sent}
+                    moved = _biases(scorer, released) - before
+                    for slot, j in enumerate(batch):
+                        scores[j] += moved[1 + slot]
+                else:  # LOCAL: each device's own update
+                    for reply, j in zip(replies, batch, strict=True):
+                        slot = j - start
+                        scores[j] += (_biases(scorer, reply.params) - before)[1 + slot]
+        finally:
+            for store, ledger in zip(stores, ledgers, strict=True):
+                store.close()
+                ledger.close()
+    view_sigma = honest.noise_multiplier * (math.sqrt(k) if distributed else 1.0)
+    return Releases(
+        scores=scores,
+        included=included,
+        rounds=rounds,
+        view="distributed" if distributed else "local",
+        claimed_epsilon=claimed,
+        claimed_noise_multiplier=view_sigma,
+        noise_multiplier=view_sigma * noise_scale,
+        noise_scale=noise_scale,
+        sample_rate=honest.sample_rate,
+        steps=honest.steps,
+        clip_norm=honest.clip_norm,
+        devices_per_release=k if distributed else 1,
+    )

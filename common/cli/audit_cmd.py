@@ -37,10 +37,18 @@ def audit(
         bool,
         typer.Option(
             "--empirical",
-            help="also run the one-run canary audit (Steinke et al. 2023): a small DP run and "
-            "a no-DP control, then an empirical ε lower bound beside the analytic one",
+            help="also run the one-run canary audit of the run's own calibration (its devices' "
+            "DP-SGD, as recorded in config.json) and of a control with 10x less noise: an "
+            "empirical ε lower bound against the analytic one; exit 1 if it exceeds it",
         ),
     ] = False,
+    empirical_canaries: Annotated[
+        int, typer.Option(help="canaries of the empirical audit (each one device round)")
+    ] = 2000,
+    empirical_noise_scale: Annotated[
+        float,
+        typer.Option(help="the audited devices add this times their σ, the claim stays σ's"),
+    ] = 1.0,
 ) -> None:
     """Verify every ledger's hash chain, recompute every ε with dp_accounting (RDP and PLD),
     check budgets, retirements and every guarantee the run claims, and write a report
@@ -65,9 +73,23 @@ def audit(
         raise fail(str(err)) from err
     figures = None
     if empirical:
-        from fedrec.common.audit.empirical import EmpiricalConfig, run_empirical
+        from fedrec.common.audit.empirical import (
+            EmpiricalConfig,
+            recorded_calibration,
+            run_empirical,
+        )
 
-        figures = run_empirical(EmpiricalConfig(), (out or path / "audit") / "empirical")
+        if empirical_canaries < 2 or not empirical_noise_scale > 0:
+            raise typer.BadParameter("--empirical-canaries >= 2, --empirical-noise-scale > 0")
+        try:  # a run without DP-SGD on its devices has no per-interaction claim to test
+            figures = run_empirical(
+                recorded_calibration(path),
+                EmpiricalConfig(canaries=empirical_canaries),
+                (out or path / "audit") / "empirical",
+                noise_scale=empirical_noise_scale,
+            )
+        except ValueError as err:
+            raise fail(f"empirical audit: {err}") from err
     files = write_report(result, out or path / "audit", figures)
     for g in result.figures["guarantees"]:
         flag = "" if g.get("earned", True) else "  [stated NOT yet earned]"
@@ -77,11 +99,21 @@ def audit(
             f"{flag}"
         )
     if figures is not None:
+        dp, control = figures["dp"], figures["control"]
         typer.echo(
-            f"empirical ε lower bound: DP run {figures['dp_epsilon_lower_bound']:.3f} "
-            f"(analytic {figures['dp_epsilon_analytic']:.3f}), no-DP control "
-            f"{figures['control_epsilon_lower_bound']:.3f}"
+            f"empirical ε lower bound ({dp['method']}, {dp['canaries']} canaries, at most "
+            f"{dp['max_certifiable']:.2f} certifiable): {dp['epsilon_lower_bound']:.3f} against "
+            f"analytic {dp['analytic_epsilon']:.3f}: {dp['verdict']}; control with "
+            f"{control['noise_scale']:g}x the noise {control['epsilon_lower_bound']:.3f}: "
+            f"{control['verdict']}"
         )
+        if dp["verdict"] == "violation":
+            typer.secho(
+                f"violation empirical: {dp['epsilon_lower_bound']:.3f} > analytic ε "
+                f"{dp['analytic_epsilon']:.3f} ({dp['confidence']:.0%} confidence)",
+                fg="red",
+                err=True,
+            )
     for f in result.findings:
         typer.secho(f"violation {f.line()}", fg="red", err=True)
     if result.unfinished:
@@ -89,7 +121,10 @@ def audit(
     typer.echo(
         f"{len(result.findings)} violations; wrote {files[1]} ({result.figures['seconds']:.2f} s)"
     )
-    raise typer.Exit(result.exit_code)
+    code = result.exit_code
+    if figures is not None and figures["verdict"] == "violation":
+        code = max(code, 1)
+    raise typer.Exit(code)
 
 
 def _f(x) -> str:
