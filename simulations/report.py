@@ -139,8 +139,11 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
             {
                 "name": "per-interaction local DP (the device's own noise only)",
                 "unit": "one interaction",
-                "threat_model": "anyone, the server included, seeing a device's update; no trust. "
-                "Not covered: whether the device trains or declines",
+                "threat_model": "anyone, the server included, seeing the content of a "
+                "device's update; no trust. Not covered: whether the device trained or "
+                "declined in a round (a device with nothing left to train declines in the "
+                "clear, so the presence of its only untrained interaction shows through its "
+                "participation), and the per-device metrics the simulation reports",
                 "epsilon": float(eps_local.max()) if len(eps_local) else 0.0,
                 "delta": delta,
                 "accountant": "RDP per cohort from the device ledgers",
