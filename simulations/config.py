@@ -127,8 +127,14 @@ class SimulationConfig:
             raise ValueError("server-bias-decay must be in [0, 1)")
         if self.reference_batch < 1 or self.local_steps < 1 or self.min_survivors < 1:
             raise ValueError("reference-batch, local-steps and min-survivors must be >= 1")
+        for f in dataclasses.fields(self):  # nan slips through every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
         if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("budgets must be > 0 and delta in (0, 1)")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), not {self.seed}")
 
     @property
     def stream_protocol(self) -> str:
