@@ -3,8 +3,10 @@ rounds in this process (no Flower), with failures, declines and a restart."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from fedrec.client.device import DeviceConfig, PrivacyPolicy, ingest, status
@@ -95,6 +97,36 @@ def test_rounds_failures_declines_and_a_restart(tmp_path, items):
     assert rounds == [1, 2, 3]
     assert status(devices[1].store, devices[1].policy)["rounds_trained"] == [1, 2, 3]
     assert status(devices[2].store, devices[2].policy)["rounds_trained"] == [1, 2]
+
+
+def test_devices_jsonl_records_the_servers_verdict_on_a_dropped_update(tmp_path, items):
+    # devices.jsonl said "sent" and counted the update in "summed" though the server dropped it
+    devices = make_devices(tmp_path, items, 3)
+    run_flat = RUN | {"rounds": 1, "out": str(tmp_path / "run"), "resume": True}
+    honest = transport(devices, run_flat)
+
+    def send(nodes, params, round_):
+        out = []
+        for reply, declined in honest(nodes, params, round_):
+            if reply.user == 2 and reply.params is not None:
+                boosted = {k: v + np.float32(1e30) for k, v in reply.params.items()}
+                reply = dataclasses.replace(reply, params=boosted)
+            out.append((reply, declined))
+        return out
+
+    settings = DeploymentSettings(deployment=True, min_nodes=3)
+    config = SimulationConfig.from_flat(run_flat | {"clients-per-round": 3})
+    run_deployment(config, settings, lambda: [1, 2, 3], send)
+    (entry,) = [
+        json.loads(x) for x in (tmp_path / "run" / "devices.jsonl").read_text().splitlines()
+    ]
+    outcome = {d["node"]: d for d in entry["devices"]}
+    assert outcome["2"]["outcome"] == "dropped" and "norm" in outcome["2"]["reason"]
+    assert outcome["1"]["outcome"] == outcome["3"]["outcome"] == "sent"
+    assert "reason" not in outcome["1"]
+    assert entry["summed"] == 2
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["aggregated"] == 2 and row["dropped"] == 1
 
 
 def test_the_deployment_refuses_distributed_without_secure_aggregation(tmp_path):
