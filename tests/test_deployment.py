@@ -3,8 +3,13 @@ rounds in this process (no Flower), with failures, declines and a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -362,3 +367,88 @@ def test_the_supernode_polls_fast_right_after_a_reply_then_slowly(monkeypatch):
     assert time.monotonic() - start < 0.2
     time.sleep(0.35)
     assert pacer.network_interval() == 0.25  # the window has passed
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """A TLS listener on loopback (a stand-in for a TLS SuperLink): it completes handshakes
+    and drops a connection that speaks plain HTTP, as the SuperLink does."""
+    import socket
+    import ssl
+    import threading
+
+    from fedrec.common.certs import create_server_cert
+
+    cert, key = create_server_cert(tmp_path / "certs", ["127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                except OSError:  # plain HTTP fails the handshake: the connection is dropped
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_tls_server_is_told_from_a_plain_one(tls_server):
+    import socket
+
+    from fedrec.client.supernode import speaks_tls
+
+    assert speaks_tls(tls_server)
+    with socket.create_server(("127.0.0.1", 0)) as plain:  # accepts, never answers a handshake
+        assert not speaks_tls(f"127.0.0.1:{plain.getsockname()[1]}", timeout=0.5)
+        closed = plain.getsockname()[1]
+    assert not speaks_tls(f"127.0.0.1:{closed}")  # nothing listening
+
+
+def test_an_insecure_device_against_a_tls_server_gives_up_naming_tls(tls_server, tmp_path):
+    # it used to retry forever; the SuperNode itself gives up (the server may come up later
+    # than `fedrec client start` checks) and `fedrec client start` refuses at once
+    env = os.environ | {"FLWR_HOME": str(tmp_path / "flwr"), "FEDREC_RETRY_MAX_S": "0.2"}
+    log = tmp_path / "node.log"
+    with open(log, "w") as out:  # as `fedrec client start` runs it (its own executor)
+        node = subprocess.Popen(
+            [sys.executable, "-m", "fedrec.client.supernode", "--insecure", "--superlink",
+             tls_server, "--port", str(free_port()), "--isolation", "process"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        assert node.wait(90) != 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+    assert f"the SuperLink at {tls_server} speaks TLS" in log.read_text()
+    start = subprocess.run(
+        [sys.executable, "-m", "fedrec.common.cli", "client", "start", "--store",
+         str(tmp_path / "device"), "--insecure", "--superlink", tls_server],
+        capture_output=True, text=True, env=env, timeout=90,
+    )  # fmt: skip
+    assert start.returncode == 2 and "Traceback" not in start.stderr
+    assert f"the SuperLink at {tls_server} speaks TLS" in start.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
