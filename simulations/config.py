@@ -270,7 +270,10 @@ class SimulationConfig:
     @classmethod
     def from_toml(cls, path: Path, overrides: dict[str, Any] | None = None) -> SimulationConfig:
         with open(path, "rb") as f:
-            table = tomllib.load(f)
+            try:
+                table = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:  # its message has the line, not the file
+                raise ValueError(f"{path}: not valid TOML: {err}") from err
         flat = table.get("simulation", table)
         return cls.from_flat({**flat, **(overrides or {})})
 

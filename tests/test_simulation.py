@@ -74,6 +74,13 @@ def test_config_refuses_budgets_that_are_not_finite_and_negative_seeds(setting, 
         SimulationConfig.from_flat({setting: value})
 
 
+def test_a_config_file_that_is_not_toml_is_named(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("rounds = 3\nseed = = 1\n")
+    with pytest.raises(ValueError, match=rf"{path}: not valid TOML: .*line 2"):
+        SimulationConfig.from_toml(path)
+
+
 def test_csv_data_needs_its_columns():
     with pytest.raises(ValueError, match="needs --columns naming the user, item, time column"):
         SimulationConfig.from_flat({"dataset": "csv", "data-dir": "e.csv"})
