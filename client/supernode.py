@@ -22,6 +22,9 @@ killed mid-round was noticed only at the round's timeout. Here the interval is
 FEDREC_HEARTBEAT_S (default 10 s, the least the SuperLink accepts): a killed device's round
 ends for it within ~20 s, with Flower's "Node Unavailable" error as the reason.
 
+A device started with --insecure against a SuperLink that speaks TLS gives up at its first
+refused request, naming TLS (`give_up_insecure_against_tls`), instead of retrying forever.
+
 Reconnection: while the SuperLink is down (a server restart), Flower's SuperNode retries with
 exponential backoff of up to 20 s, so a device could come back up to 20 s after the
 SuperLink did, while its heartbeat thread (reconnecting on its own schedule) already had it
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +126,67 @@ def cap_retry_backoff(max_delay: float) -> None:
     grpc_retry.MAX_RETRY_DELAY = max_delay
 
 
+class InsecureAgainstTLS(ConnectionError):
+    """The device speaks plain HTTP (--insecure) to a SuperLink that speaks TLS."""
+
+
+def insecure_against_tls_message(address: str) -> str:
+    return (
+        f"the SuperLink at {address} speaks TLS, but this device was started with --insecure "
+        "(plain HTTP), which it can never accept: start the device without --insecure, with "
+        "--root-certificates (the deployment's ca.pem) and --key (this device's key)"
+    )
+
+
+def speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """Whether HOST:PORT completes a TLS handshake (the certificate is not checked: this only
+    tells which protocol the server speaks)."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+            context.wrap_socket(sock),
+        ):
+            return True
+    except (OSError, ValueError):  # refused, unreachable, not TLS (ssl.SSLError), bad address
+        return False
+
+
+def give_up_insecure_against_tls(address: str) -> None:
+    """Flower's SuperNode retries a refused request forever, and a TLS SuperLink refuses every
+    plain-HTTP one by closing (or resetting) the connection: a device started
+    with --insecure against it retried forever, with nothing naming TLS. Here the first such
+    refusal probes the server with a TLS handshake; if it speaks TLS the connection gives up
+    with `InsecureAgainstTLS` (Flower then exits naming it). A plain server that drops a
+    connection, or one that is down, is still retried."""
+    import httpx
+    from flwr.supernode import fleet_http_connection as fleet
+
+    make = fleet.make_simple_http_retry_invoker
+    # how a server that drops a plain-HTTP connection looks: closed without an answer, or reset
+    dropped = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+    def make_checked():
+        invoker = make()
+        giveup = invoker.should_giveup
+
+        def should_giveup(exc: Exception) -> bool:
+            if isinstance(exc, dropped) and speaks_tls(address):
+                raise InsecureAgainstTLS(insecure_against_tls_message(address)) from exc
+            return giveup is not None and giveup(exc)
+
+        invoker.should_giveup = should_giveup
+        return invoker
+
+    fleet.make_simple_http_retry_invoker = make_checked
+
+
 EXECUTOR_PIDFILE_ENV = "FEDREC_EXECUTOR_PIDFILE"
 
 
@@ -181,6 +246,9 @@ def main() -> None:
     cap_retry_backoff(settings["retry_max"])
     if os.environ.get(EXECUTOR_PIDFILE_ENV):
         wake_executor_on_message(Path(os.environ[EXECUTOR_PIDFILE_ENV]))
+    args = sys.argv[1:]
+    if "--insecure" in args and "--superlink" in args[:-1]:
+        give_up_insecure_against_tls(args[args.index("--superlink") + 1])
     flower_supernode()
 
 

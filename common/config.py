@@ -8,6 +8,14 @@ from dataclasses import dataclass, field, fields
 from fedrec.common.data.schema import Dataset
 
 DATASETS = ("builtin", "movielens", "csv", "synthetic")
+# --columns keys of a CSV dataset -> `load_csv` arguments
+CSV_COLUMNS = {
+    "user": "user_col",
+    "item": "item_col",
+    "time": "time_col",
+    "rating": "rating_col",
+    "time_format": "time_format",
+}
 
 
 def parse_key_values(text: str | None, what: str) -> dict[str, str]:
@@ -41,18 +49,25 @@ class DataConfig:
             )
         if self.dataset in ("movielens", "csv") and not self.path:
             raise ValueError(f"--dataset {self.dataset} needs --data-dir PATH")
+        if self.dataset == "csv":
+            unknown = set(self.columns) - set(CSV_COLUMNS)
+            if unknown:
+                raise ValueError(
+                    f"--columns: unknown keys {sorted(unknown)}; use {sorted(CSV_COLUMNS)}"
+                )
+            missing = [k for k in ("user", "item", "time") if not self.columns.get(k)]
+            if missing:
+                raise ValueError(
+                    f"--dataset csv needs --columns naming the {', '.join(missing)} column(s), "
+                    "e.g. --columns user=userId,item=movieId,time=timestamp"
+                )
 
     def load(self) -> Dataset:
         from fedrec.common.data.loaders import load_dataset
         from fedrec.common.data.synthetic import SyntheticConfig
 
         if self.dataset == "csv":
-            known = {"user": "user_col", "item": "item_col", "time": "time_col"}
-            known |= {"rating": "rating_col", "time_format": "time_format"}
-            unknown = set(self.columns) - set(known)
-            if unknown:
-                raise ValueError(f"--columns: unknown keys {sorted(unknown)}; use {sorted(known)}")
-            options = {known[k]: v for k, v in self.columns.items()}
+            options = {CSV_COLUMNS[k]: v for k, v in self.columns.items()}
             return load_dataset("csv", self.path, items_path=self.items_path, **options)
         if self.dataset == "synthetic":
             typed = _typed(SyntheticConfig, self.synthetic)

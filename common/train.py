@@ -52,6 +52,14 @@ class DPConfig:
     def __post_init__(self) -> None:
         if (self.epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("DPConfig needs exactly one of epsilon or noise_multiplier")
+        for name in ("epsilon", "noise_multiplier", "delta", "clip_norm"):
+            value = getattr(self, name)  # nan slips through every comparison below
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.clip_norm <= 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
         if self.epsilon is not None and self.epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if not 0 < self.delta < 1:
@@ -72,6 +80,14 @@ class TrainConfig:
     # DP noise and batches derived from `seed` (tests, benchmarks): no privacy guarantee
     reproducible_noise: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:  # numpy's seeding range
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_negatives < 1:
+            raise ValueError("epochs, batch_size and num_negatives must be >= 1")
 
 
 @dataclass

@@ -127,14 +127,17 @@ def run_deployment(
 def record_devices(
     run: FederatedRun, round: int, answered: Sequence[tuple[DeviceReply, str | None]]
 ) -> None:
-    """devices.jsonl: per round, every sampled device's outcome (with the reason it declined
-    or failed) and how many devices' updates survived into the sum."""
+    """devices.jsonl: per round, every sampled device's outcome (with the reason it declined,
+    failed or was dropped by the server) and how many devices' updates survived into the sum."""
     outcomes = []
     for r, declined in answered:
         outcome = "failed" if r.error else ("declined" if r.params is None else "sent")
+        verdict = run.dropped_devices.get(r.user) if outcome == "sent" else None
+        if verdict is not None:  # sent, but the server refused it (`FederatedRun.finish_round`)
+            outcome = "dropped"
         entry: dict[str, Any] = {"node": str(r.user), "outcome": outcome}
-        if r.error or declined:
-            entry["reason"] = r.error or declined
+        if r.error or declined or verdict:
+            entry["reason"] = r.error or declined or verdict
         if r.ledger_head:
             entry["ledger_head"] = r.ledger_head
         for key in (

@@ -133,6 +133,10 @@ class SimulationConfig:
             raise ValueError("server-bias-decay must be in [0, 1)")
         if self.reference_batch < 1 or self.local_steps < 1 or self.min_survivors < 1:
             raise ValueError("reference-batch, local-steps and min-survivors must be >= 1")
+        for f in dataclasses.fields(self):  # nan slips through every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
         if self.epsilon <= 0 or self.user_epsilon <= 0 or not 0 < self.delta < 1:
             raise ValueError("budgets must be > 0 and delta in (0, 1)")
         if (
@@ -146,6 +150,8 @@ class SimulationConfig:
                 "other. Use dp = user (or user+distributed, user+local), or "
                 "model-user-embedding = false"
             )
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), not {self.seed}")
 
     @property
     def stream_protocol(self) -> str:
@@ -295,7 +301,10 @@ class SimulationConfig:
     @classmethod
     def from_toml(cls, path: Path, overrides: dict[str, Any] | None = None) -> SimulationConfig:
         with open(path, "rb") as f:
-            table = tomllib.load(f)
+            try:
+                table = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:  # its message has the line, not the file
+                raise ValueError(f"{path}: not valid TOML: {err}") from err
         flat = table.get("simulation", table)
         return cls.from_flat({**flat, **(overrides or {})})
 

@@ -442,6 +442,9 @@ class FederatedRun:
 
     def finish_round(self, round: int, replies: Sequence[DeviceReply], seconds: float) -> dict:
         updates, dropped, declined, failed = [], [], 0, 0
+        # the server's verdict on each device whose reply it dropped (device -> reason), for
+        # per-device records such as a deployment's devices.jsonl
+        self.dropped_devices: dict[int, str] = {}
         survivors = 0  # devices whose update is in the sum (a pooled reply counts its devices)
         pooled = [r for r in replies if r.pooled]
         replies = [r for r in replies if not r.pooled]
@@ -471,6 +474,7 @@ class FederatedRun:
             if secure and (reply.params is not None or reply.metrics):
                 reason = "a device's own update or metrics under secure aggregation"
                 dropped.append(reason)
+                self.dropped_devices[reply.user] = reason
                 log.warning("round %d: dropped device %d: %s", round, reply.user, reason)
                 continue
             if reply.metrics.get("declined") == 1.0:
@@ -480,6 +484,7 @@ class FederatedRun:
             reason = validate_update(reply.params, self.params, self.update_bound)
             if reason is not None:
                 dropped.append(reason)
+                self.dropped_devices[reply.user] = reason
                 log.warning("round %d: dropped update of device %d: %s", round, reply.user, reason)
                 continue
             updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))

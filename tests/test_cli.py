@@ -60,6 +60,42 @@ def test_unknown_dataset_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "unknown dataset" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("data", "--dataset", "csv", "--data-dir", "e.csv"), "needs --columns naming the user"),
+        (("train", "--epsilon", "nan"), "epsilon must be a finite number"),
+        (("train", "--epsilon", "inf"), "epsilon must be a finite number"),
+        (("train", "--seed", "-1"), "seed must be in"),
+        (("simulate", "--epsilon", "nan"), "epsilon must be a finite number"),
+        (("simulate", "--user-epsilon", "nan"), "user-epsilon must be a finite number"),
+        (("simulate", "--seed", "-1"), "seed must be in"),
+        (("simulate", "--no-dp", "--dp", "user"), "--no-dp contradicts --dp user"),
+    ],
+)
+def test_bad_values_are_usage_errors_not_tracebacks(tmp_path, args, message):
+    proc = fedrec(*args, "--out", str(tmp_path / "out"), tmp_path=tmp_path, check=False)
+    if args[0] == "data":  # `data` writes nothing
+        proc = fedrec(*args, tmp_path=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in " ".join(proc.stderr.replace("│", " ").split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_simulate_in_process_reports_malformed_data_before_starting(tmp_path):
+    events = tmp_path / "e.csv"
+    events.write_text("user,item,ts\n1,a,5\n2,b,99999999999999999999999\n")
+    proc = fedrec(
+        "simulate", "--in-process", "--dataset", "csv", "--data-dir", str(events),
+        "--columns", "user=user,item=item,time=ts", "--out", str(tmp_path / "run"),
+        tmp_path=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{events}, line 3: timestamp '99999999999999999999999' is out of range" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("dp", [False, True])
 def test_train_writes_summary_model_and_plot(tmp_path, dp):
     out = tmp_path / "run"

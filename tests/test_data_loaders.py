@@ -321,6 +321,78 @@ def test_malformed_csv_items(tmp_path: Path) -> None:
         load_csv(write(tmp_path / "e.json", "{}"), **COLS)
 
 
+# ---- out-of-range values, huge fields, control characters -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "stamp", ["99999999999999999999999", "1e300", "-1e20", "253402300800", "9223372036854775808"]
+)
+def test_out_of_range_timestamps_are_errors_in_every_format(tmp_path: Path, stamp: str) -> None:
+    # each used to become the int64 minimum (or wrap) and the run went on with a garbage timeline
+    write(tmp_path / "movies.dat", MOVIES)
+    write(tmp_path / "ratings.dat", f"1::1::5::10\n1::2::5::{stamp}\n")
+    with pytest.raises(DataError, match=rf"ratings\.dat, line 2: timestamp '{stamp}' is out of"):
+        load_movielens(tmp_path)
+    (tmp_path / "k").mkdir()
+    ml100k(tmp_path / "k")
+    write(tmp_path / "k" / "u.data", f"1\t1\t5\t{stamp}\n")
+    with pytest.raises(DataError, match=r"u\.data, line 1: timestamp .* is out of range"):
+        load_movielens(tmp_path / "k")
+    events = write(tmp_path / "e.csv", f"user,item,ts\n1,a,5\n1,a,{stamp}\n")
+    with pytest.raises(DataError, match=r"e\.csv, line 3: timestamp .* is out of range"):
+        load_csv(events, **COLS)
+
+
+def test_timestamps_at_the_edges_of_the_range_load(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", "user,item,ts\n1,a,-62135596800\n1,b,253402300799\n")
+    assert load_csv(events, **COLS).interactions.timestamp.tolist() == [
+        -62_135_596_800,
+        253_402_300_799,
+    ]
+
+
+def test_out_of_range_parquet_timestamps_are_errors(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = {"user": ["u", "v"], "item": ["x", "y"], "ts": pa.array([5, 2**62], pa.int64())}
+    pq.write_table(pa.table(table), tmp_path / "e.parquet")
+    with pytest.raises(DataError, match=r"e\.parquet: row 2: timestamp '4611686018427387904' is"):
+        load_csv(tmp_path / "e.parquet", **COLS)
+    with pytest.raises(DataError, match=r"e\.parquet: row 2: timestamp"):
+        load_csv(tmp_path / "e.parquet", **COLS, time_format="iso")
+
+
+def test_a_field_over_the_csv_limit_is_an_error_on_its_line(tmp_path: Path) -> None:
+    events = write(tmp_path / "e.csv", f"user,item,ts\n1,a,5\n2,{'x' * 200_000},6\n")
+    with pytest.raises(DataError, match=r"e\.csv, line 3: unreadable CSV: field larger"):
+        load_csv(events, **COLS)
+
+
+def test_messages_cut_a_huge_value(tmp_path: Path) -> None:
+    huge = "7" * 100_000 + "z"
+    events = write(tmp_path / "e.csv", f"user,item,ts\n1,a,{huge}\n")
+    with pytest.raises(DataError) as err:
+        load_csv(events, **COLS)
+    message = str(err.value)
+    assert len(message) < 300 and "(100,001 characters)" in message
+    assert message.startswith(f"{events}, line 2: timestamp '7777")
+
+
+@pytest.mark.parametrize("bad_id", ["a\x00", "a\x00b", "\x1b[2Ja", "a\x7f"])
+def test_ids_with_control_characters_are_errors(tmp_path: Path, bad_id: str) -> None:
+    # numpy drops a trailing NUL: "a\x00" used to load as item "a"
+    events = write(tmp_path / "e.csv", f"user,item,ts\n1,a,5\n1,{bad_id},6\n")
+    with pytest.raises(DataError, match=r"e\.csv, line 3: item id .* contains a control char"):
+        load_csv(events, **COLS)
+    items = write(tmp_path / "i.csv", f"item,title\na,A\n{bad_id},B\n")
+    with pytest.raises(DataError, match=r"i\.csv, line 3: item id .* contains a control char"):
+        load_csv(write(events, "user,item,ts\n1,a,5\n"), **COLS, items_path=items, genres_col=None)
+    write(tmp_path / "movies.dat", MOVIES)
+    write(tmp_path / "ratings.dat", f"1::1::5::10\n{bad_id}::2::5::11\n")
+    with pytest.raises(DataError, match=r"ratings\.dat, line 2: user id .* contains a control"):
+        load_movielens(tmp_path)
+
+
 # ---- dispatcher -----------------------------------------------------------------------------
 
 

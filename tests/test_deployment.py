@@ -3,8 +3,15 @@ rounds in this process (no Flower), with failures, declines and a restart."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from fedrec.client.device import DeviceConfig, PrivacyPolicy, ingest, status
@@ -95,6 +102,36 @@ def test_rounds_failures_declines_and_a_restart(tmp_path, items):
     assert rounds == [1, 2, 3]
     assert status(devices[1].store, devices[1].policy)["rounds_trained"] == [1, 2, 3]
     assert status(devices[2].store, devices[2].policy)["rounds_trained"] == [1, 2]
+
+
+def test_devices_jsonl_records_the_servers_verdict_on_a_dropped_update(tmp_path, items):
+    # devices.jsonl said "sent" and counted the update in "summed" though the server dropped it
+    devices = make_devices(tmp_path, items, 3)
+    run_flat = RUN | {"rounds": 1, "out": str(tmp_path / "run"), "resume": True}
+    honest = transport(devices, run_flat)
+
+    def send(nodes, params, round_):
+        out = []
+        for reply, declined in honest(nodes, params, round_):
+            if reply.user == 2 and reply.params is not None:
+                boosted = {k: v + np.float32(1e30) for k, v in reply.params.items()}
+                reply = dataclasses.replace(reply, params=boosted)
+            out.append((reply, declined))
+        return out
+
+    settings = DeploymentSettings(deployment=True, min_nodes=3)
+    config = SimulationConfig.from_flat(run_flat | {"clients-per-round": 3})
+    run_deployment(config, settings, lambda: [1, 2, 3], send)
+    (entry,) = [
+        json.loads(x) for x in (tmp_path / "run" / "devices.jsonl").read_text().splitlines()
+    ]
+    outcome = {d["node"]: d for d in entry["devices"]}
+    assert outcome["2"]["outcome"] == "dropped" and "norm" in outcome["2"]["reason"]
+    assert outcome["1"]["outcome"] == outcome["3"]["outcome"] == "sent"
+    assert "reason" not in outcome["1"]
+    assert entry["summed"] == 2
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["aggregated"] == 2 and row["dropped"] == 1
 
 
 def test_the_deployment_refuses_distributed_without_secure_aggregation(tmp_path):
@@ -338,3 +375,88 @@ def test_the_supernode_polls_fast_right_after_a_reply_then_slowly(monkeypatch):
     assert time.monotonic() - start < 0.2
     time.sleep(0.35)
     assert pacer.network_interval() == 0.25  # the window has passed
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """A TLS listener on loopback (a stand-in for a TLS SuperLink): it completes handshakes
+    and drops a connection that speaks plain HTTP, as the SuperLink does."""
+    import socket
+    import ssl
+    import threading
+
+    from fedrec.common.certs import create_server_cert
+
+    cert, key = create_server_cert(tmp_path / "certs", ["127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                except OSError:  # plain HTTP fails the handshake: the connection is dropped
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_tls_server_is_told_from_a_plain_one(tls_server):
+    import socket
+
+    from fedrec.client.supernode import speaks_tls
+
+    assert speaks_tls(tls_server)
+    with socket.create_server(("127.0.0.1", 0)) as plain:  # accepts, never answers a handshake
+        assert not speaks_tls(f"127.0.0.1:{plain.getsockname()[1]}", timeout=0.5)
+        closed = plain.getsockname()[1]
+    assert not speaks_tls(f"127.0.0.1:{closed}")  # nothing listening
+
+
+def test_an_insecure_device_against_a_tls_server_gives_up_naming_tls(tls_server, tmp_path):
+    # it used to retry forever; the SuperNode itself gives up (the server may come up later
+    # than `fedrec client start` checks) and `fedrec client start` refuses at once
+    env = os.environ | {"FLWR_HOME": str(tmp_path / "flwr"), "FEDREC_RETRY_MAX_S": "0.2"}
+    log = tmp_path / "node.log"
+    with open(log, "w") as out:  # as `fedrec client start` runs it (its own executor)
+        node = subprocess.Popen(
+            [sys.executable, "-m", "fedrec.client.supernode", "--insecure", "--superlink",
+             tls_server, "--port", str(free_port()), "--isolation", "process"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        assert node.wait(90) != 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+    assert f"the SuperLink at {tls_server} speaks TLS" in log.read_text()
+    start = subprocess.run(
+        [sys.executable, "-m", "fedrec.common.cli", "client", "start", "--store",
+         str(tmp_path / "device"), "--insecure", "--superlink", tls_server],
+        capture_output=True, text=True, env=env, timeout=90,
+    )  # fmt: skip
+    assert start.returncode == 2 and "Traceback" not in start.stderr
+    assert f"the SuperLink at {tls_server} speaks TLS" in start.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -237,7 +237,8 @@ def test_deployment_end_to_end(deployment):
     for name in ("dev1", "dev2", "dev3", "dev4"):
         d.start_device(name)
     rogue = d.start_device("rogue")
-    assert rogue.wait(60) != 0  # refused: its key is not registered
+    assert rogue.wait(60) == 1  # refused: its key is not registered (README: status 1)
+    assert "Exit Code: 305" in (d.root / "rogue.log").read_text()
     assert "Failed to activate SuperNode" in (d.root / "rogue.log").read_text()
     assert d.server.wait(300) == 0, (d.root / "server.log").read_text()
     assert d.rounds() == [1, 2]

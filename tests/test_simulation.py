@@ -86,6 +86,38 @@ def test_local_parameters_withdraw_every_per_interaction_guarantee(tmp_path):
     assert all(g["epsilon"] is None and "LOCAL user vector" in g["why_not"] for g in withdrawn)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("epsilon", "nan", "epsilon must be a finite number"),
+        ("epsilon", "inf", "epsilon must be a finite number"),
+        ("user-epsilon", "nan", "user-epsilon must be a finite number"),
+        ("local-lr", "-inf", "local-lr must be a finite number"),
+        ("seed", "-1", r"seed must be in \[0, 2\*\*32\), not -1"),
+    ],
+)
+def test_config_refuses_budgets_that_are_not_finite_and_negative_seeds(setting, value, message):
+    # nan passed every `<= 0` check and the run crashed (or, at inf, claimed no privacy)
+    with pytest.raises(ValueError, match=message):
+        SimulationConfig.from_flat({setting: value})
+
+
+def test_a_config_file_that_is_not_toml_is_named(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("rounds = 3\nseed = = 1\n")
+    with pytest.raises(ValueError, match=rf"{path}: not valid TOML: .*line 2"):
+        SimulationConfig.from_toml(path)
+
+
+def test_csv_data_needs_its_columns():
+    with pytest.raises(ValueError, match="needs --columns naming the user, item, time column"):
+        SimulationConfig.from_flat({"dataset": "csv", "data-dir": "e.csv"})
+    with pytest.raises(ValueError, match="naming the time column"):
+        SimulationConfig.from_flat(
+            {"dataset": "csv", "data-dir": "e.csv", "columns": "user=u,item=i"}
+        )
+
+
 def test_a_run_writes_consistent_outputs(tmp_path):
     config = small(tmp_path)
     run = run_in_process(config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,19 @@ def test_dp_training_noise_and_batches_are_secret_unless_reproducible(small):
 
     assert not same(weights(), weights())
     assert same(weights(reproducible_noise=True), weights(reproducible_noise=True))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_dp_config_refuses_budgets_that_are_not_finite(value):
+    # nan passed `epsilon <= 0` and reached Opacus's calibration as a traceback
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        DPConfig(epsilon=value)
+    with pytest.raises(ValueError, match="noise_multiplier must be a finite number"):
+        DPConfig(noise_multiplier=value)
+
+
+def test_train_config_refuses_a_negative_seed_and_a_bad_lr():
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\), got -1"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ValueError, match="lr must be"):
+        TrainConfig(lr=math.nan)

@@ -195,6 +195,11 @@ def start(
     key = key or conn.get("key")
     if not superlink:
         raise fail("no server address: pass --superlink HOST:PORT or set [connection] superlink")
+    if insecure:
+        from fedrec.client.supernode import insecure_against_tls_message, speaks_tls
+
+        if speaks_tls(superlink, timeout=2.0):  # a server not up yet: the SuperNode checks later
+            raise fail(insecure_against_tls_message(superlink))
     try:
         with ClientStore(device.store, verify=True):
             pass

@@ -83,6 +83,8 @@ def simulate(
     rounds.png and epsilon.png. Interrupted runs continue with --resume."""
     from fedrec.simulations.config import SimulationConfig
 
+    if no_dp and dp is not None and dp.strip().lower() not in ("off", "none"):
+        raise typer.BadParameter(f"--no-dp contradicts --dp {dp}: give one of them")
     overrides: dict = {}
     for key, value in (
         ("dataset", dataset), ("data-dir", data_dir), ("columns", columns),
@@ -129,7 +131,7 @@ def simulate(
                 ) from err
             refuse_changed_settings(settings, config, recorded)
         preflight(config)
-    except SettingsError as err:
+    except (SettingsError, ValueError, OSError) as err:  # DataError is a ValueError
         raise fail(str(err)) from err
 
     if in_process:

@@ -32,7 +32,7 @@ from typing import Any, Literal, NoReturn, Protocol
 
 import numpy as np
 
-from fedrec.common.data.schema import Catalogue, DataError, Dataset, Interactions
+from fedrec.common.data.schema import Catalogue, DataError, Dataset, Interactions, quoted
 from fedrec.common.data.synthetic import SyntheticConfig, generate_synthetic
 
 BUILTIN_NAME = "movietweetings-40k"
@@ -42,6 +42,14 @@ MOVIELENS_100K_GENRES = tuple(
 )  # the flag order of u.item, used when u.genre is absent
 _CHUNK_CHARS = 1 << 23  # text per block: bounds peak memory on 10M-line files
 _YEAR = re.compile(r"\((\d{4})\)")
+# a control character in an id is corruption, never part of a real id; numpy's str arrays would
+# even drop a trailing NUL and match "12\x00" to item "12"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ID_COLUMNS = frozenset({"user", "item", "id"})
+# what an integer column may hold: timestamps a date can show (0001-01-01 .. 9999-12-31 UTC,
+# so every later date conversion works), anything else the int64 range
+_INT64 = (-(2**63), 2**63 - 1)
+_RANGES = {"timestamp": (-62_135_596_800, 253_402_300_799)}
 # a column is kept as text ("str"), dropped ("skip"), or parsed as a number: "rating" to float32,
 # "timestamp" (Unix seconds) and "index" to int64; the kind also names the value in messages
 _Kind = Literal["str", "skip", "rating", "timestamp", "index"]
@@ -268,7 +276,7 @@ def _catalogue(
         first = int(np.flatnonzero(ids == ids[row])[0])
         items.where.fail(
             row,
-            f"duplicate item id {str(ids[row])!r} in the catalogue "
+            f"duplicate item id {quoted(ids[row])} in the catalogue "
             f"(first on {items.where.unit} {int(items.where.lines[first])})",
         )
     titles = tuple(str(t) for t in items.columns["title"].tolist())
@@ -294,7 +302,7 @@ def _lookup(catalogue_ids: np.ndarray, values: np.ndarray, where: _Where) -> np.
     found = catalogue_ids[index] == values
     if not found.all():
         row = int(np.argmin(found))
-        where.fail(row, f"unknown item {str(values[row])!r}: not in the catalogue")
+        where.fail(row, f"unknown item {quoted(values[row])}: not in the catalogue")
     return index.astype(np.int64)
 
 
@@ -371,6 +379,8 @@ def _read_delimited_as(
             where = _Where(path, numbers)
             for j, (col, kind) in enumerate(columns):
                 if kind == "str":
+                    if col in _ID_COLUMNS:
+                        _check_ids(flat[j::n], where, col)
                     parts[col].append(np.array(flat[j::n], dtype=str))
                 elif kind != "skip":
                     values = flat[j::n]
@@ -408,26 +418,39 @@ def _read_tabular(path: Path, columns: dict[str, str]) -> _Table:
 def _read_csv_as(path: Path, columns: dict[str, str], delimiter: str, encoding: str) -> _Table:
     with _open_text(path, encoding, newline="") as text:
         reader = csv.reader(text, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise DataError("empty file", path=path)
-        index = _column_index(header, columns, path, line=1)
-        rows, lines = [], []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"expected {len(header)} fields (as in the header), found {len(row)}",
-                    path=path,
-                    line=reader.line_num,
-                )
-            rows.append(row)
-            lines.append(reader.line_num)
+        try:
+            return _read_csv_rows(reader, path, columns)
+        except csv.Error as err:  # e.g. a field over csv.field_size_limit() (131,072 characters)
+            raise DataError(f"unreadable CSV: {err}", path=path, line=reader.line_num) from err
+
+
+def _read_csv_rows(reader: Any, path: Path, columns: dict[str, str]) -> _Table:
+    header = next(reader, None)
+    if header is None:
+        raise DataError("empty file", path=path)
+    index = _column_index(header, columns, path, line=1)
+    rows, lines = [], []
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(
+                f"expected {len(header)} fields (as in the header), found {len(row)}",
+                path=path,
+                line=reader.line_num,
+            )
+        rows.append(row)
+        lines.append(reader.line_num)
     if not rows:
         raise DataError("no data rows after the header", path=path)
-    cols = {role: np.array([r[i] for r in rows], dtype=str) for role, i in index.items()}
-    return _Table(cols, _Where(str(path), np.array(lines, dtype=np.int64)))
+    where = _Where(str(path), np.array(lines, dtype=np.int64))
+    cols = {}
+    for role, i in index.items():
+        values = [r[i] for r in rows]
+        if role in _ID_COLUMNS:
+            _check_ids(values, where, role)
+        cols[role] = np.array(values, dtype=str)
+    return _Table(cols, where)
 
 
 def _read_parquet(path: Path, columns: dict[str, str]) -> _Table:
@@ -468,14 +491,19 @@ def _column_index(
     names = list(header)
     for name in columns.values():
         if name not in names:
+            shown = ", ".join(quoted(n, 40) for n in names[:20]) + (
+                ", ..." if len(names) > 20 else ""
+            )
             raise DataError(
-                f"missing column {name!r}; the header has {names}", path=path, line=line
+                f"missing column {quoted(name)}; the header has [{shown}]", path=path, line=line
             )
     return {role: names.index(name) for role, name in columns.items()}
 
 
 def _as_ids(values: np.ndarray, where: _Where, role: str) -> np.ndarray:
     """Ids as strings (Parquet may store them as integers); an empty id is an error."""
+    if values.dtype.kind == "O":  # Parquet strings, before numpy's str cast could drop a NUL
+        _check_ids(values.tolist(), where, role)
     ids = values if values.dtype.kind == "U" else values.astype(str)
     if len(ids) and (empty := np.char.str_len(ids) == 0).any():
         where.fail(int(np.argmax(empty)), f"empty {role} id")
@@ -483,45 +511,69 @@ def _as_ids(values: np.ndarray, where: _Where, role: str) -> np.ndarray:
 
 
 def _parse_numbers(values: Sequence[Any], where: _Where, *, what: str, integer: bool) -> np.ndarray:
-    """int64 (integer=True, decimals floored) or float32; the first bad value names its line."""
+    """int64 (integer=True, decimals floored) or float32; the first bad value names its line.
+
+    An integer out of its kind's range (`_RANGES`) is an error, never a wrapped int64."""
+    low, high = _RANGES.get(what, _INT64)
     if isinstance(values, np.ndarray):
         if values.dtype.kind in "biu" or (values.dtype.kind == "f" and not integer):
             out = values.astype(np.float32 if not integer else np.int64)
-            if integer or np.isfinite(out).all():
+            if integer and values.size and (values.min() < low or values.max() > high):
+                values = values.tolist()  # the line-by-line pass names the value
+            elif integer or np.isfinite(out).all():
                 return out
-        values = values.tolist()  # map(int, list) beats numpy's own string casts
+        if isinstance(values, np.ndarray):
+            values = values.tolist()  # map(int, list) beats numpy's own string casts
     if integer:
         with contextlib.suppress(ValueError, OverflowError, TypeError):
-            return np.fromiter(map(int, values), np.int64, len(values))
+            out = np.fromiter(map(int, values), np.int64, len(values))
+            if not len(out) or (out.min() >= low and out.max() <= high):
+                return out
     with contextlib.suppress(ValueError, OverflowError, TypeError):
         floats = np.fromiter(map(float, values), np.float64, len(values))
-        if np.isfinite(floats).all():
-            return np.floor(floats).astype(np.int64) if integer else floats.astype(np.float32)
+        if not integer and np.isfinite(floats).all():
+            return floats.astype(np.float32)
+        if integer and len(floats) and floats.min() >= low and floats.max() <= high:
+            return np.floor(floats).astype(np.int64)
     for row, value in enumerate(values):
         try:
-            ok = math.isfinite(float(value))
+            number = float(value)
         except (ValueError, OverflowError, TypeError):
-            ok = False
-        if not ok:
-            where.fail(row, f"{what} {str(value)!r} is not a number")
+            number = math.nan
+        if not math.isfinite(number):
+            where.fail(row, f"{what} {quoted(value)} is not a number")
+        if integer:
+            with contextlib.suppress(ValueError, TypeError):
+                number = int(value)  # exact, where a float would round the range's edge
+            if not low <= number <= high:
+                where.fail(row, f"{what} {quoted(value)} is out of range [{low}, {high}]")
     raise AssertionError("unreachable: a cast failed but every value parsed")
 
 
 def _parse_iso(values: np.ndarray, where: _Where) -> np.ndarray:
     """ISO 8601 dates to Unix seconds; naive dates are UTC; integers pass through."""
     if values.dtype.kind in "iu":
-        return values.astype(np.int64)
+        return _parse_numbers(values, where, what="timestamp", integer=True)
     out = np.empty(len(values), dtype=np.int64)
     for row, value in enumerate(values.tolist()):
         text = str(value).strip()
         try:
             dt = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
         except ValueError:
-            where.fail(row, f"timestamp {text!r} is not an ISO 8601 date")
+            where.fail(row, f"timestamp {quoted(text)} is not an ISO 8601 date")
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
         out[row] = math.floor(dt.timestamp())
     return out
+
+
+def _check_ids(values: Sequence[str], where: _Where, role: str) -> None:
+    """An id with a control character (a NUL, a stray escape) is an error on its line."""
+    if _CONTROL.search("".join(values)) is None:
+        return
+    row = next(i for i, v in enumerate(values) if _CONTROL.search(v))
+    what = "item" if role == "id" else role  # a catalogue's id column
+    where.fail(row, f"{what} id {quoted(values[row])} contains a control character")
 
 
 def _no_options(kind: str, path: str | Path | None, options: dict[str, Any]) -> None:

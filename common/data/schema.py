@@ -14,6 +14,15 @@ from pathlib import Path
 import numpy as np
 
 
+def quoted(value: object, limit: int = 80) -> str:
+    """`repr` of a value for an error message, cut to `limit` characters with its length: a
+    malformed file can hold a field of megabytes, and the message must stay readable."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 class DataError(ValueError):
     """Malformed or inconsistent input. The message names the file, the line and the problem."""
 
