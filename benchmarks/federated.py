@@ -270,11 +270,17 @@ def quality(tmp: Path) -> list[dict]:
         config = SimulationConfig.from_flat(
             {**settings_for(dp), "dp": dp, "out": str(tmp / f"q-{dp}")}
         )
+        start = time.perf_counter()
         run = run_in_process(config)
         summary = finalize(run)
         out.append(
             {
                 "dp": dp,
+                "wall_s": time.perf_counter() - start,
+                "published_rounds": summary["published_rounds"],
+                "guarantees_not_held": [
+                    g["name"] for g in summary["privacy"]["guarantees"] if not g.get("earned")
+                ],
                 "ndcg@10": summary["test"]["ndcg@10"],
                 "hr@10": summary["test"]["hr@10"],
                 "guarantees": {g["name"]: g["epsilon"] for g in summary["privacy"]["guarantees"]},
