@@ -98,6 +98,8 @@ class Simulate:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        for process in run_processes(self.out):  # only if the code under test failed
+            process.kill()
 
 
 def signal_and_time(run: Simulate, sig: int) -> tuple[int, float]:
@@ -179,8 +181,6 @@ def test_killed_run_takes_its_children_along_and_resumes_alone(tmp_path):
         assert "taking over the lock of process" in resumed.output()
     finally:
         run.stop()
-        for process in run_processes(out):
-            process.kill()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == list(range(1, SMALL["rounds"] + 1))
     ledgers = sorted((out / "clients").glob("*/ledger.jsonl"))
@@ -275,4 +275,40 @@ def test_the_watchdog_stops_a_killed_launchers_processes_then_frees_the_folder(t
         launcher.kill()
         launcher.wait()
         for process in processes_with(RUN_TOKEN_ENV, token):
+            process.kill()
+
+
+def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_path):
+    from fedrec.simulations.launcher import free_port
+
+    (tmp_path / "run.toml").write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\ninsecure = true\nout = "run"\n'
+        f'database = "state.db"\n[run]\ndataset = "synthetic"\nsynthetic = "{SMALL["synthetic"]}"\n'
+        "rounds = 2\nwait-nodes-s = 600\n"
+    )
+    env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "fedrec.common.cli", "server", "start", "--config", "run.toml"]
+    out, log = tmp_path / "run", tmp_path / "server.log"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:  # submitted: the SuperLink waits for devices that never come
+        assert wait_until(lambda: "submitted" in log.read_text() or server.poll(), 240)
+        assert server.poll() is None, log.read_text()
+        second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"in use by process {server.pid} (fedrec server start)" in second.stderr
+        started = run_processes(out)
+        assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(60) == 128 + signal.SIGTERM, log.read_text()
+        assert "interrupted (SIGTERM) at round 1 of 2" in log.read_text()
+        assert wait_until(lambda: not run_processes(out), 3.0)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        for process in run_processes(out):
             process.kill()
