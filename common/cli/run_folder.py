@@ -23,11 +23,12 @@ def completed_rounds(out: Path) -> int:
 @contextmanager
 def hold_run_folder(out: Path, *, command: str, rounds: int, resume_hint: str) -> Iterator[RunLock]:
     with interruptible():
+        lock = None
         try:
-            lock = RunLock.acquire(out, command=command)
-        except RunLocked as err:
-            raise fail(str(err)) from None
-        try:
+            try:
+                lock = RunLock.acquire(out, command=command)
+            except RunLocked as err:
+                raise fail(str(err)) from None
             yield lock
         except Interrupted as stop:
             done = completed_rounds(out)
@@ -40,4 +41,5 @@ def hold_run_folder(out: Path, *, command: str, rounds: int, resume_hint: str) -
             )
             raise typer.Exit(stop.exit_status) from None
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
