@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -24,6 +25,7 @@ from fedrec.common.deployment import (
     split_reply,
     split_run_config,
 )
+from fedrec.common.run_lock import WriterGuard
 from fedrec.simulations.config import SimulationConfig
 from fedrec.simulations.federation import DeviceReply, FederatedRun
 from fedrec.simulations.report import finalize
@@ -37,12 +39,21 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings, flat = split_run_config(dict(context.run_config))
     config = SimulationConfig.from_flat(flat)
-    if settings.deployment:
-        deploy(grid, config, settings)
-        return
+    # An orphan of a killed launcher must not write a folder another run now owns.
+    with WriterGuard(Path(config.out), str(context.run_config.get("run-token", ""))) as guard:
+        if settings.deployment:
+            deploy(grid, config, settings, guard)
+        else:
+            simulate_rounds(grid, context, config, guard)
+
+
+def simulate_rounds(
+    grid: Grid, context: Context, config: SimulationConfig, guard: WriterGuard
+) -> None:
     run = FederatedRun(config)
     slots = wait_for_nodes(grid, int(context.run_config.get("expected-nodes", 0)))
     for round_ in run.pending_rounds():
+        guard.check()
         if not run.budget_allows_next_round():
             log.warning("user-level budget reached before round %d: stopping", round_)
             break
@@ -187,7 +198,9 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[in
     )
 
 
-def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -> None:
+def deploy(
+    grid: Grid, config: SimulationConfig, settings: DeploymentSettings, guard: WriterGuard
+) -> None:
     """A run over real devices: every connected SuperNode is one device."""
     from fedrec.common.deployment import shorten_flower_backoff
     from fedrec.server.deployment import run_deployment
@@ -195,6 +208,7 @@ def deploy(grid: Grid, config: SimulationConfig, settings: DeploymentSettings) -
     shorten_flower_backoff()
 
     def send(nodes, params, round_):
+        guard.check()
         arrays = parameters_record(params)
         messages = [
             Message(

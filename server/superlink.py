@@ -1,8 +1,10 @@
 """`fedrec server start`: a Flower SuperLink with persistent state and TLS, the devices' keys
 registered, and the fedrec app submitted to it with `flwr run`.
 
-Processes are started in their own sessions and stopped by PID (and the SuperLink's superexec
-children by theirs); the SuperLink's PID is written to <out>/flower/superlink.pid.
+Processes are started in their own sessions and carry the launch's token, by which they are
+stopped, by us or, if we are killed, by our watchdog (`fedrec.common.processes`); the run
+folder is locked meanwhile (`fedrec.common.run_lock`). The SuperLink's PID is written to
+<out>/flower/superlink.pid.
 """
 
 from __future__ import annotations
@@ -22,16 +24,10 @@ from typing import Any
 
 from fedrec.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, device_public_keys
 from fedrec.common.deployment import DeploymentSettings, split_run_config
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.launcher import (
-    APP_PYPROJECT,
-    _children,
-    flwr_json,
-    kill_groups,
-    run_config_arg,
-    terminate_group,
-    toml_value,
-)
+from fedrec.common.processes import Watchdog, run_env, stop_run_processes
+from fedrec.common.run_lock import RunLock
+from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
+from fedrec.simulations.launcher import APP_PYPROJECT, flwr_json, run_config_arg, toml_value
 
 CONNECTION = "fedrec"
 INSECURE_WARNING = (
@@ -55,6 +51,8 @@ RUN_DEFAULTS = {
 }
 
 FLWR_TIMEOUT_S = 120  # a `flwr` CLI call against our own SuperLink
+# SIGTERM first: the SuperLink closes its database; Ray is not involved here.
+STOP_GRACE_S = 10.0
 
 
 class ServerConfigError(ValueError):
@@ -142,9 +140,11 @@ def superlink_command(config: ServerConfig) -> list[str]:
 def write_app(folder: Path) -> Path:
     """A Flower app folder pointing at the installed fedrec apps, with every run key."""
     folder.mkdir(parents=True, exist_ok=True)
-    defaults = SimulationConfig().to_flat() | {
-        k.replace("_", "-"): v for k, v in DeploymentSettings().__dict__.items()
-    }
+    defaults = (
+        SimulationConfig().to_flat()
+        | {k.replace("_", "-"): v for k, v in DeploymentSettings().__dict__.items()}
+        | TRANSPORT_DEFAULTS
+    )
     (folder / "pyproject.toml").write_text(
         APP_PYPROJECT.replace("fedrec-simulation", "fedrec-deployment").format(
             config="\n".join(f"{k} = {toml_value(v)}" for k, v in defaults.items())
@@ -224,11 +224,6 @@ def stop_stale_runs(env: dict) -> list[str]:
     return stopped
 
 
-def stop(link: subprocess.Popen, children: list[int]) -> None:
-    terminate_group(link, grace=20)
-    kill_groups(children)
-
-
 def final_status(env: dict, run_id: str) -> tuple[str, str]:
     listing = flwr_json(env, "ls", CONNECTION, "--run-id", run_id, timeout=FLWR_TIMEOUT_S)
     if listing.get("success") and listing.get("runs"):
@@ -254,16 +249,36 @@ def write_run_catalogue(config: ServerConfig, path: Path) -> str:
     return public.digest
 
 
-def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> int:
+def start(
+    config: ServerConfig, *, timeout: float = 24 * 3600, echo=print, lock: RunLock | None = None
+) -> int:
     """Start the SuperLink, register devices, run the federation to its end; 0 completed,
-    2 failed, 124 timed out. Everything started here is stopped on the way out."""
+    2 failed, 124 timed out. Everything started here is stopped on the way out. `lock` is the
+    run folder's, when the caller holds it (else taken here; RunLocked if held)."""
+    out = config.out.resolve()
+    own_lock = lock is None
+    if lock is None:
+        lock = RunLock.acquire(out, command="fedrec server start")
+    try:
+        watchdog = Watchdog(lock.token, lock.fileno())
+        try:
+            lock.record_watchdog(watchdog.pid)
+            return _serve(config, lock.token, timeout, echo)
+        finally:
+            watchdog.close()
+    finally:
+        if own_lock:
+            lock.release()
+
+
+def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:
     out = config.out.resolve()
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
     digest = write_run_catalogue(config, out / PUBLIC_CATALOGUE_FILE)
     echo(f"public catalogue for devices: {out / PUBLIC_CATALOGUE_FILE} (digest {digest[:12]})")
     config.database.parent.mkdir(parents=True, exist_ok=True)
-    env = flower_env(work / "flwr-home")
+    env = run_env(flower_env(work / "flwr-home"), out, token)
     write_connection(Path(env["FLWR_HOME"]), config)
     app_dir = write_app(work / "app")
     if config.insecure:
@@ -274,10 +289,8 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
         start_new_session=True,
     )  # fmt: skip
     (work / "superlink.pid").write_text(f"{link.pid}\n")
-    children: list[int] = []
     try:
         wait_healthy(config, link)
-        children = _children(link.pid)
         echo(f"SuperLink listening on {config.host}:{config.port} (pid {link.pid})")
         if not config.insecure:
             for message in register_devices(env, config):
@@ -289,6 +302,7 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
             "out": str(out),
             "resume": True,
             "catalogue-digest": digest,
+            "run-token": token,
         }
         submitted = flwr_json(
             env,
@@ -325,7 +339,8 @@ def start(config: ServerConfig, *, timeout: float = 24 * 3600, echo=print) -> in
         echo(f"run {run_id} completed: {out / 'summary.json'}")
         return 0
     finally:
-        stop(link, children)
+        stop_run_processes(token, STOP_GRACE_S)
+        link.wait()
         log_file.close()
 
 

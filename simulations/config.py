@@ -21,8 +21,11 @@ from fedrec.common.privacy.dpsgd import CLIPPING
 from fedrec.common.protocols import PROTOCOLS
 
 DP_PARTS = ("user", "distributed", "local")
-# Keys of run_config that steer the transport, not the run (set by the launcher).
-TRANSPORT_KEYS = frozenset({"expected-nodes"})
+# Keys of run_config that steer the transport, not the run (set by the launcher): the
+# virtual SuperNodes to wait for, and the token of the launch whose lock the ServerApp checks
+# before it writes the run folder (fedrec.common.run_lock; empty: the ServerApp locks it).
+TRANSPORT_DEFAULTS: dict[str, Any] = {"expected-nodes": 0, "run-token": ""}
+TRANSPORT_KEYS = frozenset(TRANSPORT_DEFAULTS)
 
 
 def parse_dp(text: str) -> frozenset[str]:

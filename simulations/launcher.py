@@ -5,7 +5,9 @@ components point at the installed `fedrec.server.app` / `fedrec.client.app`, sta
 `flower-superlink --simulation` on a free loopback port (own FLWR_HOME and RAY_TMPDIR), submit
 the run with `flwr run`, follow its progress from the run folder's metrics.jsonl, read the
 final status with `flwr ls` (`flwr run` exits 0 even when a run fails) and stop everything we
-started, by process group.
+started: every process of the run carries the launch's token in its environment, and a
+watchdog stops them if this process is killed (`fedrec.common.processes`). The run folder is
+locked for the whole run (`fedrec.common.run_lock`).
 
 Virtual SuperNodes are execution slots (about 1.3x the expected devices per round); the
 ServerApp tells each slot which user's device to play. Flower's engine polls every registered
@@ -20,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from fedrec.simulations.config import SimulationConfig
+from fedrec.common.processes import Watchdog, run_env, stop_run_processes
+from fedrec.common.run_lock import RunLock
+from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
 
 APP_PYPROJECT = """\
 [build-system]
@@ -95,64 +98,6 @@ def flower_env(work: Path) -> dict[str, str]:
     return env
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == pid:
-                out.append(int(d.name))
-    return out
-
-
-def _ancestors() -> set[int]:
-    out, pid = set(), os.getpid()
-    while pid > 1:
-        out.add(pid)
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return out
-
-
-def _stop(link: subprocess.Popen, superexec: list[int], ray_tmp: Path) -> None:
-    """SIGTERM the SuperLink's group; then SIGKILL what a stopped run leaves behind: the
-    superexec session (flwr-simulation, Ray agents that ignore SIGTERM) and any process
-    still holding files in our private Ray folder (never ourselves or our parents)."""
-    terminate_group(link, grace=15)
-    kill_groups(superexec)
-    prefix, spare = str(ray_tmp) + os.sep, _ancestors()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) in spare:
-            continue
-        try:
-            if any(os.readlink(f).startswith(prefix) for f in (d / "fd").iterdir()):
-                os.kill(int(d.name), signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def terminate_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group `proc` leads; SIGKILL it if not gone after `grace` seconds."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def kill_groups(pgids: list[int]) -> None:
-    """SIGKILL process groups that may already be gone."""
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def flwr_json(env: dict, *args: str, timeout: float = 300) -> dict:
     """`flwr ... --format json`, parsed; output that is not JSON becomes a failure record."""
     out = subprocess.run(
@@ -181,14 +126,43 @@ def slots_for(config: SimulationConfig) -> int:
     return max(2, min(math.ceil(config.clients_per_round * 1.3) + 2, SLOTS_PER_CPU * cpus))
 
 
-def simulate(config: SimulationConfig, *, timeout: float = 3600, show_progress: bool = True) -> int:
-    """Run the federation; returns 0 completed, 2 failed, 124 stopped/timed out."""
+# The simulation's state is the run folder, written atomically by the ServerApp: nothing of
+# Flower's or Ray's needs a clean exit, and Ctrl-C should return within about a second.
+STOP_GRACE_S = 0.5
+
+
+def simulate(
+    config: SimulationConfig,
+    *,
+    timeout: float = 3600,
+    show_progress: bool = True,
+    lock: RunLock | None = None,
+) -> int:
+    """Run the federation; returns 0 completed, 2 failed, 124 stopped/timed out. `lock` is
+    the run folder's, when the caller holds it (else taken here; RunLocked if held)."""
     out = Path(config.out).resolve()
     config = SimulationConfig(**{**config.__dict__, "out": out})
+    own_lock = lock is None
+    if lock is None:
+        lock = RunLock.acquire(out, command="fedrec simulate")
+    try:
+        watchdog = Watchdog(lock.token, lock.fileno())
+        try:
+            lock.record_watchdog(watchdog.pid)
+            return _run_flower(config, lock.token, timeout, show_progress)
+        finally:
+            watchdog.close()
+    finally:
+        if own_lock:
+            lock.release()
+
+
+def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progress: bool) -> int:
+    out = Path(config.out)
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
-    env = flower_env(work)
-    defaults = SimulationConfig().to_flat() | {"expected-nodes": 0}
+    env = run_env(flower_env(work), out, token)
+    defaults = SimulationConfig().to_flat() | TRANSPORT_DEFAULTS
     app_dir = work / "app"
     app_dir.mkdir(exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
@@ -207,11 +181,9 @@ def simulate(config: SimulationConfig, *, timeout: float = 3600, show_progress: 
          "--disable-runtime-dependency-installation"],
         env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    superexec: list[int] = []
     try:
         _wait_healthy(port, link)
-        superexec = _children(link.pid)
-        flat = config.to_flat() | {"expected-nodes": slots}
+        flat = config.to_flat() | {"expected-nodes": slots, "run-token": token}
         submitted = flwr_json(
             env, "run", str(app_dir), "sim", "--run-config", run_config_arg(flat),
             "--federation-config", f"num-supernodes={slots} client-resources-num-cpus=1",
@@ -237,7 +209,8 @@ def simulate(config: SimulationConfig, *, timeout: float = 3600, show_progress: 
             )
         return {"finished:completed": 0, "finished:stopped": 124}.get(final[0], 2)
     finally:
-        _stop(link, superexec, Path(env["RAY_TMPDIR"]))
+        stop_run_processes(token, STOP_GRACE_S)
+        link.wait()
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         log_file.close()
 

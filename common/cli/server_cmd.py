@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fedrec.common.cli.options import fail
+from fedrec.common.cli.run_folder import hold_run_folder
 
 app = typer.Typer(
     help="The server side of a deployment (a Flower SuperLink).", no_args_is_help=True
@@ -46,7 +47,12 @@ def start(
         )  # fmt: skip
     except ServerConfigError as err:
         raise fail(str(err)) from err
-    raise typer.Exit(start_server(server, echo=typer.echo))
+    with hold_run_folder(
+        server.out.resolve(), command="fedrec server start", rounds=int(server.run["rounds"]),
+        resume_hint="start the server again over the same folder to resume",
+    ) as lock:  # fmt: skip
+        status = start_server(server, echo=typer.echo, lock=lock)
+    raise typer.Exit(status)
 
 
 @app.command("catalogue")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +16,11 @@ from fedrec.common.cli.options import (
     TextEncoderOpt,
     fail,
 )
+from fedrec.common.cli.run_folder import hold_run_folder
+
+if TYPE_CHECKING:
+    from fedrec.common.run_lock import RunLock
+    from fedrec.simulations.config import SimulationConfig
 
 
 def simulate(
@@ -113,6 +118,17 @@ def simulate(
         from fedrec.common.privacy.randomness import VOID_REASON
 
         typer.secho(f"warning: {VOID_REASON}", err=True, fg="yellow")
+    if config.resume and not Path(config.out).is_dir():
+        raise fail(f"--resume: {config.out} holds no run to continue (no such folder)")
+    with hold_run_folder(
+        Path(config.out).resolve(), command="fedrec simulate", rounds=config.rounds,
+        resume_hint="resume with --resume and the same settings",
+    ) as lock:  # fmt: skip
+        run_locked(config, in_process, lock)
+
+
+def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> None:
+    """The run, with its folder locked: checks against what it holds, then the federation."""
     checkpoints = Path(config.out) / "checkpoints"
     if checkpoints.exists() and not config.resume:
         raise fail(f"{config.out} already holds a run: pass --resume, or choose another --out")
@@ -147,7 +163,7 @@ def simulate(
     else:
         from fedrec.simulations.launcher import simulate as launch
 
-        status = launch(config)
+        status = launch(config, lock=lock)
     summary_path = Path(config.out) / "summary.json"
     if status != 0 or not summary_path.exists():
         raise fail(

@@ -1,0 +1,168 @@
+"""The processes a run starts stop with it, however it ends (Linux and macOS, through psutil).
+
+A launcher (`fedrec simulate`, `fedrec server start`) gives every process it starts two
+environment variables: FEDREC_RUN_TOKEN (one launch) and FEDREC_RUN_DIR (its run folder).
+Flower and Ray pass their environment on to what they start (flower-superexec,
+flwr-simulation, flwr-serverapp, Ray's raylet, agents and workers), so the run's processes are
+found by token whatever their parent, process group or session: flower-superexec starts a
+session of its own and Ray's agents ignore SIGTERM, so neither a process group nor a tree
+walk from the SuperLink reaches all of them.
+
+- SIGTERM and SIGINT of the launcher raise `Interrupted` in it (`interruptible`): its
+  `finally` stops the run's processes at once and the command reports where it stopped.
+- SIGKILL cannot be caught: a watchdog (`python -m fedrec.common.processes TOKEN`, in its own
+  session) reads a pipe whose write end only the launcher holds. The pipe's end of file (the
+  launcher exited, by any cause) makes it stop the run's processes. It shares the launcher's
+  run lock (`fedrec.common.run_lock`), so the folder stays locked until they are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+RUN_TOKEN_ENV = "FEDREC_RUN_TOKEN"
+RUN_DIR_ENV = "FEDREC_RUN_DIR"
+WATCHDOG_GRACE_S = 5.0  # SIGTERM first: a deployment's SuperLink closes its database
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the launcher (a BaseException, like KeyboardInterrupt, so
+    that no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn the first SIGINT or SIGTERM into `Interrupted`; later ones are ignored, so the
+    cleanup they trigger is not itself interrupted (SIGKILL still ends it: the watchdog)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, frame: object) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_env(env: dict[str, str], folder: Path, token: str) -> dict[str, str]:
+    return env | {RUN_TOKEN_ENV: token, RUN_DIR_ENV: str(folder)}
+
+
+def processes_with(name: str, value: str) -> list[psutil.Process]:
+    """Live processes of this user whose environment has name=value (never this one)."""
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            if process.environ().get(name) == value and _alive(process):
+                found.append(process)
+        except psutil.Error:  # gone, a zombie, or another user's
+            continue
+    return found
+
+
+def stop_run_processes(token: str, grace: float) -> int:
+    """SIGTERM every process of the launch `token`, SIGKILL those alive after `grace`
+    seconds, and again for any started meanwhile; returns how many were signalled."""
+    signalled = 0
+    for _ in range(5):
+        processes = processes_with(RUN_TOKEN_ENV, token)
+        if not processes:
+            break
+        signalled += len(processes)
+        for process in processes:
+            try:
+                process.terminate()
+            except psutil.Error:
+                pass
+        for process in _wait_gone(processes, grace):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+    return signalled
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # raises when gone
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those still alive after `timeout` seconds. A zombie counts as gone: an orphan is
+    reaped by whoever adopted it, if at all, not by us (psutil.wait_procs waits for that)."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in processes if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if _alive(p)]
+    return alive
+
+
+class Watchdog:
+    """Stops the launch's processes when this process ends, even by SIGKILL."""
+
+    def __init__(self, token: str, lock_fd: int | None = None, grace: float = WATCHDOG_GRACE_S):
+        fds = () if lock_fd is None else (lock_fd,)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "fedrec.common.processes", token, str(grace)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C is not for it
+            pass_fds=fds,
+            env={k: v for k, v in os.environ.items() if k != RUN_TOKEN_ENV},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def close(self, timeout: float = 10.0) -> None:
+        """After a clean stop: let it make its last sweep and exit."""
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def watch(token: str, grace: float) -> None:
+    """The watchdog: block until the launcher's end of the pipe closes, then stop its run."""
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    while sys.stdin.buffer.read(4096):
+        pass
+    stop_run_processes(token, grace)
+
+
+if __name__ == "__main__":
+    watch(sys.argv[1], float(sys.argv[2]))
