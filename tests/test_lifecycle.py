@@ -45,6 +45,24 @@ def run_processes(out: Path) -> list[psutil.Process]:
     return found
 
 
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def commands(processes: list[psutil.Process]) -> list[str]:
+    """Their command lines, leaving out those that ended meanwhile."""
+    lines = []
+    for process in processes:
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except psutil.Error:
+            continue
+    return lines
+
+
 def wait_until(predicate, timeout: float, step: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,8 +154,8 @@ def test_sigterm_stops_every_process_the_run_started(tmp_path):
     try:
         run.wait_for_round()
         started = run_processes(out)
-        assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
-        assert any("flower-superexec" in " ".join(p.cmdline()) for p in started)
+        assert any("flower-superlink" in line for line in commands(started))
+        assert any("flower-superexec" in line for line in commands(started))
         os.kill(run.proc.pid, signal.SIGTERM)  # the launcher alone, as a service manager does
         start = time.monotonic()
         status = run.proc.wait(60)
@@ -145,8 +163,8 @@ def test_sigterm_stops_every_process_the_run_started(tmp_path):
         assert status == 128 + signal.SIGTERM, run.output()
         assert "interrupted (SIGTERM)" in run.output()
         left = wait_until(lambda: not run_processes(out), 3.0)
-        assert left, [p.cmdline()[:3] for p in run_processes(out)]
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started)
+        assert left, commands(run_processes(out))
+        assert commands([p for p in started if alive(p)]) == []
     finally:
         run.stop()
 
@@ -167,9 +185,7 @@ def test_killed_run_takes_its_children_along_and_resumes_alone(tmp_path):
         os.kill(run.proc.pid, signal.SIGKILL)  # uncatchable: the watchdog acts
         run.proc.wait()
         start = time.monotonic()
-        assert wait_until(lambda: not run_processes(out), 10.0), [
-            p.cmdline()[:3] for p in run_processes(out)
-        ]
+        assert wait_until(lambda: not run_processes(out), 10.0), commands(run_processes(out))
         print(f"children gone {time.monotonic() - start:.1f}s after SIGKILL")
         killed_at = rows(out)
         assert killed_at < SMALL["rounds"]
@@ -301,7 +317,7 @@ def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_pa
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"in use by process {server.pid} (fedrec server start)" in second.stderr
         started = run_processes(out)
-        assert any("flower-superlink" in " ".join(p.cmdline()) for p in started)
+        assert any("flower-superlink" in line for line in commands(started))
         os.kill(server.pid, signal.SIGTERM)
         assert server.wait(60) == 128 + signal.SIGTERM, log.read_text()
         assert "interrupted (SIGTERM) at round 1 of 2" in log.read_text()
