@@ -65,6 +65,9 @@ class PrivacyPolicy:
     allow_evaluation_metrics: bool = False
 
     def __post_init__(self) -> None:
+        numbers = (self.epsilon, self.delta, self.min_noise_multiplier, self.max_clip_norm)
+        if not all(math.isfinite(x) for x in numbers):  # TOML has inf and nan: no budget at all
+            raise DeviceConfigError(f"policy: every number must be finite, got {numbers}")
         if not (self.epsilon > 0 and 0 < self.delta < 1):
             raise DeviceConfigError("policy: epsilon must be > 0 and delta in (0, 1)")
         if self.min_noise_multiplier < 0 or self.max_clip_norm <= 0:

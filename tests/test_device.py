@@ -90,6 +90,15 @@ def test_device_config_file(tmp_path):
         load_device_config(path, tmp_path)
 
 
+@pytest.mark.parametrize("line", ["epsilon = inf", "epsilon = nan", "max-clip-norm = nan"])
+def test_a_policy_that_is_not_finite_is_refused(tmp_path, line):
+    # TOML reads inf and nan: epsilon = inf was accepted, a device without any budget
+    path = tmp_path / "device.toml"
+    path.write_text(f"[policy]\n{line}\n")
+    with pytest.raises(DeviceConfigError, match="every number must be finite"):
+        load_device_config(path, tmp_path)
+
+
 def test_the_policy_decides_not_the_server():
     policy = PrivacyPolicy(epsilon=2.0, min_noise_multiplier=1.2, max_clip_norm=0.5)
     settings = round_settings(policy, RUN | {"clip-norm": 0.5, "local-noise-multiplier": 1.5})
