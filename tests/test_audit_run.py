@@ -287,3 +287,21 @@ def test_a_doubled_user_level_noise_in_the_server_record_is_caught(copy):
     found = findings(copy)
     assert any("[mechanism] user-level round 1: noise multiplier z" in f for f in found), found
     assert any("is not a prefix of the final record" in f for f in found), found
+
+
+def test_a_run_that_sets_delta_aside_for_discarded_rounds_passes(tmp_path):
+    """user+distributed with q < 1: the server calibrates its accountant for δ less the
+    discard rule's planned share and states δ within the target; the audit re-derives both
+    and every claim holds (a non-zero discard δ, unlike the q = 1 runs above)."""
+    config = SimulationConfig.from_flat(
+        {
+            "dataset": "synthetic",
+            "synthetic": "num_users=120,num_items=60,mean_interactions_per_user=12,seed=2",
+            "rounds": 2, "clients-per-round": 40, "min-survivors": 3, "num-negatives": 10,
+            "model-dim": 8, "model-text-dim": 8, "out": str(tmp_path / "run"),
+        }
+    )  # fmt: skip
+    summary = finalize(run_in_process(config))
+    user = next(g for g in summary["privacy"]["guarantees"] if "user-level" in g["name"])
+    assert 0 < user["delta_from_discarded_rounds"] and user["delta"] <= config.delta
+    assert findings(tmp_path / "run") == []

@@ -32,7 +32,12 @@ def user_level(root, summary, rec, findings, notes, run=None) -> dict[str, Any] 
     if "user" not in dp.get("mode", ""):
         return None
     record, path = server_record(root)
-    delta = float(privacy.get("delta"))
+    # the accountant's δ, as the server recorded it: the target δ less what the discard rule
+    # may add under secure aggregation (re-derived from the configuration below, with `run`)
+    deltas = {float(item["mechanism"]["delta"]) for item in record["rounds"]}
+    delta = deltas.pop() if len(deltas) == 1 else float(privacy.get("delta"))
+    if deltas:
+        findings.append(Finding("guarantee", f"user-level ({path.name}): δ differs across rounds"))
     counts: Counter = Counter()
     rounds, per_round = [], {}
     for item in record["rounds"]:
@@ -93,7 +98,7 @@ def user_level(root, summary, rec, findings, notes, run=None) -> dict[str, Any] 
             )
         )
     out["sampled_per_round"] = _check_metrics(root, per_round, findings, notes)
-    out["discard_delta"] = _discard_delta(summary, eps, len(rounds), findings, notes)
+    out["discard_delta"] = _discard_delta(summary, eps, len(rounds), delta, findings, notes)
     # An earlier checkpoint's record must be a prefix of the final one: spend is never erased.
     for earlier, rounds_then in earlier_records(root).items():
         if rounds_then != record["rounds"][: len(rounds_then)]:
@@ -140,7 +145,9 @@ def _check_metrics(root, per_round, findings, notes) -> list[int]:
     return sampled
 
 
-def _discard_delta(summary, eps: float, rounds: int, findings, notes) -> float | None:
+def _discard_delta(
+    summary, eps: float, rounds: int, accountant_delta: float, findings, notes
+) -> float | None:
     """The extra δ a run that discards rounds with fewer than K_min survivors states for it
     (`delta_from_discarded_rounds` of the user-level guarantee), recomputed:
     rounds·(1 + e^ε)·P[Binomial(N - 1, q) < K_min], with N = clients per round / q."""
@@ -182,7 +189,7 @@ def _discard_delta(summary, eps: float, rounds: int, findings, notes) -> float |
         findings.append(
             Finding("recompute", f"user-level: discard δ {reported} != recomputed {extra}")
         )
-    base = float(summary["privacy"]["delta"])
+    base = accountant_delta
     if not math.isclose(float(g["delta"]), base + extra, rel_tol=1e-9):
         findings.append(
             Finding(
@@ -243,11 +250,14 @@ def _user_differences(m, config, registered, rec, dp) -> list[str]:
         out.append(f"clipping norm {m['clip_norm']} != {clip:.10g} from the configuration")
     if int(m.get("steps", 1)) != 1:
         out.append(f"{m['steps']} compositions in one round")
-    if not math.isclose(float(m["delta"]), float(config["delta"]), rel_tol=1e-9):
-        out.append(f"δ {m['delta']} != {config['delta']} from the configuration")
     z, target = float(m["noise_multiplier"]), float(config["user-epsilon"])
     planned = int(config["rounds"])
-    delta = float(config["delta"])
+    delta = float(config["delta"]) - _planned_discard_delta(config, registered, q, target, dp)
+    if not math.isclose(float(m["delta"]), delta, rel_tol=1e-9):
+        out.append(
+            f"δ {m['delta']} != {delta:.10g} from the configuration (δ less the discard "
+            "rule's planned share)"
+        )
 
     def fits(zz: float) -> bool:
         return zz > 0 and rec.epsilon(((q, zz, planned),), delta) <= target * (1 + 1e-9)
@@ -261,3 +271,16 @@ def _user_differences(m, config, registered, rec, dp) -> list[str]:
             f"{planned} rounds at q={q:.6g} (smallest z on a 0.001 grid that fits)"
         )
     return out
+
+
+def _planned_discard_delta(config, registered: int, q: float, target: float, dp) -> float:
+    """The share of δ the server sets aside for discarding rounds below K_min (secure
+    aggregation with user-level DP): planned rounds·(1 + e^ε_target)·P[Binomial(N-1, q) <
+    K_min]; the accountant is calibrated for the rest, so the stated total stays within δ."""
+    from scipy.stats import binom
+
+    k_min, planned = int(config["min-survivors"]), int(config["rounds"])
+    if not {"user", "distributed"} <= dp or k_min <= 1 or planned <= 0:
+        return 0.0
+    tail = float(binom.cdf(k_min - 1, max(registered - 1, 0), q))
+    return min(1.0, planned * (1.0 + math.exp(min(target, 700.0))) * tail)
