@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from fedrec.common.data.schema import Dataset
+from fedrec.common.data.schema import DataError, Dataset
 
 DATASETS = ("builtin", "movielens", "csv", "synthetic")
 # --columns keys of a CSV dataset -> `load_csv` arguments
@@ -55,18 +55,20 @@ class DataConfig:
                 raise ValueError(
                     f"--columns: unknown keys {sorted(unknown)}; use {sorted(CSV_COLUMNS)}"
                 )
-            missing = [k for k in ("user", "item", "time") if not self.columns.get(k)]
-            if missing:
-                raise ValueError(
-                    f"--dataset csv needs --columns naming the {', '.join(missing)} column(s), "
-                    "e.g. --columns user=userId,item=movieId,time=timestamp"
-                )
 
     def load(self) -> Dataset:
         from fedrec.common.data.loaders import load_dataset
         from fedrec.common.data.synthetic import SyntheticConfig
 
         if self.dataset == "csv":
+            # checked here, not at construction: a device names its data without columns and
+            # never loads it (it builds the model from the public catalogue file)
+            missing = [k for k in ("user", "item", "time") if not self.columns.get(k)]
+            if missing:
+                raise DataError(
+                    f"--dataset csv needs --columns naming the {', '.join(missing)} column(s), "
+                    "e.g. --columns user=userId,item=movieId,time=timestamp"
+                )
             options = {CSV_COLUMNS[k]: v for k, v in self.columns.items()}
             return load_dataset("csv", self.path, items_path=self.items_path, **options)
         if self.dataset == "synthetic":
