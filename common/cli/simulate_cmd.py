@@ -120,6 +120,7 @@ def simulate(
         typer.secho(f"warning: {VOID_REASON}", err=True, fg="yellow")
     if config.resume and not Path(config.out).is_dir():
         raise fail(f"--resume: {config.out} holds no run to continue (no such folder)")
+    check_before_start(config)  # bad settings or data never create the run folder
     with hold_run_folder(
         Path(config.out).resolve(), command="fedrec simulate", rounds=config.rounds,
         resume_hint="resume with --resume and the same settings",
@@ -127,8 +128,9 @@ def simulate(
         run_locked(config, in_process, lock)
 
 
-def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> None:
-    """The run, with its folder locked: checks against what it holds, then the federation."""
+def check_before_start(config: SimulationConfig) -> None:
+    """What the run folder holds against the settings, and the settings against the data:
+    refused with exit 2 before anything is delivered, trained or started."""
     checkpoints = Path(config.out) / "checkpoints"
     if checkpoints.exists() and not config.resume:
         raise fail(f"{config.out} already holds a run: pass --resume, or choose another --out")
@@ -150,6 +152,10 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
     except (SettingsError, ValueError, OSError) as err:  # DataError is a ValueError
         raise fail(str(err)) from err
 
+
+def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> None:
+    """The run, with its folder locked: checks against what it holds, then the federation."""
+    check_before_start(config)  # again under the lock: another run may have started meanwhile
     if in_process:
         from fedrec.simulations.federation import run_in_process
         from fedrec.simulations.launcher import describe_round
