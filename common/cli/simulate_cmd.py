@@ -120,7 +120,8 @@ def simulate(
         typer.secho(f"warning: {VOID_REASON}", err=True, fg="yellow")
     if config.resume and not Path(config.out).is_dir():
         raise fail(f"--resume: {config.out} holds no run to continue (no such folder)")
-    check_before_start(config)  # bad settings or data never create the run folder
+    if not Path(config.out).exists():  # bad settings or data never create the run folder
+        check_before_start(config)
     with hold_run_folder(
         Path(config.out).resolve(), command="fedrec simulate", rounds=config.rounds,
         resume_hint="resume with --resume and the same settings",
@@ -155,7 +156,7 @@ def check_before_start(config: SimulationConfig) -> None:
 
 def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> None:
     """The run, with its folder locked: checks against what it holds, then the federation."""
-    check_before_start(config)  # again under the lock: another run may have started meanwhile
+    check_before_start(config)  # under the lock: what the folder holds cannot change now
     if in_process:
         from fedrec.simulations.federation import run_in_process
         from fedrec.simulations.launcher import describe_round
