@@ -166,3 +166,25 @@ def watch(token: str, grace: float) -> None:
 
 if __name__ == "__main__":
     watch(sys.argv[1], float(sys.argv[2]))
+
+
+@contextmanager
+def watched_run(folder: Path, command: str, lock=None) -> Iterator:
+    """The run folder's lock (taken here unless the caller holds one; `RunLocked` if another
+    process does) and a watchdog that stops the run's processes should this process die:
+    what every launcher of a run holds while its processes live."""
+    from fedrec.common.run_lock import RunLock
+
+    own_lock = lock is None
+    if lock is None:
+        lock = RunLock.acquire(folder, command=command)
+    try:
+        watchdog = Watchdog(lock.token, lock.fileno())
+        try:
+            lock.record_watchdog(watchdog.pid)
+            yield lock
+        finally:
+            watchdog.close()
+    finally:
+        if own_lock:
+            lock.release()

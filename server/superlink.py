@@ -24,7 +24,7 @@ from typing import Any
 
 from fedrec.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, device_public_keys
 from fedrec.common.deployment import DeploymentSettings, split_run_config
-from fedrec.common.processes import Watchdog, run_env, stop_run_processes
+from fedrec.common.processes import run_env, stop_run_processes, watched_run
 from fedrec.common.run_lock import RunLock
 from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
 from fedrec.simulations.launcher import APP_PYPROJECT, flwr_json, run_config_arg, toml_value
@@ -255,20 +255,8 @@ def start(
     """Start the SuperLink, register devices, run the federation to its end; 0 completed,
     2 failed, 124 timed out. Everything started here is stopped on the way out. `lock` is the
     run folder's, when the caller holds it (else taken here; RunLocked if held)."""
-    out = config.out.resolve()
-    own_lock = lock is None
-    if lock is None:
-        lock = RunLock.acquire(out, command="fedrec server start")
-    try:
-        watchdog = Watchdog(lock.token, lock.fileno())
-        try:
-            lock.record_watchdog(watchdog.pid)
-            return _serve(config, lock.token, timeout, echo)
-        finally:
-            watchdog.close()
-    finally:
-        if own_lock:
-            lock.release()
+    with watched_run(config.out.resolve(), "fedrec server start", lock) as held:
+        return _serve(config, held.token, timeout, echo)
 
 
 def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:

@@ -30,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from fedrec.common.processes import Watchdog, run_env, stop_run_processes
+from fedrec.common.processes import run_env, stop_run_processes, watched_run
 from fedrec.common.run_lock import RunLock
 from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
 
@@ -142,19 +142,8 @@ def simulate(
     the run folder's, when the caller holds it (else taken here; RunLocked if held)."""
     out = Path(config.out).resolve()
     config = SimulationConfig(**{**config.__dict__, "out": out})
-    own_lock = lock is None
-    if lock is None:
-        lock = RunLock.acquire(out, command="fedrec simulate")
-    try:
-        watchdog = Watchdog(lock.token, lock.fileno())
-        try:
-            lock.record_watchdog(watchdog.pid)
-            return _run_flower(config, lock.token, timeout, show_progress)
-        finally:
-            watchdog.close()
-    finally:
-        if own_lock:
-            lock.release()
+    with watched_run(out, "fedrec simulate", lock) as held:
+        return _run_flower(config, held.token, timeout, show_progress)
 
 
 def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progress: bool) -> int:
