@@ -215,7 +215,9 @@ def check_guarantees_can_hold(
     - The discard rule's extra user-level δ must fit well inside the target δ (at most a tenth):
       the accountant is calibrated for what is left, so the stated total is at most the target.
     """
-    sample_rate = min(config.clients_per_round, registered) / registered
+    sample_rate = client_sample_rate(
+        expected_clients=min(config.clients_per_round, registered), registered_clients=registered
+    )
     expected = sample_rate * registered
     if "user" in config.dp and config.delta >= 1 / registered:
         raise SettingsError(
