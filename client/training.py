@@ -237,7 +237,34 @@ def local_round(
     now: int | None = None,
 ) -> LocalResult:
     """Run one round on one device. `model` is a reusable template; its global parameters are
-    overwritten with `global_params` and its local ones with the device's stored state."""
+    overwritten with `global_params` and its local ones with the device's stored state. The
+    round's ledger entries are durable when this returns (one fsync for all of them)."""
+    with ledger.synced_once():
+        return _local_round(
+            model,
+            global_params,
+            store,
+            ledger,
+            item_index,
+            round=round,
+            new_cohorts=new_cohorts,
+            config=config,
+            now=now,
+        )
+
+
+def _local_round(
+    model: RecModel,
+    global_params: Params,
+    store: ClientStore,
+    ledger: PrivacyLedger,
+    item_index: dict[str, int],
+    *,
+    round: int,
+    new_cohorts: frozenset[str],
+    config: LocalTrainConfig,
+    now: int | None,
+) -> LocalResult:
     start = time.perf_counter()
     load_parameters(model, global_params, store.load_local_state())
     data = store.interactions()

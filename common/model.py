@@ -226,6 +226,19 @@ class RecModel(nn.Module):
         q = q + _lookup(self.ctx_year, self.year[items], taps)
         return q + _lookup(self.ctx_id, items, taps) if self.config.id_embeddings else q
 
+    @property
+    def learns_target_text(self) -> bool:
+        # from the declared scopes, never the weight itself (Opacus may have wrapped it)
+        return "tgt_text.weight" not in self.parameter_names(Scope.FROZEN)
+
+    @property
+    def learns_context(self) -> bool:
+        """Whether any context-tower parameter is trained (not FROZEN): without one, the
+        history-based user vector is a fixed random projection and scoring leaves it out."""
+        frozen = set(self.parameter_names(Scope.FROZEN))
+        present = [n for n, _ in self.named_parameters() if n in CONTEXT_TOWER]
+        return any(n not in frozen for n in present)
+
     def context_parameter_names(self) -> list[str]:
         """The trainable parameters only a context ITEM reaches (the context tower): a
         single-interaction example (`forward` with `first=None`) gives them no gradient."""
@@ -279,6 +292,9 @@ class RecModel(nn.Module):
         if self.config.text_bias:
             item_bias = item_bias + _linear(self.text_bias, self.text[candidates], taps)[..., 0]
         bias = self.config.bias_scale * item_bias + years[..., d]  # (B, C)
+        if first is None and not self.config.user_embedding and not self.learns_target_text:
+            # q = 0: the personal terms are zero and, with W_tgt frozen, train nothing
+            return bias[:, None, :]
         logits = torch.einsum("bsd,bcd->bsc", q, vectors)  # (B, S, C)
         projected = _linear(self.tgt_text, q, taps)
         logits = logits + torch.einsum("bst,bct->bsc", projected, self.text[candidates])
@@ -322,6 +338,17 @@ GLOBAL_PARAMETERS = (
     "item_table.weight",
     "year_table.weight",
 )
+CONTEXT_TOWER = ("ctx_text.weight", "ctx_year.weight", "ctx_id.weight")
+
+
+def single_interaction_parameters(config: ModelConfig) -> tuple[str, ...]:
+    """The global parameters a one-interaction example (`forward` with `first=None`) gives a
+    gradient: the item and year tables and the content bias; the target-side text projection
+    too when a local user vector makes q nonzero. Trained with DP-SGD on such examples, every
+    other parameter would receive noise alone."""
+    names = ("item_table.weight", "year_table.weight")
+    names += ("tgt_text.weight",) if config.user_embedding else ()
+    return names + (("text_bias.weight",) if config.text_bias else ())
 
 
 def history_weights(lengths: np.ndarray, half_life: float) -> np.ndarray:
@@ -338,7 +365,11 @@ def catalogue_vectors(
     """(item target vectors, item biases at `now`, item context vectors) of the catalogue."""
     model.eval()
     vectors, bias = (x.numpy() for x in model.item_vectors(now))
-    return vectors, bias, model.all_context_vectors().numpy()
+    context = model.all_context_vectors().numpy()
+    if not model.learns_context:
+        # an untrained context tower only adds a fixed random term to every score
+        context = np.zeros_like(context)
+    return vectors, bias, context
 
 
 class ModelScorer:

@@ -14,6 +14,7 @@ training data (standard practice; the validation rows are never trained on).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.data.splits import Split
 from fedrec.common.evaluation import evaluate
 from fedrec.common.examples import PairSoftmaxLoss, build_examples, sample_negatives
-from fedrec.common.model import ModelConfig, ModelScorer, RecModel
+from fedrec.common.model import ModelConfig, ModelScorer, RecModel, single_interaction_parameters
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
     draw_noise_from,
@@ -146,9 +147,14 @@ def train_centralized(
     dataset = _examples_tensors(train_history, form)
     if len(dataset) == 0:
         raise ValueError(f"no training examples ({form}): too few training interactions")
+    model_config = config.model
+    if form == "single" and not model_config.train_only:
+        # what single-interaction examples reach; DP noise on the rest would only move it
+        trained = ",".join(single_interaction_parameters(model_config))
+        model_config = dataclasses.replace(model_config, train_only=trained)
 
     model = RecModel(
-        config.model,
+        model_config,
         text_features,
         years,
         num_local_users=num_users if config.model.user_embedding else 1,

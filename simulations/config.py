@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.common.config import DataConfig, parse_key_values
-from fedrec.common.model import ModelConfig
+from fedrec.common.model import ModelConfig, single_interaction_parameters
 from fedrec.common.privacy.dpsgd import CLIPPING
 from fedrec.common.protocols import PROTOCOLS
 
@@ -155,6 +155,12 @@ class SimulationConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), not {self.seed}")
+        if self.device_noise_multiplier is not None and not self.model.train_only:
+            # Under DP-SGD an example is one interaction scored without context: only the
+            # bias tables get a gradient, and noise on the rest would only move it at random
+            # (measured: the text projections drifted by 30% of their norm in 30 rounds)
+            trained = ",".join(single_interaction_parameters(self.model))
+            object.__setattr__(self, "model", dataclasses.replace(self.model, train_only=trained))
 
     @property
     def stream_protocol(self) -> str:
@@ -281,7 +287,9 @@ class SimulationConfig:
             if key.startswith("model_") and key[6:] in model_fields:
                 model_kwargs[key[6:]] = values.pop(key)
         defaults = cls()
-        model = _coerce_model(defaults.model, model_kwargs)
+        # the declared model defaults, not the instance's (whose train-only follows its dp)
+        declared_model = {f.name: f for f in dataclasses.fields(cls)}["model"].default_factory()
+        model = _coerce_model(declared_model, model_kwargs)
         kwargs: dict[str, Any] = {"data": data, "model": model}
         known = {f.name for f in dataclasses.fields(cls)} - {"data", "model"}
         unknown = set(values) - known

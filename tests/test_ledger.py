@@ -352,3 +352,34 @@ def test_ledger_invariants_hold_through_any_history(ops):
             with open_ledger(path, fsync=False) as led:
                 assert (led.entries, led.head_hash) == snapshot
                 assert {g: led.epsilons(g, DELTA) for g in Guarantee} == before
+
+
+def test_appends_are_durable_when_they_return_or_when_a_synced_block_exits(tmp_path, monkeypatch):
+    """Every append's bytes reach the disk (fsync) before the caller can release anything built
+    on it: at once, or inside `synced_once` when the block exits, once for all of them and
+    also when the block raises. A new file's folder entry is synced with its first append."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(ledger_module.os, "fsync", recording_fsync)
+    path = tmp_path / "device" / "ledger.jsonl"
+    with open_ledger(path) as led:
+        assert synced == []  # nothing to make durable in an empty file
+        with led.synced_once():
+            led.append_train(1, mech(k=4), {"2024-01": 12})
+            led.append_survivors(1, 5)
+            assert synced == [] and len(path.read_bytes().splitlines()) == 2
+        assert synced == ["file", "dir"]
+        led.append_train(2, mech(k=4), {"2024-01": 12})
+        assert synced == ["file", "dir", "file"]
+        with pytest.raises(RuntimeError, match="training failed"):
+            with led.synced_once():
+                led.append_train(3, mech(k=4), {"2024-01": 12})
+                raise RuntimeError("training failed")
+        assert synced == ["file", "dir", "file", "file"]
+    with open_ledger(path) as led:
+        assert [e["round"] for e in led.entries] == [1, 1, 2, 3]

@@ -242,3 +242,47 @@ def test_bias_scale_scales_item_biases_in_training_and_serving_alike():
     assert float(gain) == pytest.approx(1.5, abs=1e-5)
     with pytest.raises(ValueError, match="bias_scale"):
         ModelConfig(bias_scale=0.0)
+
+
+def test_a_model_trained_on_single_interactions_trains_and_serves_its_biases_alone():
+    """Under DP-SGD examples are single interactions (q = 0): the run trains only what they
+    reach, and serving leaves out the history term the untrained context tower would add."""
+    from fedrec.common.model import single_interaction_parameters
+
+    trained = ",".join(single_interaction_parameters(ModelConfig()))
+    model = make_model(time_knots=1, train_only=trained)
+    full = make_model(time_knots=1)
+    with torch.no_grad():
+        for m in (model, full):
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    _, second, when, negatives, hits = _batch()
+    # the shortcut (biases only) gives the logits and gradients of the full computation
+    short = model(None, second, negatives, when)
+    long = full(None, second, negatives, when)
+    torch.testing.assert_close(short, long)
+    short.logsumexp(-1).sum().backward()
+    long.logsumexp(-1).sum().backward()
+    for name in ("item_table.weight", "year_table.weight"):
+        torch.testing.assert_close(model.get_parameter(name).grad, full.get_parameter(name).grad)
+    assert not full.tgt_text.weight.grad.any()  # q = 0: nothing for the projection to learn
+    history = UserHistories.from_interactions(
+        Interactions(user=np.array([0, 0]), item=np.array([3, 5]), timestamp=np.array([10, 20])),
+        num_users=1,
+    )
+    _, bias = (x.numpy() for x in model.item_vectors())
+    assert not model.learns_context and full.learns_context
+    np.testing.assert_allclose(ModelScorer(model, history)(np.array([0]))[0], bias, rtol=1e-6)
+    assert not np.allclose(ModelScorer(full, history)(np.array([0]))[0], bias, rtol=1e-3)
+
+
+def test_dp_sgd_runs_train_the_single_interaction_parameters_unless_told_otherwise():
+    from fedrec.simulations.config import SimulationConfig
+
+    private = SimulationConfig()
+    assert private.model.train_only == "item_table.weight,year_table.weight"
+    assert SimulationConfig.from_flat({"dp": "off"}).model.train_only == ""
+    assert SimulationConfig.from_flat({"dp": "user"}).model.train_only == ""
+    chosen = SimulationConfig.from_flat({"model-train-only": "year_table.weight"})
+    assert chosen.model.train_only == "year_table.weight"
+    assert SimulationConfig.from_flat(private.to_flat()) == private
