@@ -67,7 +67,8 @@ def train_on_device(msg: Message, context: Context) -> Message:
         if device.policy.allow_evaluation_metrics:  # timings are the device's to share too
             metrics["message_seconds"] = time.perf_counter() - start
         params_out = result.params
-        status["declined"] = result.declined or ""
+        # a noise-only update does not say it is one (that would tell what the device holds)
+        status["declined"] = (result.declined or "") if params_out is None else ""
         status["ledger_head"] = ledger_head(Path(device.store))
     except Exception as err:  # the reply carries it; the device stays as it was
         status["error"] = f"{type(err).__name__}: {err}"

@@ -20,10 +20,6 @@ from fedrec.client.device import (
 from fedrec.client.store import ClientStore
 from fedrec.client.training import LocalResult, LocalTrainConfig
 
-# What a device always tells the server: whether it trained, and its own worst ε (needed by the
-# run's privacy report; the server can compute it from the mechanisms it asked for anyway).
-ALWAYS_SENT = ("declined", "max_interaction_epsilon")
-
 
 def policy_violation(policy: PrivacyPolicy, requested: LocalTrainConfig) -> str | None:
     """Why the round's requested settings break the device's policy, or None if they fit."""
@@ -115,7 +111,10 @@ def device_round(
 
 
 def reply_metrics(result: LocalResult, policy: PrivacyPolicy) -> dict[str, float]:
-    """The metrics a device sends: bookkeeping always, evaluation only if its policy allows."""
+    """The metrics a device sends: all of them only if its policy allows; otherwise only that
+    it declined, when it sent no update (a policy decline, which its data does not decide). An
+    update, trained or noise only, travels with nothing else: whether the device trained, and
+    the ε its ledger reached, depend on what it holds."""
     if policy.allow_evaluation_metrics:
         return dict(result.metrics)
-    return {k: v for k, v in result.metrics.items() if k in ALWAYS_SENT}
+    return {"declined": 1.0} if result.params is None else {}

@@ -117,8 +117,10 @@ class LocalTrainConfig:
 
     @property
     def noise_only_when_idle(self) -> bool:
-        """Under DISTRIBUTED, an idle device still adds its noise to the sum."""
-        return self.budget_guarantee is Guarantee.DISTRIBUTED
+        """Under DP-SGD an idle device still sends its noise: under DISTRIBUTED it is its share
+        of the sum's noise; under LOCAL, a device that sent nothing when it had nothing to
+        train would tell whoever sees its replies whether it held an interaction."""
+        return self.private
 
     def update_noise_std(self) -> float:
         """Std of the device's noise in the returned update: S steps of N(0, σ²C²) on the
@@ -391,8 +393,8 @@ def idle_result(
     metrics: Metrics | None = None,
     randomness: PrivacyRandomness | None = None,
 ) -> LocalResult:
-    """The reply of a device with nothing to train: a decline, with its share of the sum's
-    noise under DISTRIBUTED (nothing of its data is in it, so nothing is charged)."""
+    """The reply of a device with nothing to train: a decline, with its noise under DP-SGD
+    (`noise_only_when_idle`; nothing of its data is in it, so nothing is charged)."""
     metrics = dict(metrics or {"interactions": 0.0, "retired_cohorts": 0.0})
     metrics |= {"declined": 1.0, "examples": 0.0}
     if config.private and config.noise_only_when_idle:

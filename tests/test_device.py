@@ -140,7 +140,7 @@ def test_a_device_round_then_status_and_recommend(tmp_path, synthetic_items):
     result = device_round(device, RUN, 1, params)
     assert result.declined is None and result.params is not None
     # evaluation metrics stay on the device unless its policy allows them
-    assert set(reply_metrics(result, device.policy)) <= {"declined", "max_interaction_epsilon"}
+    assert reply_metrics(result, device.policy) == {}
     assert "preq_count" in reply_metrics(
         result, PrivacyPolicy(epsilon=50.0, allow_evaluation_metrics=True)
     )
@@ -255,3 +255,28 @@ def test_a_bad_public_catalogue_file_is_a_clear_error(tmp_path, damage):
         np.savez(path, **values)
     with pytest.raises(PublicCatalogueError, match=match):
         read_public_catalogue(path)
+
+
+def test_under_local_dp_a_device_with_or_without_an_interaction_replies_alike(
+    tmp_path, synthetic_items
+):
+    """Neighbouring devices for per-interaction local DP: one holds a single interaction, the
+    other the same store without it. Both send an update of the same shapes (trained, or noise
+    only) and nothing else: no decline, no ε, nothing that says which one trained."""
+    params = _global(RUN)
+    replies = []
+    for name, rows in (("with", [f"{synthetic_items[0]},1000"]), ("without", [])):
+        folder = tmp_path / name
+        ingest(folder, rows, set(synthetic_items))
+        device = DeviceConfig(store=folder, policy=PrivacyPolicy(epsilon=50.0))
+        result = device_round(device, RUN, 1, params)
+        assert result.params is not None
+        assert {k: v.shape for k, v in result.params.items()} == {
+            k: v.shape for k, v in params.items()
+        }
+        replies.append(reply_metrics(result, device.policy))
+    assert replies == [{}, {}]
+    # both updates moved the model by noise of the same scale: neither is the model it received
+    assert all(not np.array_equal(result.params[k], params[k]) for k in params), (
+        "a noise-only update must carry noise"
+    )
