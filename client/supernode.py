@@ -188,6 +188,26 @@ def give_up_insecure_against_tls(address: str) -> None:
 
 
 EXECUTOR_PIDFILE_ENV = "FEDREC_EXECUTOR_PIDFILE"
+SUPERVISOR_PID_ENV = "FEDREC_SUPERVISOR_PID"
+
+
+def stop_with_supervisor(pid: int, poll: float = 0.5) -> None:
+    """End this SuperNode (SIGTERM: Flower's graceful exit) once `fedrec client start`, which
+    started it, is gone. Killed outright (an OOM killer, `kill -9`), the supervisor cannot
+    stop its children, and the SuperNode stayed connected as an orphan, holding the device's
+    key and port while a restarted device started a second one (faults benchmark). A child
+    whose parent dies is adopted by another process, so a changed parent PID is the sign,
+    also while the dead supervisor is an unreaped zombie. On Linux the kernel also signals
+    it at once (`fedrec client start` sets PR_SET_PDEATHSIG); this watch covers macOS."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def is_warm_executor(pid: int) -> bool:
@@ -230,6 +250,8 @@ def wake_executor_on_message(pidfile: Path, is_executor=is_warm_executor) -> Non
 
 
 def main() -> None:
+    if os.environ.get(SUPERVISOR_PID_ENV):  # before the imports: they take seconds
+        stop_with_supervisor(int(os.environ[SUPERVISOR_PID_ENV]))
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -235,6 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     # fallback. Polling alone cost latency (0.125 s per message on average at 0.25 s) or CPU
     # (at 0.05 s, 10 co-located devices' rounds took 17.4 s against 10.3 s at 0.25 s).
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "1.0")
+    if args.parent_pid is not None:
+        # Flower's loop watches the SuperNode only once it runs; the warm-up before it (torch,
+        # the catalogue: tens of seconds on a busy device) outlived a SuperNode killed
+        # meanwhile (faults benchmark)
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
     _warm_up(args.rounds_hint, args.catalogue)
 
     from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL

@@ -72,6 +72,25 @@ def run_env(env: dict[str, str], folder: Path, token: str) -> dict[str, str]:
     return env | {RUN_TOKEN_ENV: token, RUN_DIR_ENV: str(folder)}
 
 
+def environ_of(process: psutil.Process) -> dict[str, str]:
+    """A process's environment. On Linux, the whole of /proc/PID/environ: a process that
+    renames itself (setproctitle, as Ray's dashboard and runtime-env agents do) zeroes the
+    start of that block, and psutil's parser stops at the first empty entry, so it saw no
+    environment at all and the run's Ray agents outlived every stop of it, the watchdog's
+    included (faults benchmark). A launcher's variables come last in the block, past the
+    zeroed part. Elsewhere (macOS), psutil's reading."""
+    try:
+        data = Path(f"/proc/{process.pid}/environ").read_bytes()
+    except OSError:  # no procfs (psutil says why: gone, denied, unsupported)
+        return process.environ()
+    found: dict[str, str] = {}
+    for entry in data.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep and key:
+            found.setdefault(key.decode(errors="replace"), value.decode(errors="replace"))
+    return found
+
+
 def processes_with(name: str, value: str) -> list[psutil.Process]:
     """Live processes of this user whose environment has name=value (never this one)."""
     found = []
@@ -79,7 +98,7 @@ def processes_with(name: str, value: str) -> list[psutil.Process]:
         if process.pid == os.getpid():
             continue
         try:
-            if process.environ().get(name) == value and _alive(process):
+            if environ_of(process).get(name) == value and _alive(process):
                 found.append(process)
         except psutil.Error:  # gone, a zombie, or another user's
             continue

@@ -58,7 +58,7 @@ def simulate_rounds(
             log.warning("user-level budget reached before round %d: stopping", round_)
             break
         start = time.perf_counter()
-        users = [int(u) for u in run.sample(round_)]
+        users = [int(u) for u in run.begin_round(round_)]
         arrays = parameters_record(run.params)  # once per round
         size = devices_per_message(len(users), len(slots))
         chunks = [users[i : i + size] for i in range(0, len(users), size)]

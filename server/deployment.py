@@ -113,7 +113,7 @@ def run_deployment(
             log.warning("user-level budget reached before round %d: stopping", round_)
             break
         start = time.perf_counter()
-        sampled = [int(n) for n in run.sample(round_)]
+        sampled = [int(n) for n in run.begin_round(round_)]
         answered = send(sampled, run.params, round_) if sampled else []
         replies = [reply for reply, _ in answered]
         row = run.finish_round(round_, replies, time.perf_counter() - start)

@@ -22,6 +22,14 @@ too. With the key, an auditor checks each device's ledger against what it commit
 by round: a forger who rewrites a ledger (deletes a train and a retire entry, re-hashes the
 chain) cannot make it agree with commitments the server recorded before.
 
+attempts.jsonl: one line per attempt at a round, {"v", "round", "devices": [names, sorted]},
+appended and fsync'ed BEFORE any sampled device is asked, and never truncated. A round that a
+crash interrupted is run again under a fresh sample (participation.jsonl keeps only the attempt
+that committed), but the devices asked in the lost attempt may have trained and charged their
+ledgers for that round, rightly: their update may have left. The audit accepts a ledger entry
+of round r from a device that any recorded attempt of round r asked (faults benchmark: every
+resumed run failed its audit without this record).
+
 Each checkpoint's `extra["run_record"]` (`round_record`) chains the run's files together:
     params_sha256   of the model arrays (`params_digest`)
     config_sha256   of config.json's bytes when the round was saved; config: its content
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,7 @@ import numpy as np
 from fedrec.common.io import atomic_write
 
 PARTICIPATION_FILE = "participation.jsonl"
+ATTEMPTS_FILE = "attempts.jsonl"
 RECORD_KEY = "run_record"
 FORMAT = 1
 
@@ -135,3 +145,13 @@ class ParticipationLog:
         }
         with open(self.path, "a") as f:
             f.write(canonical(line) + "\n")
+
+
+def record_attempt(out: Path, round: int, devices: Sequence[str]) -> None:
+    """Append this attempt at `round` to attempts.jsonl (see the top), durably: call it before
+    the first device is asked."""
+    line = canonical({"v": FORMAT, "round": round, "devices": sorted(devices)}) + "\n"
+    with open(Path(out) / ATTEMPTS_FILE, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())

@@ -42,7 +42,13 @@ from fedrec.server.aggregation import (
     validate_update,
 )
 from fedrec.server.checkpoint import load_latest, save_checkpoint
-from fedrec.server.run_record import PARTICIPATION_FILE, RECORD_KEY, ParticipationLog, round_record
+from fedrec.server.run_record import (
+    PARTICIPATION_FILE,
+    RECORD_KEY,
+    ParticipationLog,
+    record_attempt,
+    round_record,
+)
 from fedrec.server.user_privacy import (
     UserLevelAccountant,
     aggregate_noise_std,
@@ -442,6 +448,14 @@ class FederatedRun:
         source = privacy_randomness(self.config.noise_seed, "sample", round)
         return self.registered[source.bernoulli(len(self.registered), self.sample_rate)]
 
+    def begin_round(self, round: int) -> np.ndarray:
+        """The round's sample (`sample`), recorded as an attempt at the round before any device
+        is asked (`fedrec.server.run_record`, attempts.jsonl): a crash may cut the round short
+        after devices charged their ledgers for it."""
+        users = self.sample(round)
+        record_attempt(self.out, round, [self.device_name(int(u)) for u in users])
+        return users
+
     def finish_round(self, round: int, replies: Sequence[DeviceReply], seconds: float) -> dict:
         updates, dropped, declined, failed = [], [], 0, 0
         # the server's verdict on each device whose reply it dropped (device -> reason), for
@@ -693,7 +707,8 @@ def run_in_process(
             log.warning("user-level budget reached before round %d: stopping", round)
             break
         start = time.perf_counter()
-        replies = [device_reply(config, int(user), round, run.params) for user in run.sample(round)]
+        users = run.begin_round(round)
+        replies = [device_reply(config, int(user), round, run.params) for user in users]
         if config.secure_aggregation:
             replies = secure_sum(replies, run.params, run.update_bound)
         row = run.finish_round(round, replies, time.perf_counter() - start)

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from fedrec.common.audit import audit
 from fedrec.common.audit.records import canonical, entry_hash
 from fedrec.common.cli import app
+from fedrec.server.run_record import record_attempt
 from fedrec.simulations.config import SimulationConfig
 from fedrec.simulations.federation import FederatedRun, device_reply, run_in_process, secure_sum
 from fedrec.simulations.report import finalize
@@ -215,6 +216,27 @@ def test_a_budget_raised_on_resume_is_caught(tmp_path):
     found = [f.line() for f in result.findings]
     assert any("changed within the run, from round 2: epsilon 8.0 -> 1000.0" in f for f in found)
     assert result.figures["budget"]["epsilon"] == 8.0
+
+
+def test_a_round_cut_short_by_a_crash_and_run_again_passes(tmp_path):
+    """Killed during round 2: every device the lost attempt asked trained and charged its
+    ledger for round 2; the resumed run sampled round 2 afresh (q = 0.5) and left some of them
+    out. Their entries belong to an attempt the server recorded before asking (attempts.jsonl),
+    so the audit passes; without that record it named each as "a round in which the server did
+    not sample this device" (faults benchmark: every resumed run failed its audit)."""
+    config = tiny(tmp_path / "run", "local", rounds=2, **{"clients-per-round": 10})
+    run = FederatedRun(config)
+    replies = [device_reply(config, int(u), 1, run.params) for u in run.begin_round(1)]
+    run.finish_round(1, replies, 0.0)
+    record_attempt(run.out, 2, [run.device_name(int(u)) for u in run.registered])
+    for user in run.registered:  # the devices train; the server dies before it aggregates
+        device_reply(config, int(user), 2, run.params)
+    finalize(run_in_process(dataclasses.replace(config, resume=True)))
+    result = audit(tmp_path / "run")
+    assert result.findings == [], [f.line() for f in result.findings]
+    assert result.figures["run_record"]["entries_of_interrupted_attempts"] > 0
+    (tmp_path / "run" / "attempts.jsonl").unlink()
+    assert any("the server did not sample this device" in f for f in findings(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("budget", ["nan", "-1", "inf", "0"])

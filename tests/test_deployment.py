@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -460,3 +461,70 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_killed_client_start_takes_its_supernode_and_executor_along(tmp_path):
+    """SIGKILL of `fedrec client start` (an OOM killer, `kill -9`) cannot be caught, so it could
+    not stop its children: its SuperNode stayed up as an orphan, connected under the device's
+    key, beside the one a restarted device started (faults benchmark). Now both follow it,
+    from their first instant on (killed during their imports, they outlived it by over 15 s
+    while only they watched for it). Here the SuperNode retries a server that is not there
+    (as after a server crash), as long as it lives."""
+    import psutil
+
+    from fedrec.simulations.launcher import free_port
+
+    port = free_port()
+    node = [sys.executable, "-m", "fedrec.client.supernode", "--superlink",
+            f"127.0.0.1:{free_port()}", "--insecure", "--port", str(port),
+            "--isolation", "process"]  # fmt: skip
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fedrec.common.cli.client_cmd import _supervise; "
+         f"sys.exit(_supervise({node!r}, {port}))"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(children) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = psutil.Process(supervisor.pid).children()
+        assert len(children) == 2  # the SuperNode and the warm executor, starting up
+        supervisor.kill()
+        supervisor.wait()
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert alive == [], [p.cmdline()[:3] for p in alive]
+    finally:
+        for process in [supervisor, *children]:  # each by its PID, whatever happened
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                process.kill()
+        supervisor.wait()
+
+
+def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
+    """A restarted server stops the runs its killed predecessor left unfinished; one that the
+    SuperLink finished between the listing and the stop made Flower refuse the stop ("Run is
+    already finished") and the restart died on it (faults benchmark). A run still unfinished
+    after a refused stop is an error."""
+    from fedrec.server import superlink
+
+    status = {"7": "running"}
+
+    def flwr_json(env, *args, timeout=0):
+        if args[0] == "ls":
+            wanted = args[args.index("--run-id") + 1] if "--run-id" in args else None
+            runs = [{"run-id": k, "status": v} for k, v in status.items() if wanted in (None, k)]
+            return {"success": True, "runs": runs}
+        assert args[0] == "stop"
+        status[args[1]] = finished
+        return {"success": False, "error-message": "[code: 18] Run is already finished."}
+
+    monkeypatch.setattr(superlink, "flwr_json", flwr_json)
+    finished = "finished:stopped"
+    assert superlink.stop_stale_runs({}) == [
+        "run 7, left running by a previous server: finished:stopped"
+    ]
+    status["7"], finished = "running", "running"
+    with pytest.raises(RuntimeError, match="could not stop the stale run 7"):
+        superlink.stop_stale_runs({})

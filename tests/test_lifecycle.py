@@ -329,3 +329,35 @@ def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_pa
             server.wait()
         for process in run_processes(out):
             process.kill()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="Linux procfs")
+def test_a_process_that_renamed_itself_is_still_stopped_with_its_run(tmp_path):
+    """Ray's dashboard and runtime-env agents rename themselves (setproctitle), which zeroes
+    the start of their environment block; psutil's parser stops at the first empty entry and
+    saw no environment, so the agents outlived every stop of the run, the watchdog's included
+    (faults benchmark). Here a child zeroes its block's first bytes as setproctitle does."""
+    from fedrec.common.processes import run_env, stop_run_processes
+
+    code = (
+        "import ctypes, time\n"
+        "stat = open('/proc/self/stat').read().rsplit(')', 1)[1].split()\n"
+        "ctypes.memset(int(stat[47]), 0, 256)  # field 50, env_start\n"
+        "print('renamed', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    token = "renamed-" + os.urandom(8).hex()
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=run_env(dict(os.environ), tmp_path, token),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "renamed"
+        assert RUN_TOKEN_ENV not in psutil.Process(child.pid).environ()  # the condition
+        assert [p.pid for p in processes_with(RUN_TOKEN_ENV, token)] == [child.pid]
+        assert stop_run_processes(token, grace=1.0) == 1
+        assert child.wait(10) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

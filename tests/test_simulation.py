@@ -232,6 +232,11 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
 
     part = [json.loads(x) for x in (out / "participation.jsonl").read_text().splitlines()]
     assert all(p["devices"] and all(p["devices"].values()) for p in part)
+    # each round's one attempt, recorded with the devices it asked (none was cut short)
+    tried = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["round"], a["devices"]) for a in tried] == [
+        (p["round"], sorted(p["devices"])) for p in part
+    ]
     checks = {f.check for f in audit(out).findings}
     assert not checks & {"chain", "record", "participation", "mechanism", "config"}, checks
     leftovers = subprocess.run(["pgrep", "-f", str(out / "flower")], capture_output=True, text=True)

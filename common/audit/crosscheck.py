@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import hmac
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,40 @@ def _head_after(entries: list[dict[str, Any]], rounds: list[int], round: int) ->
     return str(entries[at - 1].get("hash")) if at else GENESIS
 
 
+ATTEMPTS = "attempts.jsonl"
+
+
+def attempted_rounds(root: Path) -> dict[str, set[int]]:
+    """device -> the rounds any attempt asked it in (attempts.jsonl: a line per attempt at a
+    round, written before its devices were asked, kept when a crash cut the attempt short).
+    A final line without its newline was cut by a crash while being written: ignored. Runs
+    written before that file have none."""
+    path = root / ATTEMPTS
+    if not path.exists():
+        return {}
+    lines = read_bytes(path).split(b"\n")[:-1]  # the last piece: empty, or a torn line
+    out: dict[str, set[int]] = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            round, devices = int(row["round"]), [str(d) for d in row["devices"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise RecordsError(f"{path}, line {number}: not an attempt record ({err})") from err
+        for name in devices:
+            out.setdefault(name, set()).add(round)
+    return out
+
+
 def check_participation(
     root: Path, ledgers: list[Ledger], run: RunRecord, findings: list[Finding]
 ) -> dict[str, int]:
     """Each ledger against the server's per-round record: every entry in a round in which the
-    server sampled the device, and the ledger's head after each such round the one the
-    device committed to in its reply."""
+    server sampled the device (in the attempt that committed, or in one a crash interrupted:
+    `attempted_rounds`), and the ledger's head after each such round the one the device
+    committed to in its reply."""
     by_name = {ledger.client: ledger for ledger in ledgers}
+    attempted = attempted_rounds(root)
+    interrupted = 0  # entries of attempts a crash cut short
     sampled: dict[str, set[int]] = {}
     commits: dict[str, list[tuple[int, str]]] = {}
     for r, row in sorted(run.participation.items()):
@@ -186,6 +214,9 @@ def check_participation(
             if r not in run.participation:
                 what = "a round the server never recorded"
             elif r not in sampled.get(name, set()):
+                if r in attempted.get(name, set()):
+                    interrupted += 1
+                    continue
                 what = "a round in which the server did not sample this device"
             else:
                 continue
@@ -210,7 +241,11 @@ def check_participation(
                     )
                 )
                 break
-    return {"rounds": len(run.participation), "commitments_checked": checked}
+    return {
+        "rounds": len(run.participation),
+        "commitments_checked": checked,
+        "entries_of_interrupted_attempts": interrupted,
+    }
 
 
 def check_metrics_rows(run: RunRecord, findings: list[Finding]) -> None:

@@ -269,7 +269,7 @@ def find_ledgers(root: Path) -> dict[str, Path]:
     base = root / "clients" if (root / "clients").is_dir() else root
     found = {p.parent.name: p for p in base.glob(f"*/{LEDGER_FILE}")}
     if not (root / "summary.json").exists():  # a plain folder of ledgers: NAME.jsonl too
-        run_logs = {"metrics", "participation", "devices"}  # a run's own logs, not ledgers
+        run_logs = {"metrics", "participation", "attempts", "devices"}  # a run's logs, not ledgers
         found |= {
             p.stem: p
             for p in root.glob("*.jsonl")
