@@ -130,6 +130,7 @@ class ForkExecutor:
 
         if spec.task_type != TaskType.CLIENT_APP:
             return self._fallback.launch(spec)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: run this one message, then leave without cleanup handlers
             code = 0
@@ -137,6 +138,7 @@ class ForkExecutor:
                 import signal
 
                 signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+                _die_with(parent)
                 from flwr.supercore.tls import validate_and_resolve_root_certificates
                 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -210,6 +212,20 @@ class ForkExecutor:
 
     def close(self) -> None:
         self._fallback.close()
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel stop this forked message worker when the executor dies (Linux: a fork
+    does not inherit PR_SET_PDEATHSIG, and a device killed mid-round left its worker
+    running, faults benchmark); elsewhere the worker's --parent-pid watch covers it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the executor died before the line above
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
