@@ -242,90 +242,67 @@ def local_round(
     overwritten with `global_params` and its local ones with the device's stored state. The
     round's ledger entries are durable when this returns (one fsync for all of them)."""
     with ledger.synced_once():
-        return _local_round(
-            model,
-            global_params,
-            store,
-            ledger,
-            item_index,
-            round=round,
-            new_cohorts=new_cohorts,
-            config=config,
-            now=now,
-        )
+        start = time.perf_counter()
+        load_parameters(model, global_params, store.load_local_state())
+        data = store.interactions()
+        metrics: Metrics = {"interactions": float(len(data))}
 
+        # 1. prequential: rank what just arrived with the model as it was before training on it
+        if new_cohorts and len(data):
+            is_new = np.isin(data.cohort, list(new_cohorts))
+            known = np.array([item_index[i] for i in data.item[~is_new]], dtype=np.int64)
+            fresh = np.array([item_index[i] for i in data.item[is_new]], dtype=np.int64)
+            catalogue = _catalogue_for(model, global_params, now)
+            ranks = prequential_ranks(model, known, fresh, now, catalogue)
+            metrics["preq_count"] = float(len(ranks))
+            metrics["preq_hits@10"] = float(np.sum(ranks <= 10))
+            metrics["preq_ndcg@10"] = float(
+                np.sum(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0))
+            )
 
-def _local_round(
-    model: RecModel,
-    global_params: Params,
-    store: ClientStore,
-    ledger: PrivacyLedger,
-    item_index: dict[str, int],
-    *,
-    round: int,
-    new_cohorts: frozenset[str],
-    config: LocalTrainConfig,
-    now: int | None,
-) -> LocalResult:
-    start = time.perf_counter()
-    load_parameters(model, global_params, store.load_local_state())
-    data = store.interactions()
-    metrics: Metrics = {"interactions": float(len(data))}
-
-    # 1. prequential: rank what just arrived with the model as it was before training on it
-    if new_cohorts and len(data):
-        is_new = np.isin(data.cohort, list(new_cohorts))
-        known = np.array([item_index[i] for i in data.item[~is_new]], dtype=np.int64)
-        fresh = np.array([item_index[i] for i in data.item[is_new]], dtype=np.int64)
-        catalogue = _catalogue_for(model, global_params, now)
-        ranks = prequential_ranks(model, known, fresh, now, catalogue)
-        metrics["preq_count"] = float(len(ranks))
-        metrics["preq_hits@10"] = float(np.sum(ranks <= 10))
-        metrics["preq_ndcg@10"] = float(np.sum(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0)))
-
-    # 2. retire what would pass its budget, then build the trainable examples
-    mechanism = config.mechanism() if config.private else None
-    retired_now = _retire(ledger, data, mechanism, config, round, "after this round")
-    if retired_now is not None:
-        metrics["retired_now"] = float(retired_now)
-    cohorts = sorted(set(data.cohort.tolist()) - ledger.retired_cohorts())
-    first, second, when, present = _examples(data, item_index, set(cohorts), config.private)
-    metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
-    randomness = privacy_source(config, round)
-    if len(second) == 0:
-        reason = "no trainable example: every interaction is retired (or alone, without DP)"
-        result = idle_result(global_params, config, round, reason, metrics, randomness)
-        idle = _idle_metrics(data, ledger, mechanism)
-        return dataclasses.replace(result, idle_metrics=idle)
-
-    # 3. local steps
-    generator = _generator(config, round)
-    new_params, loss = _train(model, first, second, when, config, generator, randomness)
-
-    # 4. the ledger first, then local state, then the update may leave
-    idle = None
-    if mechanism is not None:
-        entry = ledger.append_train(round, mechanism, present)
-        eps = ledger.epsilons(config.budget_guarantee, config.delta)
-        metrics["max_interaction_epsilon"] = max(eps.values()) if eps else 0.0
-        metrics["ledger_seq"] = float(entry["seq"])
-        # Retire now what the next round's plan would retire under this round's mechanism,
-        # instead of at the device's next visit: never later than the plan, so never more ε;
-        # and a device left with nothing to train needs no visit until something arrives.
-        metrics["retired_now"] += (
-            _retire(ledger, data, mechanism, config, round, "after another round") or 0
-        )
-        remaining = set(data.cohort.tolist()) - ledger.retired_cohorts()
-        if len(_examples(data, item_index, remaining, config.private)[1]) == 0:
+        # 2. retire what would pass its budget, then build the trainable examples
+        mechanism = config.mechanism() if config.private else None
+        retired_now = _retire(ledger, data, mechanism, config, round, "after this round")
+        if retired_now is not None:
+            metrics["retired_now"] = float(retired_now)
+        cohorts = sorted(set(data.cohort.tolist()) - ledger.retired_cohorts())
+        first, second, when, present = _examples(data, item_index, set(cohorts), config.private)
+        metrics["retired_cohorts"] = float(len(ledger.retired_cohorts()))
+        randomness = privacy_source(config, round)
+        if len(second) == 0:
+            reason = "no trainable example: every interaction is retired (or alone, without DP)"
+            result = idle_result(global_params, config, round, reason, metrics, randomness)
             idle = _idle_metrics(data, ledger, mechanism)
-    store.save_local_state(_local_state(model))
-    metrics |= {
-        "loss": loss,
-        "examples": float(len(second)),
-        "declined": 0.0,
-        "seconds": time.perf_counter() - start,
-    }
-    return LocalResult(new_params, len(second), metrics, idle_metrics=idle)
+            return dataclasses.replace(result, idle_metrics=idle)
+
+        # 3. local steps
+        generator = _generator(config, round)
+        new_params, loss = _train(model, first, second, when, config, generator, randomness)
+
+        # 4. the ledger first, then local state, then the update may leave
+        idle = None
+        if mechanism is not None:
+            entry = ledger.append_train(round, mechanism, present)
+            eps = ledger.epsilons(config.budget_guarantee, config.delta)
+            metrics["max_interaction_epsilon"] = max(eps.values()) if eps else 0.0
+            metrics["ledger_seq"] = float(entry["seq"])
+            # Retire now what the next round's plan would retire under this round's mechanism,
+            # instead of at the device's next visit: never later than the plan, so never more ε;
+            # and a device left with nothing to train needs no visit until something arrives.
+            metrics["retired_now"] += (
+                _retire(ledger, data, mechanism, config, round, "after another round") or 0
+            )
+            remaining = set(data.cohort.tolist()) - ledger.retired_cohorts()
+            if len(_examples(data, item_index, remaining, config.private)[1]) == 0:
+                idle = _idle_metrics(data, ledger, mechanism)
+        store.save_local_state(_local_state(model))
+        metrics |= {
+            "loss": loss,
+            "examples": float(len(second)),
+            "declined": 0.0,
+            "seconds": time.perf_counter() - start,
+        }
+        return LocalResult(new_params, len(second), metrics, idle_metrics=idle)
 
 
 def _retire(

@@ -168,8 +168,14 @@ class RecModel(nn.Module):
         names = {n for n, _ in self.named_parameters()}
         if unknown := set(self.trained_parameters) - names:
             raise ValueError(f"model train-only: unknown parameters {sorted(unknown)}")
-        for name in self.parameter_names(Scope.FROZEN):
+        frozen = self.parameter_names(Scope.FROZEN)
+        for name in frozen:
             self.get_parameter(name).requires_grad_(False)
+        # fixed by the config; read per forward, and never from a weight Opacus may wrap
+        self.learns_target_text = "tgt_text.weight" not in frozen
+        # without a trained context-tower parameter the history-based user vector is a fixed
+        # random projection, and scoring leaves it out
+        self.learns_context = any(n in CONTEXT_TOWER and n not in frozen for n in names)
 
     @property
     def item_columns(self) -> dict[str, slice]:
@@ -225,19 +231,6 @@ class RecModel(nn.Module):
         q = _linear(self.ctx_text, self.text[items], taps)
         q = q + _lookup(self.ctx_year, self.year[items], taps)
         return q + _lookup(self.ctx_id, items, taps) if self.config.id_embeddings else q
-
-    @property
-    def learns_target_text(self) -> bool:
-        # from the declared scopes, never the weight itself (Opacus may have wrapped it)
-        return "tgt_text.weight" not in self.parameter_names(Scope.FROZEN)
-
-    @property
-    def learns_context(self) -> bool:
-        """Whether any context-tower parameter is trained (not FROZEN): without one, the
-        history-based user vector is a fixed random projection and scoring leaves it out."""
-        frozen = set(self.parameter_names(Scope.FROZEN))
-        present = [n for n, _ in self.named_parameters() if n in CONTEXT_TOWER]
-        return any(n not in frozen for n in present)
 
     def context_parameter_names(self) -> list[str]:
         """The trainable parameters only a context ITEM reaches (the context tower): a

@@ -44,6 +44,20 @@ WHY_NOT_PER_INTERACTION = (
 )
 
 
+def _not_per_interaction(name: str, delta: float) -> dict:
+    """A per-interaction guarantee the run cannot claim (`WHY_NOT_PER_INTERACTION`)."""
+    return {
+        "name": name,
+        "earned": False,
+        "why_not": WHY_NOT_PER_INTERACTION,
+        "unit": "one interaction",
+        "threat_model": "not claimed",
+        "epsilon": None,
+        "delta": delta,
+        "accountant": "none",
+    }
+
+
 def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.ndarray) -> list[dict]:
     """Every guarantee that holds for this run, with its unit, threat model, ε and δ."""
     config, out = run.config, []
@@ -111,29 +125,13 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
         )
     elif "distributed" in config.dp:
         out.append(
-            {
-                "name": "per-interaction DP against the server, with secure aggregation",
-                "earned": False,
-                "why_not": WHY_NOT_PER_INTERACTION,
-                "unit": "one interaction",
-                "threat_model": "not claimed",
-                "epsilon": None,
-                "delta": delta,
-                "accountant": "none",
-            }
+            _not_per_interaction(
+                "per-interaction DP against the server, with secure aggregation", delta
+            )
         )
     if config.device_noise_multiplier is not None and not config.per_interaction_holds:
         out.append(
-            {
-                "name": "per-interaction local DP (the device's own noise only)",
-                "earned": False,
-                "why_not": WHY_NOT_PER_INTERACTION,
-                "unit": "one interaction",
-                "threat_model": "not claimed",
-                "epsilon": None,
-                "delta": delta,
-                "accountant": "none",
-            }
+            _not_per_interaction("per-interaction local DP (the device's own noise only)", delta)
         )
     elif config.device_noise_multiplier is not None:
         out.append(
