@@ -268,9 +268,16 @@ COMMIT_KEY_FILE = "commit.key"
 COMMIT_CHARS = 16  # 64 bits: matching a forged ledger to a recorded commitment is infeasible
 
 
+_COMMIT_KEYS: dict[tuple[Path, int, int], bytes] = {}
+
+
 def _commit_key(folder: Path) -> bytes:
+    """The key in `folder`, created by the first worker that needs it; read once per process
+    while the file stays the same one (a run folder made anew at the same path gets its own)."""
     path = folder / COMMIT_KEY_FILE
-    if not path.exists():
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{COMMIT_KEY_FILE}.{os.getpid()}"
         tmp.write_bytes(secrets.token_bytes(32))
@@ -280,7 +287,13 @@ def _commit_key(folder: Path) -> bytes:
             pass
         finally:
             tmp.unlink()
-    return path.read_bytes()
+        stat = os.stat(path)
+    cache_key = (path, stat.st_ino, stat.st_mtime_ns)
+    if cache_key not in _COMMIT_KEYS:
+        if len(_COMMIT_KEYS) > 16:
+            _COMMIT_KEYS.clear()
+        _COMMIT_KEYS[cache_key] = path.read_bytes()
+    return _COMMIT_KEYS[cache_key]
 
 
 def ledger_commitment(key: bytes, device: str, round: int, head: str) -> str:

@@ -448,7 +448,7 @@ def _train_steps(model, first, second, when, config, generator, randomness) -> t
         if hasattr(module, "enable_hooks"):  # ghost clipping's hooks (see _dp_step_machinery)
             module.enable_hooks()
     else:
-        module, optimizer = model, torch.optim.SGD(model.parameters(), lr=config.lr)
+        module, optimizer = model, _plain_sgd(model, config.lr)
         criterion = PairSoftmaxLoss()
     # a step moves the global parameters by -lr·(clipped sum)/B: at most lr·C after projection
     radius = config.lr * config.clip_norm
@@ -502,6 +502,19 @@ def _train_steps(model, first, second, when, config, generator, randomness) -> t
             delta = {n: d * scale for n, d in delta.items()}
         new = {n: (start[n] + delta[n]).numpy() for n in names}
     return new, float(np.mean(losses)) if losses else math.nan
+
+
+_PLAIN_SGD: dict[tuple[int, float], torch.optim.SGD] = {}
+
+
+def _plain_sgd(model: RecModel, lr: float) -> torch.optim.SGD:
+    """The template's SGD optimizer, built once per process: plain SGD keeps no state between
+    steps (no momentum), and building one per device round cost ~0.6 ms of ~18."""
+    key = (id(model), lr)
+    if key not in _PLAIN_SGD:
+        _PLAIN_SGD.clear()  # one template in use at a time
+        _PLAIN_SGD[key] = torch.optim.SGD(model.parameters(), lr=lr)
+    return _PLAIN_SGD[key]
 
 
 def _step(module, optimizer, criterion, inputs, hits) -> float:

@@ -188,28 +188,45 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest z on a 0.001 grid (so rounded UP) with ε(δ) ≤ target after `rounds` rounds.
 
-    Binary search over integer thousandths, using that ε decreases as z grows. The result is
-    exactly what `UserLevelAccountant` charges for those rounds (same arithmetic).
+    A bracketing search over integer thousandths, using that ε decreases as z grows. The result
+    is exactly what `UserLevelAccountant` charges for those rounds (same arithmetic).
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError("target_epsilon must be a finite number > 0")
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError("rounds must be an integer >= 1")
 
-    def fits(milli: int) -> bool:
+    def epsilon_at(milli: int) -> float:
         m = _mechanism(z=milli / 1000, q=sample_rate, rounds=rounds)
-        return epsilon_from_rdp(rdp_of(m), delta)[0] <= target_epsilon
+        return epsilon_from_rdp(rdp_of(m), delta)[0]
 
-    lo, hi = 0, 1000  # invariant: z = lo/1000 does not fit (z = 0 is ε = inf); hi fits
-    while not fits(hi):
-        lo, hi = hi, hi * 2
+    # invariant: z = lo/1000 does not fit (z = 0 is ε = inf); hi fits
+    lo, hi, eps_lo, eps_hi = 0, 1000, math.inf, epsilon_at(1000)
+    while eps_hi > target_epsilon:
+        lo, hi, eps_lo = hi, hi * 2, eps_hi
         if hi > _MAX_NOISE_MULTIPLIER * 1000:
             raise ValueError(
                 f"no noise multiplier up to {_MAX_NOISE_MULTIPLIER} reaches ε ≤ {target_epsilon}"
             )
+        eps_hi = epsilon_at(hi)
+    # Each ε costs ~0.4 s (fractional RDP orders): secant steps on log ε, which is smooth in
+    # z, close the bracket in ~4 evaluations where bisection takes ~10. The bracket invariant
+    # makes the answer the same either way.
+    last = [(lo, eps_lo), (hi, eps_hi)]
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        (m1, e1), (m2, e2) = last[-2:]
+        if all(0 < e < math.inf for e in (e1, e2)) and e1 != e2:
+            step = (math.log(target_epsilon) - math.log(e2)) / (math.log(e2) - math.log(e1))
+            mid = round(m2 + step * (m2 - m1))
+        else:
+            mid = (lo + hi) // 2
+        mid = min(max(mid, lo + 1), hi - 1)
+        eps_mid = epsilon_at(mid)
+        if eps_mid <= target_epsilon:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo, eps_lo = mid, eps_mid
+        last.append((mid, eps_mid))
     return hi / 1000
 
 

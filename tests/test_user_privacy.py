@@ -97,6 +97,18 @@ def test_calibrate_hits_the_target():
     assert acc.would_exceed(target, mech(z, q))
 
 
+@pytest.mark.parametrize(
+    ("target", "q", "rounds"), [(1.0, 0.01, 100), (20.0, 0.9, 3), (3.0, 0.1, 1)]
+)
+def test_calibration_finds_the_smallest_multiplier_on_its_grid(target, q, rounds):
+    """Whichever way the search walks (z below 1, near 1, above 1): the result's ε fits the
+    target and the grid point below it does not."""
+    z = calibrate_noise_multiplier(target_epsilon=target, delta=DELTA, sample_rate=q, rounds=rounds)
+    assert z == round(z, 3)
+    assert accountant(rounds, z=z, q=q).epsilon(DELTA) <= target
+    assert accountant(rounds, z=round(z - 0.001, 3), q=q).epsilon(DELTA) > target
+
+
 def test_calibrate_rejects_bad_inputs():
     with pytest.raises(ValueError):
         calibrate_noise_multiplier(target_epsilon=0, delta=DELTA, sample_rate=0.1, rounds=5)
