@@ -105,14 +105,28 @@ def processes_with(name: str, value: str) -> list[psutil.Process]:
     return found
 
 
-def stop_run_processes(token: str, grace: float) -> int:
-    """SIGTERM every process of the launch `token`, SIGKILL those alive after `grace`
-    seconds, and again for any started meanwhile; returns how many were signalled."""
+def stop_run_processes(token: str, grace: float, settle: float = 0.0) -> int:
+    """SIGTERM every process of the launch `token` and every descendant of one, SIGKILL those
+    alive after `grace` seconds, and again for any found later, until `settle` seconds of
+    looking find none (the watchdog looks on, in the background; a launcher stopping on
+    SIGINT stops at the first empty look); returns how many were signalled.
+
+    Descendants count because a token is not always readable: a Ray agent that is starting
+    (its environment block rewritten by setproctitle) was seen to hide it from two sweeps
+    5 s apart and then outlive its run (faults benchmark); its parent, the raylet, showed it."""
     signalled = 0
-    for _ in range(5):
-        processes = processes_with(RUN_TOKEN_ENV, token)
+    quiet_since: float | None = None
+    deadline = time.monotonic() + 10 * (grace + settle) + 5
+    while time.monotonic() < deadline:
+        processes = _with_descendants(processes_with(RUN_TOKEN_ENV, token))
         if not processes:
-            break
+            now = time.monotonic()
+            quiet_since = now if quiet_since is None else quiet_since
+            if now - quiet_since >= settle:
+                break
+            time.sleep(0.2)
+            continue
+        quiet_since = None
         signalled += len(processes)
         for process in processes:
             try:
@@ -125,6 +139,20 @@ def stop_run_processes(token: str, grace: float) -> int:
             except psutil.Error:
                 pass
     return signalled
+
+
+def _with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """`processes` and every live descendant of one (never this process), each once."""
+    found = {p.pid: p for p in processes}
+    for process in processes:
+        try:
+            children = process.children(recursive=True)
+        except psutil.Error:
+            continue
+        for child in children:
+            if child.pid != os.getpid() and _alive(child):
+                found.setdefault(child.pid, child)
+    return list(found.values())
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -180,7 +208,7 @@ def watch(token: str, grace: float) -> None:
         signal.signal(s, signal.SIG_IGN)
     while sys.stdin.buffer.read(4096):
         pass
-    stop_run_processes(token, grace)
+    stop_run_processes(token, grace, settle=2.0)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedrec.common.processes import RUN_TOKEN_ENV, processes_with
+from fedrec.common.processes import RUN_TOKEN_ENV, environ_of, processes_with
 from fedrec.common.run_lock import LOCK_FILE, RunLock, RunLocked, RunLockLost, WriterGuard
 
 SMALL = {
@@ -329,6 +329,54 @@ def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_pa
             server.wait()
         for process in run_processes(out):
             process.kill()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="Linux procfs")
+def test_a_child_whose_token_cannot_be_read_is_stopped_with_its_parent(tmp_path):
+    """A starting Ray agent hid its whole environment from two sweeps and outlived its run
+    (faults benchmark). Here a process of the run starts a child that wipes its whole
+    environment block and ignores SIGTERM: the sweep reaches it through its parent."""
+    from fedrec.common.processes import run_env, stop_run_processes
+
+    child_code = (
+        "import ctypes, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "stat = open('/proc/self/stat').read().rsplit(')', 1)[1].split()\n"
+        "start, end = int(stat[47]), int(stat[48])  # fields 50 and 51: env_start, env_end\n"
+        "ctypes.memset(start, 0, end - start)\n"
+        "print('hidden', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent_code = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    token = "hidden-" + os.urandom(8).hex()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], env=run_env(dict(os.environ), tmp_path, token),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = None
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert parent.stdout.readline().strip() == "hidden"
+        assert RUN_TOKEN_ENV not in environ_of(child)  # the condition: unreadable by token
+        assert [p.pid for p in processes_with(RUN_TOKEN_ENV, token)] == [parent.pid]
+        assert stop_run_processes(token, grace=0.5, settle=0.5) == 2
+        assert parent.wait(10) == -signal.SIGTERM
+        gone, alive = psutil.wait_procs([child], timeout=10)
+        assert alive == []  # SIGKILLed after the grace: it ignored SIGTERM
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="Linux procfs")
