@@ -46,8 +46,8 @@ def main() -> None:
     from fedrec.client.runtime import template_for
     from fedrec.common.certs import create_device_key, create_server_cert
     from fedrec.common.data.loaders import load_builtin
+    from fedrec.common.flower_launch import free_port
     from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.launcher import free_port
 
     template_for(SimulationConfig.from_flat({"rounds": args.rounds}))  # text features cached
     root = Path(tempfile.mkdtemp(prefix="fedrec-bench-"))

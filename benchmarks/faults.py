@@ -330,7 +330,7 @@ class Deployment:
     tests/test_deployment_e2e.py drives them: TLS, device keys, a public catalogue file."""
 
     def __init__(self, root: Path, rng: random.Random):
-        from fedrec.simulations.launcher import free_port
+        from fedrec.common.flower_launch import free_port
 
         self.root, self.rng = root, rng
         self.port = free_port()
@@ -397,7 +397,7 @@ class Deployment:
         self.server = self.spawn("server", "server", "start", "--config", "run.toml")
 
     def start_device(self, name: str) -> None:
-        from fedrec.simulations.launcher import free_port
+        from fedrec.common.flower_launch import free_port
 
         self.devices[name] = self.spawn(
             name, "client", "start", "--config", f"{name}.toml", "--port", str(free_port())

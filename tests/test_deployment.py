@@ -472,7 +472,7 @@ def test_a_killed_client_start_takes_its_supernode_and_executor_along(tmp_path):
     (as after a server crash), as long as it lives."""
     import psutil
 
-    from fedrec.simulations.launcher import free_port
+    from fedrec.common.flower_launch import free_port
 
     port = free_port()
     node = [sys.executable, "-m", "fedrec.client.supernode", "--superlink",
@@ -507,6 +507,7 @@ def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
     SuperLink finished between the listing and the stop made Flower refuse the stop ("Run is
     already finished") and the restart died on it (faults benchmark). A run still unfinished
     after a refused stop is an error."""
+    from fedrec.common import flower_launch
     from fedrec.server import superlink
 
     status = {"7": "running"}
@@ -521,6 +522,7 @@ def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
         return {"success": False, "error-message": "[code: 18] Run is already finished."}
 
     monkeypatch.setattr(superlink, "flwr_json", flwr_json)
+    monkeypatch.setattr(flower_launch, "flwr_json", flwr_json)  # the final status's `flwr ls`
     finished = "finished:stopped"
     assert superlink.stop_stale_runs({}) == [
         "run 7, left running by a previous server: finished:stopped"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrec.simulations.launcher import free_port
+from fedrec.common.flower_launch import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

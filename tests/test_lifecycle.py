@@ -296,7 +296,7 @@ def test_the_watchdog_stops_a_killed_launchers_processes_then_frees_the_folder(t
 
 
 def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_path):
-    from fedrec.simulations.launcher import free_port
+    from fedrec.common.flower_launch import free_port
 
     (tmp_path / "run.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\ninsecure = true\nout = "run"\n'
