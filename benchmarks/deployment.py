@@ -47,7 +47,7 @@ def main() -> None:
     from fedrec.common.certs import create_device_key, create_server_cert
     from fedrec.common.data.loaders import load_builtin
     from fedrec.common.flower_launch import free_port
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     template_for(SimulationConfig.from_flat({"rounds": args.rounds}))  # text features cached
     root = Path(tempfile.mkdtemp(prefix="fedrec-bench-"))

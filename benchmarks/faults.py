@@ -173,8 +173,8 @@ def attempts_by_device(run: Path, names: dict[str, str] | None = None) -> dict[s
 def undelivered(out: Path) -> int:
     """Interactions the stream delivered to a device by the last committed round it replied
     in (participation.jsonl: sampled, not failed) that its store does not hold."""
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_config import SimulationConfig
 
     config = SimulationConfig.from_flat(json.loads((out / "config.json").read_text()))
     stream = load_stream(config.data, config.rounds, config.stream_protocol)

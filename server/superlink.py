@@ -31,8 +31,8 @@ from fedrec.common.flower_launch import (
     write_app,
 )
 from fedrec.common.processes import run_env, stop_run_processes, watched_run
+from fedrec.common.run_config import TRANSPORT_DEFAULTS, SimulationConfig
 from fedrec.common.run_lock import RunLock
-from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
 
 CONNECTION = "fedrec"
 INSECURE_WARNING = (
@@ -217,9 +217,9 @@ PUBLIC_CATALOGUE_FILE = "public-catalogue.npz"
 def write_run_catalogue(config: ServerConfig, path: Path) -> str:
     """Write the public catalogue the run's model is built from (fedrec.common.data.
     public_catalogue) for devices to copy; returns its digest, which the run names."""
-    from fedrec.client.runtime import public_catalogue
     from fedrec.common.data.public_catalogue import write_public_catalogue
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_model import public_catalogue
 
     _, flat = split_run_config(dict(config.run))
     run = SimulationConfig.from_flat(flat)

@@ -1,7 +1,8 @@
-"""`fedrec simulate`: run the installed fedrec ServerApp/ClientApp on Flower's simulation engine.
+"""`fedrec simulate`: run the installed simulation ServerApp/ClientApp on Flower's simulation
+engine.
 
 The same code path as `flwr run . <federation>`: we write a tiny Flower app folder whose
-components point at the installed `fedrec.server.app` / `fedrec.client.app`, start a private
+components point at the installed `fedrec.simulations.server_app` / `.client_app`, start a private
 `flower-superlink --simulation` on a free loopback port (own FLWR_HOME and RAY_TMPDIR), submit
 the run with `flwr run`, follow its progress from the run folder's metrics.jsonl, read the
 final status with `flwr ls` (`flwr run` exits 0 even when a run fails) and stop everything we
@@ -38,8 +39,13 @@ from fedrec.common.flower_launch import (
     write_app,
 )
 from fedrec.common.processes import run_env, stop_run_processes, watched_run
+from fedrec.common.run_config import TRANSPORT_DEFAULTS, SimulationConfig
 from fedrec.common.run_lock import RunLock
-from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
+
+# The simulation's own ServerApp and ClientApp: execution slots that play many virtual devices
+# per message (a deployment's apps, one device per SuperNode, are fedrec.server/client.app).
+SERVER_APP = "fedrec.simulations.server_app:app"
+CLIENT_APP = "fedrec.simulations.client_app:app"
 
 
 def simulation_env(work: Path) -> dict[str, str]:
@@ -99,8 +105,8 @@ def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progr
         work / "app",
         name="fedrec-simulation",
         generator="fedrec simulate",
-        serverapp="fedrec.server.app:app",
-        clientapp="fedrec.client.app:app",
+        serverapp=SERVER_APP,
+        clientapp=CLIENT_APP,
         config=SimulationConfig().to_flat() | TRANSPORT_DEFAULTS,
     )
     port = free_port()

@@ -20,10 +20,10 @@ from fedrec.client.device_round import device_round, reply_metrics
 from fedrec.client.store import StoreError
 from fedrec.common.config import DataConfig
 from fedrec.common.deployment import DeploymentSettings, split_run_config
+from fedrec.common.replies import DeviceReply
+from fedrec.common.run_config import SimulationConfig
 from fedrec.server.deployment import UnsupportedDeployment, run_deployment
 from fedrec.server.superlink import ServerConfigError, load_server_config
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import DeviceReply
 
 RUN = {
     "dataset": "synthetic",

@@ -187,7 +187,7 @@ def deployment(tmp_path):
     # the catalogue's text features are cached once here, not by four processes at once
     from fedrec.client.runtime import template_for
     from fedrec.common.data.loaders import load_builtin
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     template_for(SimulationConfig.from_flat({"rounds": 4}))
     d = Deployment(tmp_path)
