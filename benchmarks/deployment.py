@@ -78,7 +78,7 @@ def main() -> None:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    cli = [sys.executable, "-m", "fedrec.common.cli"]
+    cli = [sys.executable, "-m", "fedrec.cli"]
     log = open(root / "processes.log", "ab")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

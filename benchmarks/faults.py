@@ -76,7 +76,7 @@ def run_processes(out: Path) -> list[psutil.Process]:
     return found
 
 
-CLI = [sys.executable, "-m", "fedrec.common.cli"]
+CLI = [sys.executable, "-m", "fedrec.cli"]
 ENV = os.environ | {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -12,6 +12,7 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld
 from typer.testing import CliRunner
 
+from fedrec.cli import app
 from fedrec.common.audit.empirical import (
     audit_scores,
     epsilon_lower_bound,
@@ -20,7 +21,6 @@ from fedrec.common.audit.empirical import (
     max_certifiable,
     p_value,
 )
-from fedrec.common.cli import app
 from fedrec.common.run_config import SimulationConfig
 from fedrec.simulations.devices import run_in_process
 from fedrec.simulations.empirical_audit import EmpiricalConfig, run_empirical

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli import app
 from fedrec.common.audit import audit
 from fedrec.common.audit.records import canonical, entry_hash
-from fedrec.common.cli import app
 from fedrec.common.run_config import SimulationConfig
 from fedrec.server.federated_run import FederatedRun
 from fedrec.server.run_record import record_attempt

@@ -447,7 +447,7 @@ def test_an_insecure_device_against_a_tls_server_gives_up_naming_tls(tls_server,
             os.killpg(node.pid, signal.SIGKILL)
     assert f"the SuperLink at {tls_server} speaks TLS" in log.read_text()
     start = subprocess.run(
-        [sys.executable, "-m", "fedrec.common.cli", "client", "start", "--store",
+        [sys.executable, "-m", "fedrec.cli", "client", "start", "--store",
          str(tmp_path / "device"), "--insecure", "--superlink", tls_server],
         capture_output=True, text=True, env=env, timeout=90,
     )  # fmt: skip
@@ -479,7 +479,7 @@ def test_a_killed_client_start_takes_its_supernode_and_executor_along(tmp_path):
             f"127.0.0.1:{free_port()}", "--insecure", "--port", str(port),
             "--isolation", "process"]  # fmt: skip
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from fedrec.common.cli.client_cmd import _supervise; "
+        [sys.executable, "-c", "import sys; from fedrec.cli.client_cmd import _supervise; "
          f"sys.exit(_supervise({node!r}, {port}))"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,

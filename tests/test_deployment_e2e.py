@@ -107,7 +107,7 @@ class Deployment:
 
     def fedrec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [sys.executable, "-m", "fedrec.common.cli", *args], cwd=self.root, env=self.env,
+            [sys.executable, "-m", "fedrec.cli", *args], cwd=self.root, env=self.env,
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if check and proc.returncode != 0:
@@ -117,7 +117,7 @@ class Deployment:
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedrec.common.cli", *args], cwd=self.root, env=self.env,
+            [sys.executable, "-m", "fedrec.cli", *args], cwd=self.root, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.procs.append(proc)

@@ -211,7 +211,7 @@ def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(tmp_path):
 def test_fedrec_simulate_runs_through_flower(tmp_path):
     out = tmp_path / "flower-run"
     env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
-    args = [sys.executable, "-m", "fedrec.common.cli", "simulate", "--out", str(out)]
+    args = [sys.executable, "-m", "fedrec.cli", "simulate", "--out", str(out)]
     for key in ("dataset", "synthetic", "rounds", "clients-per-round", "min-survivors"):
         args += [f"--{key}", str(SMALL[key])]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
@@ -662,7 +662,7 @@ def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered
     CLI exits 2 with the same message before starting Flower."""
     from typer.testing import CliRunner
 
-    from fedrec.common.cli import app
+    from fedrec.cli import app
     from fedrec.server.federated_run import SettingsError
 
     config = small(tmp_path, **{"min-survivors": 2350})
@@ -755,7 +755,7 @@ def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tm
     --resume on a folder that holds no run is an error."""
     from typer.testing import CliRunner
 
-    from fedrec.common.cli import app
+    from fedrec.cli import app
     from fedrec.server.federated_run import SettingsError
 
     config = small(tmp_path, rounds=2)

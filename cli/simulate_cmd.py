@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedrec.common.cli.options import (
+from fedrec.cli.options import (
     ColumnsOpt,
     DataDirOpt,
     ItemsFileOpt,
@@ -16,7 +16,7 @@ from fedrec.common.cli.options import (
     TextEncoderOpt,
     fail,
 )
-from fedrec.common.cli.run_folder import hold_run_folder
+from fedrec.cli.run_folder import hold_run_folder
 
 if TYPE_CHECKING:
     from fedrec.common.run_config import SimulationConfig

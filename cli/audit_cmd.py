@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.common.cli.options import fail
+from fedrec.cli.options import fail
 
 
 def audit(
