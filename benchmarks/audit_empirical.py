@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.common.audit.empirical import EmpiricalConfig, audit_releases, canary_releases
-from fedrec.simulations.config import SimulationConfig
+from fedrec.common.run_config import SimulationConfig
+from fedrec.simulations.empirical_audit import EmpiricalConfig, audit_releases, canary_releases
 
 LOCAL_DP = Path(__file__).resolve().parent.parent / "simulations" / "local_dp.toml"
 

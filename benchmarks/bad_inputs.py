@@ -423,7 +423,7 @@ def run_case(case: Case, root: Path) -> dict:
     args = case.args(d)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "fedrec.common.cli", *args],
+        proc = subprocess.run([sys.executable, "-m", "fedrec.cli", *args],
                               capture_output=True, text=True, env=env, timeout=300, cwd=d)  # fmt: skip
         code, stderr = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired:

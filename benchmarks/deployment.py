@@ -46,8 +46,8 @@ def main() -> None:
     from fedrec.client.runtime import template_for
     from fedrec.common.certs import create_device_key, create_server_cert
     from fedrec.common.data.loaders import load_builtin
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.launcher import free_port
+    from fedrec.common.flower_launch import free_port
+    from fedrec.common.run_config import SimulationConfig
 
     template_for(SimulationConfig.from_flat({"rounds": args.rounds}))  # text features cached
     root = Path(tempfile.mkdtemp(prefix="fedrec-bench-"))
@@ -78,7 +78,7 @@ def main() -> None:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    cli = [sys.executable, "-m", "fedrec.common.cli"]
+    cli = [sys.executable, "-m", "fedrec.cli"]
     log = open(root / "processes.log", "ab")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

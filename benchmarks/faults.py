@@ -76,7 +76,7 @@ def run_processes(out: Path) -> list[psutil.Process]:
     return found
 
 
-CLI = [sys.executable, "-m", "fedrec.common.cli"]
+CLI = [sys.executable, "-m", "fedrec.cli"]
 ENV = os.environ | {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -173,8 +173,8 @@ def attempts_by_device(run: Path, names: dict[str, str] | None = None) -> dict[s
 def undelivered(out: Path) -> int:
     """Interactions the stream delivered to a device by the last committed round it replied
     in (participation.jsonl: sampled, not failed) that its store does not hold."""
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_config import SimulationConfig
 
     config = SimulationConfig.from_flat(json.loads((out / "config.json").read_text()))
     stream = load_stream(config.data, config.rounds, config.stream_protocol)
@@ -330,7 +330,7 @@ class Deployment:
     tests/test_deployment_e2e.py drives them: TLS, device keys, a public catalogue file."""
 
     def __init__(self, root: Path, rng: random.Random):
-        from fedrec.simulations.launcher import free_port
+        from fedrec.common.flower_launch import free_port
 
         self.root, self.rng = root, rng
         self.port = free_port()
@@ -397,7 +397,7 @@ class Deployment:
         self.server = self.spawn("server", "server", "start", "--config", "run.toml")
 
     def start_device(self, name: str) -> None:
-        from fedrec.simulations.launcher import free_port
+        from fedrec.common.flower_launch import free_port
 
         self.devices[name] = self.spawn(
             name, "client", "start", "--config", f"{name}.toml", "--port", str(free_port())

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from fedrec.client.training import _train
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import run_in_process
+from fedrec.common.run_config import SimulationConfig
+from fedrec.simulations.devices import run_in_process
 from fedrec.simulations.launcher import simulate
 from fedrec.simulations.report import finalize
 

@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as on a device worker
-    from fedrec.client.runtime import global_parameters, template_for
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.client.runtime import template_for
+    from fedrec.common.run_config import SimulationConfig
+    from fedrec.common.run_model import global_parameters
 
     config = SimulationConfig()
     params = global_parameters(template_for(config)[0])

@@ -25,8 +25,8 @@ from fedrec.common.baselines import ordered_scorer, popularity_scorer, recent_po
 from fedrec.common.config import DataConfig
 from fedrec.common.data.history import UserHistories
 from fedrec.common.data.schema import Interactions
+from fedrec.common.data.stream import Stream, build_stream
 from fedrec.common.evaluation import evaluate
-from fedrec.simulations.stream import Stream, build_stream
 
 RESULTS = Path(__file__).parent / "results" / "stream_ceiling.json"
 ROUNDS = 30  # the default job's windows

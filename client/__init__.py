@@ -1,1 +1,2 @@
-"""Flower ClientApp and on-device training, state and privacy ledger."""
+"""The device: its store, privacy ledger and round, the deployment's ClientApp and SuperNode.
+Imports only fedrec.common: never the server, never the simulation."""

@@ -1,22 +1,18 @@
-"""Flower ClientApp: unpack the message, run the device's round, pack the reply.
+"""The deployment's Flower ClientApp: one SuperNode is one real device, whose folder and config
+file its `--node-config` names; `fedrec.client.device_app` runs the round under the device's
+own privacy policy and packs only what that policy lets leave.
 
-In simulation the virtual SuperNodes are execution slots: the ServerApp names, in each
-message, which users' devices the slot plays (`users` in the config record), one after the
-other; every device's state lives in its own folder, so any slot can serve any device.
-
-In a deployment each SuperNode is one real device: its `--node-config` names the device's
-folder, and `fedrec.client.device_app` runs the round under the device's own privacy policy.
-Heavy modules (torch, opacus, the data) are imported inside the handlers, when needed.
+A simulation runs its own ClientApp (`fedrec.simulations.client_app`), whose SuperNodes are
+execution slots playing many virtual devices. Heavy modules (torch, opacus, the data) are
+imported inside the handlers, when needed.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedrec.client.device_app import is_device, train_on_device
-from fedrec.common.deployment import parameters_from, parameters_record
+from fedrec.client.device_app import STORE_KEY, is_device, train_on_device
 
 app = ClientApp()
 
@@ -25,75 +21,11 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     import torch
 
-    torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
-    if is_device(context):
-        return train_on_device(msg, context)
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.federation import device_reply, secure_sum
-
-    config = SimulationConfig.from_flat(dict(context.run_config))
-    instructions = msg.content["config"]
-    users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
-    params = parameters_from(msg.content["arrays"])
-    # Several devices per message: Flower's per-message cost is paid once for all of them.
-    # Keys are "<user>/<name>"; the ServerApp splits them back (fedrec.server.app.unpack).
-    # Updates of the global parameters' shapes travel stacked, one array per parameter (a
-    # Flower Array is an object hashed and stored on its own: 6 per device cost more than
-    # the training), and all arrays of the reply in one bundle (fedrec.common.deployment);
-    # any other update travels alone under "<user>/<name>" and the server's validation
-    # drops it with its reason.
-    # Under DISTRIBUTED the server may learn only sums (secure aggregation, simulated): the
-    # message's devices are summed here (`secure_sum`): one update sum and one sum of their
-    # counters travel as "pooled/<name>", and each device's own reply says only whether it
-    # failed. (At every device per round this is also most of a round's bytes saved.)
-    replies = [device_reply(config, user, round_, params) for user in users]
-    if config.secure_aggregation:
-        bound = config.update_norm_bound(sum(v.size for v in params.values()))
-        replies = secure_sum(replies, params, bound)
-    return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
-
-
-def pack_devices(
-    users: list[int], replies: list, params: dict[str, np.ndarray], secure: bool
-) -> RecordDict:
-    """A slot's reply for several devices; `fedrec.server.app.unpack_devices` reverses it.
-
-    Under secure aggregation the pooled reply's own count of members travels as
-    "pooled_count": a device without an error is not necessarily in the sum (one that sent
-    no update is not), and the server's K_min rule and noise credit must count only the
-    devices whose noise share is really in it."""
-    metrics, status, arrays, stacked = {}, {}, {}, []
-    shapes = {name: value.shape for name, value in params.items()}
-    pooled_users, pooled_count = [], 0
-    for reply in replies:
-        if reply.pooled:
-            arrays |= {f"pooled/{name}": value for name, value in reply.params.items()}
-            metrics |= {f"pooled/{k}": v for k, v in reply.metrics.items()}
-            pooled_count = reply.pooled
-            continue
-        user = reply.user
-        status[f"{user}/error"] = reply.error or ""
-        status[f"{user}/head"] = reply.ledger_head or ""  # a keyed commitment: looks random
-        if secure:  # nothing of its own beyond a failure
-            if reply.error is None:
-                pooled_users.append(user)
-            continue
-        metrics |= {f"{user}/{k}": v for k, v in reply.metrics.items()}
-        metrics[f"{user}/num-examples"] = reply.num_examples
-        if reply.params is None:
-            continue
-        if {k: v.shape for k, v in reply.params.items()} == shapes:
-            stacked.append((user, reply.params))
-        else:
-            arrays |= {f"{user}/{k}": np.asarray(v) for k, v in reply.params.items()}
-    if stacked:
-        for name in shapes:
-            arrays[f"stacked/{name}"] = np.stack([p[name] for _, p in stacked])
-    status["stacked"] = [user for user, _ in stacked]
-    status["pooled"] = pooled_users
-    status["pooled_count"] = pooled_count
-    status["users"] = users  # replies come back in any order: each names its devices
-    content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
-    if arrays:  # one bundle: every Flower Array is objects moved one request each
-        content["arrays"] = parameters_record(arrays)
-    return content
+    torch.set_num_threads(1)  # a device's round is small: more threads only contend
+    if not is_device(context):
+        raise ValueError(
+            f"this ClientApp serves a device: its SuperNode's --node-config names no "
+            f"{STORE_KEY!r} folder (`fedrec client start` names it; a simulation runs "
+            "fedrec.simulations.client_app:app)"
+        )
+    return train_on_device(msg, context)

@@ -334,11 +334,11 @@ def recommend(
     excluding what the user already has. With `catalogue` (the device's public catalogue
     file) the model is rebuilt from it, checked against the digest the run named."""
     from fedrec.client.runtime import device_template
-    from fedrec.client.training import load_parameters
     from fedrec.common.data.history import UserHistories
     from fedrec.common.data.schema import Interactions
     from fedrec.common.model import ModelScorer
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
+    from fedrec.common.run_model import load_parameters
 
     params, spec, _, digest = load_global(store_dir)
     model, index = device_template(SimulationConfig.from_flat(spec), catalogue, digest)

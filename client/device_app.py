@@ -1,4 +1,4 @@
-"""The ClientApp's deployment mode: one SuperNode is one device, whose folder and config file
+"""The deployment ClientApp's round: one SuperNode is one device, whose folder and config file
 its SuperNode names (`--node-config 'store="PATH" device-config="FILE"'`).
 
 Unpack the message, call `device_round`, pack only what the device's policy lets leave. Any

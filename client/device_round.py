@@ -43,7 +43,7 @@ def round_settings(policy: PrivacyPolicy, run_flat: dict[str, Any]) -> LocalTrai
     entropy for its noise (never a seed the server chose)."""
     from fedrec.client.runtime import local_config
     from fedrec.common.privacy.accounting import Guarantee
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     requested = local_config(SimulationConfig.from_flat(run_flat), seed=None)
     return dataclasses.replace(
@@ -69,7 +69,7 @@ def device_round(
     from fedrec.client.ledger import PrivacyLedger
     from fedrec.client.runtime import device_template
     from fedrec.client.training import local_round
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     settings = round_settings(device.policy, run_flat)
     config = SimulationConfig.from_flat(run_flat)

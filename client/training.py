@@ -66,6 +66,7 @@ from fedrec.common.privacy.dpsgd import (
     step_on_empty_batch,
 )
 from fedrec.common.privacy.randomness import PrivacyRandomness, privacy_randomness
+from fedrec.common.run_model import load_parameters
 from fedrec.common.types import Metrics
 
 Params = dict[str, np.ndarray]
@@ -151,7 +152,8 @@ class LocalResult:
     metrics: Metrics
     declined: str | None = None  # the reason, when nothing was trained
     # When nothing is left to train until something new arrives: the metrics every such
-    # later round would report (a simulation caches them; see client.runtime's idle marker)
+    # later round would report (a simulation caches them: the idle marker of
+    # fedrec.simulations.devices)
     idle_metrics: Metrics | None = None
 
 
@@ -378,32 +380,6 @@ def idle_result(
         noise = _noise_only(global_params, config, randomness or privacy_source(config, round))
         return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
     return LocalResult(None, 0, metrics, declined=reason)
-
-
-def load_parameters(model: RecModel, global_params: Params, local: Params) -> None:
-    """Validated global parameters (shape, finite) and the device's local ones into `model`."""
-    names = model.parameter_names(Scope.GLOBAL)
-    missing = set(names) - set(global_params)
-    if missing:
-        raise ValueError(f"global parameters missing: {sorted(missing)}")
-    state = model.state_dict()
-    for name in names:
-        value = global_params[name]
-        if value.shape != tuple(state[name].shape):
-            raise ValueError(
-                f"global parameter {name}: shape {value.shape}, expected {tuple(state[name].shape)}"
-            )
-        if not np.all(np.isfinite(value)):
-            raise ValueError(
-                f"global parameter {name}: {int(np.sum(~np.isfinite(value)))} non-finite values"
-            )
-        state[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    for name in model.parameter_names(Scope.LOCAL):
-        if name in local:
-            state[name] = torch.from_numpy(local[name])
-        else:
-            torch.nn.init.zeros_(state[name])
-    model.load_state_dict(state)
 
 
 def _local_state(model: RecModel) -> Params:

@@ -27,7 +27,7 @@ def _warm_template(used: dict) -> None:
     """Build the model template a message used (`device_app.last_run_settings`), so the next
     message's child forks with it ready."""
     from fedrec.client.runtime import device_template
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     catalogue = Path(used["catalogue"]) if used.get("catalogue") else None
     config = SimulationConfig.from_flat(used.get("run", {}))

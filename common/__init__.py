@@ -1,1 +1,3 @@
-"""Shared foundation of fedrec: data, model, evaluation, centralized reference training."""
+"""Shared foundation of fedrec: data, model, evaluation, privacy, the run configuration, the
+reply a device sends, Flower launch helpers, the audit of run folders, centralized reference
+training. Imports nothing of fedrec outside itself."""

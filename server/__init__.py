@@ -1,1 +1,3 @@
-"""Flower ServerApp and server-side aggregation and accounting."""
+"""The server: the federated run (sampling, validation, aggregation, user-level accounting,
+checkpoints, its one round loop), the deployment's ServerApp and SuperLink. Imports only
+fedrec.common: never the device side, never the simulation."""

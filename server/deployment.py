@@ -1,9 +1,9 @@
 """The server side of a deployed run: the simulation's `FederatedRun` over real devices.
 
 The same validation, aggregation, user-level accounting and per-round checkpoints as the
-simulation (`fedrec.simulations.federation.FederatedRun`); what differs is only who the devices
-are: the SuperNodes connected now (each one device, authenticated by its key) instead of
-virtual users of a stream. The transport is a callable, so this file does not import Flower.
+simulation (`fedrec.server.federated_run.FederatedRun`, and its loop `run_rounds`); what
+differs is only who the devices are: the SuperNodes connected now (each one device,
+authenticated by its key) instead of virtual users of a stream. The transport is a callable, so this file does not import Flower.
 
 Restart: the run folder's latest checkpoint holds the global model, the optimizer state and the
 user-level accountant; a new run over the same folder continues with the next round number.
@@ -15,7 +15,6 @@ restart is a new release the device records once more (counted once per release)
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,11 +23,10 @@ import numpy as np
 
 from fedrec.common.deployment import DeploymentSettings
 from fedrec.common.io import atomic_write_json
+from fedrec.common.replies import DeviceReply
+from fedrec.common.run_config import SimulationConfig
+from fedrec.server.federated_run import RESUMABLE_SETTINGS, FederatedRun, run_rounds
 from fedrec.server.user_privacy import client_sample_rate
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import RESUMABLE_SETTINGS, DeviceReply, FederatedRun
-
-log = logging.getLogger(__name__)
 
 # send(nodes, params, round) -> one (reply, reason it declined or None) per node (an error
 # reply for a node that did not answer in time); nodes() -> the node ids connected now
@@ -107,19 +105,23 @@ def run_deployment(
 ) -> DeploymentRun:
     """Every pending round: wait for devices, sample, send, aggregate, checkpoint, report."""
     run = DeploymentRun(config)
-    for round_ in run.pending_rounds():
+    # what each sampled node answered this round, with the reason it declined: `send` gives
+    # both, and devices.jsonl records them once the round is finished
+    answered: list[tuple[DeviceReply, str | None]] = []
+
+    def wait_for_devices(round_: int) -> None:
         run.use_nodes(wait_for_nodes(nodes, settings.min_nodes, settings.wait_nodes_s))
-        if not run.budget_allows_next_round():
-            log.warning("user-level budget reached before round %d: stopping", round_)
-            break
-        start = time.perf_counter()
-        sampled = [int(n) for n in run.begin_round(round_)]
-        answered = send(sampled, run.params, round_) if sampled else []
-        replies = [reply for reply, _ in answered]
-        row = run.finish_round(round_, replies, time.perf_counter() - start)
-        record_devices(run, round_, answered)
+
+    def send_round(round_: int, sampled: list[int], params: dict[str, np.ndarray]):
+        answered[:] = send(sampled, params, round_) if sampled else []
+        return [reply for reply, _ in answered]
+
+    def finished(row: dict) -> None:
+        record_devices(run, row["round"], answered)
         if on_round is not None:
             on_round(row)
+
+    run_rounds(run, send_round, before_round=wait_for_devices, on_round=finished)
     write_summary(run)
     return run
 

@@ -8,7 +8,7 @@ Canonical JSON (keys sorted, no whitespace):
     registered  N, the devices the round sampled from (user-level q = expected / N)
     devices     {name: commitment} for every device sampled (name: its store folder,
                 clients/<name>/); the commitment is what the device reported with its reply
-                (16 hex, `fedrec.client.runtime.device_commitment`: HMAC-SHA256 under the
+                (16 hex, `fedrec.simulations.devices.device_commitment`: HMAC-SHA256 under the
                 devices' key of "name\0round\0head", head = its ledger's head hash after the
                 round, 64 zeros while empty), "" when it reported none
     failed      names of the sampled devices that failed, sorted

@@ -14,20 +14,25 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 import time
 import tomllib
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedrec.common.certs import CA_CERT, SERVER_CERT, SERVER_KEY, device_public_keys
 from fedrec.common.deployment import DeploymentSettings, split_run_config
+from fedrec.common.flower_launch import (
+    final_status,
+    flower_env,
+    flwr_json,
+    run_config_arg,
+    wait_healthy,
+    write_app,
+)
 from fedrec.common.processes import run_env, stop_run_processes, watched_run
+from fedrec.common.run_config import TRANSPORT_DEFAULTS, SimulationConfig
 from fedrec.common.run_lock import RunLock
-from fedrec.simulations.config import TRANSPORT_DEFAULTS, SimulationConfig
-from fedrec.simulations.launcher import APP_PYPROJECT, flwr_json, run_config_arg, toml_value
 
 CONNECTION = "fedrec"
 INSECURE_WARNING = (
@@ -114,18 +119,6 @@ def load_server_config(path: Path | None, **overrides: Any) -> ServerConfig:
     return ServerConfig(**server, run=run)
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    home.mkdir(parents=True, exist_ok=True)
-    return os.environ | {
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "OMP_NUM_THREADS": "1",
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-    }
-
-
 def superlink_command(config: ServerConfig) -> list[str]:
     cmd = ["flower-superlink", "--host", config.host, "--port", str(config.port),
            "--database", str(config.database), "--disable-runtime-dependency-installation"]  # fmt: skip
@@ -137,20 +130,18 @@ def superlink_command(config: ServerConfig) -> list[str]:
             "--enable-supernode-auth"]  # fmt: skip
 
 
-def write_app(folder: Path) -> Path:
-    """A Flower app folder pointing at the installed fedrec apps, with every run key."""
-    folder.mkdir(parents=True, exist_ok=True)
-    defaults = (
-        SimulationConfig().to_flat()
+def write_deployment_app(folder: Path) -> Path:
+    """A Flower app folder pointing at the installed deployment apps, with every run key."""
+    return write_app(
+        folder,
+        name="fedrec-deployment",
+        generator="fedrec server start",
+        serverapp="fedrec.server.app:app",
+        clientapp="fedrec.client.app:app",
+        config=SimulationConfig().to_flat()
         | {k.replace("_", "-"): v for k, v in DeploymentSettings().__dict__.items()}
-        | TRANSPORT_DEFAULTS
+        | TRANSPORT_DEFAULTS,
     )
-    (folder / "pyproject.toml").write_text(
-        APP_PYPROJECT.replace("fedrec-simulation", "fedrec-deployment").format(
-            config="\n".join(f"{k} = {toml_value(v)}" for k, v in defaults.items())
-        )
-    )
-    return folder
 
 
 def write_connection(home: Path, config: ServerConfig) -> None:
@@ -163,26 +154,12 @@ def write_connection(home: Path, config: ServerConfig) -> None:
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def wait_healthy(config: ServerConfig, link: subprocess.Popen, timeout: float = 60) -> None:
-    scheme = "http" if config.insecure else "https"
-    context = (
-        None
-        if config.insecure
-        else ssl.create_default_context(cafile=str(config.certificates / CA_CERT))
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if link.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited early with status {link.returncode}")
-        try:
-            url = f"{scheme}://{config.connect}/health"
-            with urllib.request.urlopen(url, timeout=1, context=context) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("flower-superlink did not become healthy")
+def health_check(config: ServerConfig) -> tuple[str, ssl.SSLContext | None]:
+    """The SuperLink's health URL, and the TLS context that trusts its certificate."""
+    if config.insecure:
+        return f"http://{config.connect}/health", None
+    context = ssl.create_default_context(cafile=str(config.certificates / CA_CERT))
+    return f"https://{config.connect}/health", context
 
 
 def register_devices(env: dict, config: ServerConfig) -> list[str]:
@@ -227,19 +204,11 @@ def stop_stale_runs(env: dict) -> list[str]:
                     f"stopped run {run_id}, left {run.get('status')} by a previous server"
                 )
                 continue
-            now = final_status(env, run_id)[0]
+            now = final_status(env, CONNECTION, run_id, timeout=FLWR_TIMEOUT_S)[0]
             if not now.startswith("finished"):
                 raise RuntimeError(f"could not stop the stale run {run_id} ({now}): {answer}")
             stopped.append(f"run {run_id}, left {run.get('status')} by a previous server: {now}")
     return stopped
-
-
-def final_status(env: dict, run_id: str) -> tuple[str, str]:
-    listing = flwr_json(env, "ls", CONNECTION, "--run-id", run_id, timeout=FLWR_TIMEOUT_S)
-    if listing.get("success") and listing.get("runs"):
-        run = listing["runs"][0]
-        return run["status"], run.get("status-details", "")
-    return "unknown", json.dumps(listing)[:500]
 
 
 PUBLIC_CATALOGUE_FILE = "public-catalogue.npz"
@@ -248,9 +217,9 @@ PUBLIC_CATALOGUE_FILE = "public-catalogue.npz"
 def write_run_catalogue(config: ServerConfig, path: Path) -> str:
     """Write the public catalogue the run's model is built from (fedrec.common.data.
     public_catalogue) for devices to copy; returns its digest, which the run names."""
-    from fedrec.client.runtime import public_catalogue
     from fedrec.common.data.public_catalogue import write_public_catalogue
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_model import public_catalogue
 
     _, flat = split_run_config(dict(config.run))
     run = SimulationConfig.from_flat(flat)
@@ -276,9 +245,9 @@ def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:
     digest = write_run_catalogue(config, out / PUBLIC_CATALOGUE_FILE)
     echo(f"public catalogue for devices: {out / PUBLIC_CATALOGUE_FILE} (digest {digest[:12]})")
     config.database.parent.mkdir(parents=True, exist_ok=True)
-    env = run_env(flower_env(work / "flwr-home"), out, token)
+    env = run_env(flower_env(work / "flwr-home", OMP_NUM_THREADS="1"), out, token)
     write_connection(Path(env["FLWR_HOME"]), config)
-    app_dir = write_app(work / "app")
+    app_dir = write_deployment_app(work / "app")
     if config.insecure:
         echo(INSECURE_WARNING)
     log_file = open(work / "superlink.log", "ab")
@@ -288,7 +257,8 @@ def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:
     )  # fmt: skip
     (work / "superlink.pid").write_text(f"{link.pid}\n")
     try:
-        wait_healthy(config, link)
+        url, context = health_check(config)
+        wait_healthy(url, link, context=context)
         echo(f"SuperLink listening on {config.host}:{config.port} (pid {link.pid})")
         if not config.insecure:
             for message in register_devices(env, config):
@@ -356,7 +326,7 @@ def follow(out: Path, env: dict, run_id: str, timeout: float, echo) -> tuple[str
                     f"{row['declined']}, failed {row['failed']}"
                 )
             seen = len(lines)
-        status = final_status(env, run_id)
+        status = final_status(env, CONNECTION, run_id, timeout=FLWR_TIMEOUT_S)
         if status[0].startswith("finished"):
             return status
         time.sleep(2)

@@ -15,8 +15,8 @@ from fedrec.common.io import atomic_write_json
 from fedrec.common.privacy.accounting import Guarantee
 from fedrec.common.privacy.randomness import VOID_REASON
 from fedrec.common.reference import baseline_metrics
+from fedrec.server.federated_run import FederatedRun
 from fedrec.server.user_privacy import discard_delta
-from fedrec.simulations.federation import FederatedRun
 
 LEDGER_HEADS_FILE = "ledger_heads.json"
 

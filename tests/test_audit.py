@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli import app
 from fedrec.client.ledger import PrivacyLedger
 from fedrec.common.audit import AuditOptions, RecordsError, audit
 from fedrec.common.audit.records import canonical, entry_hash
 from fedrec.common.audit.report import PLOTS, write_report
-from fedrec.common.cli import app
 from fedrec.common.privacy.accounting import Guarantee, Mechanism
 
 DELTA, BUDGET, ROUNDS = 1e-5, 8.0, 4

@@ -12,19 +12,18 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld
 from typer.testing import CliRunner
 
+from fedrec.cli import app
 from fedrec.common.audit.empirical import (
-    EmpiricalConfig,
     audit_scores,
     epsilon_lower_bound,
     gaussian_delta,
     gaussian_mu,
     max_certifiable,
     p_value,
-    run_empirical,
 )
-from fedrec.common.cli import app
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import run_in_process
+from fedrec.common.run_config import SimulationConfig
+from fedrec.simulations.devices import run_in_process
+from fedrec.simulations.empirical_audit import EmpiricalConfig, run_empirical
 from fedrec.simulations.report import finalize
 
 LOCAL_DP = Path(__file__).resolve().parent.parent / "simulations" / "local_dp.toml"

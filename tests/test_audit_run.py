@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli import app
 from fedrec.common.audit import audit
 from fedrec.common.audit.records import canonical, entry_hash
-from fedrec.common.cli import app
+from fedrec.common.run_config import SimulationConfig
+from fedrec.server.federated_run import FederatedRun
 from fedrec.server.run_record import record_attempt
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import FederatedRun, device_reply, run_in_process, secure_sum
+from fedrec.server.secure_aggregation import secure_sum
+from fedrec.simulations.devices import device_reply, run_in_process
 from fedrec.simulations.report import finalize
 
 # q = 1 (every device every round): no round can fall below K_min, so no discard δ

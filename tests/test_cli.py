@@ -13,7 +13,7 @@ import pytest
 def fedrec(*args: str, tmp_path, check: bool = True) -> subprocess.CompletedProcess:
     env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedrec.common.cli", *args],
+        [sys.executable, "-m", "fedrec.cli", *args],
         capture_output=True,
         text=True,
         env=env,

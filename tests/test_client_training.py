@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedrec.client.ledger import PrivacyLedger
-from fedrec.client.runtime import global_parameters
 from fedrec.client.store import ClientStore
 from fedrec.client.training import LocalTrainConfig, local_round
 from fedrec.common.model import ModelConfig, RecModel
 from fedrec.common.privacy.accounting import Guarantee
+from fedrec.common.run_model import global_parameters
 
 NUM_ITEMS = 40
 ITEM_IDS = [f"i{k}" for k in range(NUM_ITEMS)]

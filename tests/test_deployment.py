@@ -20,10 +20,10 @@ from fedrec.client.device_round import device_round, reply_metrics
 from fedrec.client.store import StoreError
 from fedrec.common.config import DataConfig
 from fedrec.common.deployment import DeploymentSettings, split_run_config
+from fedrec.common.replies import DeviceReply
+from fedrec.common.run_config import SimulationConfig
 from fedrec.server.deployment import UnsupportedDeployment, run_deployment
 from fedrec.server.superlink import ServerConfigError, load_server_config
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.federation import DeviceReply
 
 RUN = {
     "dataset": "synthetic",
@@ -447,7 +447,7 @@ def test_an_insecure_device_against_a_tls_server_gives_up_naming_tls(tls_server,
             os.killpg(node.pid, signal.SIGKILL)
     assert f"the SuperLink at {tls_server} speaks TLS" in log.read_text()
     start = subprocess.run(
-        [sys.executable, "-m", "fedrec.common.cli", "client", "start", "--store",
+        [sys.executable, "-m", "fedrec.cli", "client", "start", "--store",
          str(tmp_path / "device"), "--insecure", "--superlink", tls_server],
         capture_output=True, text=True, env=env, timeout=90,
     )  # fmt: skip
@@ -472,14 +472,14 @@ def test_a_killed_client_start_takes_its_supernode_and_executor_along(tmp_path):
     (as after a server crash), as long as it lives."""
     import psutil
 
-    from fedrec.simulations.launcher import free_port
+    from fedrec.common.flower_launch import free_port
 
     port = free_port()
     node = [sys.executable, "-m", "fedrec.client.supernode", "--superlink",
             f"127.0.0.1:{free_port()}", "--insecure", "--port", str(port),
             "--isolation", "process"]  # fmt: skip
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from fedrec.common.cli.client_cmd import _supervise; "
+        [sys.executable, "-c", "import sys; from fedrec.cli.client_cmd import _supervise; "
          f"sys.exit(_supervise({node!r}, {port}))"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -507,6 +507,7 @@ def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
     SuperLink finished between the listing and the stop made Flower refuse the stop ("Run is
     already finished") and the restart died on it (faults benchmark). A run still unfinished
     after a refused stop is an error."""
+    from fedrec.common import flower_launch
     from fedrec.server import superlink
 
     status = {"7": "running"}
@@ -521,6 +522,7 @@ def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
         return {"success": False, "error-message": "[code: 18] Run is already finished."}
 
     monkeypatch.setattr(superlink, "flwr_json", flwr_json)
+    monkeypatch.setattr(flower_launch, "flwr_json", flwr_json)  # the final status's `flwr ls`
     finished = "finished:stopped"
     assert superlink.stop_stale_runs({}) == [
         "run 7, left running by a previous server: finished:stopped"

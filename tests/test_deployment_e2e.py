@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrec.simulations.launcher import free_port
+from fedrec.common.flower_launch import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -107,7 +107,7 @@ class Deployment:
 
     def fedrec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [sys.executable, "-m", "fedrec.common.cli", *args], cwd=self.root, env=self.env,
+            [sys.executable, "-m", "fedrec.cli", *args], cwd=self.root, env=self.env,
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if check and proc.returncode != 0:
@@ -117,7 +117,7 @@ class Deployment:
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedrec.common.cli", *args], cwd=self.root, env=self.env,
+            [sys.executable, "-m", "fedrec.cli", *args], cwd=self.root, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.procs.append(proc)
@@ -187,7 +187,7 @@ def deployment(tmp_path):
     # the catalogue's text features are cached once here, not by four processes at once
     from fedrec.client.runtime import template_for
     from fedrec.common.data.loaders import load_builtin
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     template_for(SimulationConfig.from_flat({"rounds": 4}))
     d = Deployment(tmp_path)

@@ -122,8 +122,9 @@ def synthetic_items() -> list[str]:
 
 
 def _global(run):
-    from fedrec.client.runtime import global_parameters, template_for
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.client.runtime import template_for
+    from fedrec.common.run_config import SimulationConfig
+    from fedrec.common.run_model import global_parameters
 
     model, _ = template_for(SimulationConfig.from_flat(run))
     return global_parameters(model)
@@ -200,10 +201,11 @@ def test_a_device_with_the_public_catalogue_file_never_loads_a_dataset(tmp_path,
     import torch
 
     from fedrec.client.device import catalogue_items
-    from fedrec.client.runtime import build_model, template_for, template_from_catalogue
+    from fedrec.client.runtime import template_for, template_from_catalogue
     from fedrec.common.data.public_catalogue import PublicCatalogueError, read_public_catalogue
-    from fedrec.simulations.config import SimulationConfig
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_config import SimulationConfig
+    from fedrec.common.run_model import build_model
 
     path, digest = _run_catalogue(tmp_path)
     config = SimulationConfig.from_flat(RUN)

@@ -90,7 +90,7 @@ class Simulate:
 
     def __init__(self, tmp_path: Path, out: Path, *extra: str, name: str = "run"):
         self.out, self.log = out, tmp_path / f"{name}.log"
-        args = [sys.executable, "-m", "fedrec.common.cli", "simulate", "--out", str(out)]
+        args = [sys.executable, "-m", "fedrec.cli", "simulate", "--out", str(out)]
         for key, value in SMALL.items():
             args += [f"--{key}", str(value)]
         env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
@@ -296,7 +296,7 @@ def test_the_watchdog_stops_a_killed_launchers_processes_then_frees_the_folder(t
 
 
 def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_path):
-    from fedrec.simulations.launcher import free_port
+    from fedrec.common.flower_launch import free_port
 
     (tmp_path / "run.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\ninsecure = true\nout = "run"\n'
@@ -304,7 +304,7 @@ def test_server_start_holds_its_folder_and_stops_its_superlink_on_sigterm(tmp_pa
         "rounds = 2\nwait-nodes-s = 600\n"
     )
     env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "fedrec.common.cli", "server", "start", "--config", "run.toml"]
+    command = [sys.executable, "-m", "fedrec.cli", "server", "start", "--config", "run.toml"]
     out, log = tmp_path / "run", tmp_path / "server.log"
     with open(log, "wb") as sink:
         server = subprocess.Popen(

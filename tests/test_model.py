@@ -277,7 +277,7 @@ def test_a_model_trained_on_single_interactions_trains_and_serves_its_biases_alo
 
 
 def test_dp_sgd_runs_train_the_single_interaction_parameters_unless_told_otherwise():
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     private = SimulationConfig()
     assert private.model.train_only == "item_table.weight,year_table.weight"

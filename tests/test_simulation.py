@@ -14,8 +14,10 @@ import pytest
 
 from fedrec.client.ledger import PrivacyLedger
 from fedrec.common.privacy.accounting import Guarantee
-from fedrec.simulations.config import SimulationConfig, parse_dp
-from fedrec.simulations.federation import DeviceReply, FederatedRun, RunExistsError, run_in_process
+from fedrec.common.replies import DeviceReply
+from fedrec.common.run_config import SimulationConfig, parse_dp
+from fedrec.server.federated_run import FederatedRun, RunExistsError
+from fedrec.simulations.devices import run_in_process
 from fedrec.simulations.report import finalize
 
 SMALL = {
@@ -209,7 +211,7 @@ def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(tmp_path):
 def test_fedrec_simulate_runs_through_flower(tmp_path):
     out = tmp_path / "flower-run"
     env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
-    args = [sys.executable, "-m", "fedrec.common.cli", "simulate", "--out", str(out)]
+    args = [sys.executable, "-m", "fedrec.cli", "simulate", "--out", str(out)]
     for key in ("dataset", "synthetic", "rounds", "clients-per-round", "min-survivors"):
         args += [f"--{key}", str(SMALL[key])]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
@@ -309,7 +311,8 @@ def test_rounds_with_fewer_survivors_than_k_min_reveal_nothing(tmp_path):
     """Secure aggregation's threshold: below K_min the server learns nothing, the model stays,
     ledgers keep the planned (over-)charge and stay within budget, and user-level DP states
     a δ within the target (the discard rule's share was planned into it)."""
-    from fedrec.simulations.federation import device_reply, secure_sum
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.devices import device_reply
 
     config = small(tmp_path)
     run = FederatedRun(config)
@@ -388,8 +391,8 @@ def test_user_level_noise_counts_the_devices_share_under_distributed(tmp_path):
 
 
 def test_a_sampled_device_with_nothing_delivered_yet_sends_noise_without_a_store(tmp_path):
-    from fedrec.client.runtime import client_dir, simulated_device_round
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
+    from fedrec.simulations.devices import client_dir, simulated_device_round
 
     config = small(tmp_path)
     run = FederatedRun(config)
@@ -426,14 +429,14 @@ def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
     """A device with nothing to train stays so until something new arrives; the marker that
     skips opening its store must give exactly the full path's reply, and is ignored once
     something new arrived."""
-    from fedrec.client.runtime import (
+    from fedrec.client.store import ClientStore
+    from fedrec.common.data.stream import load_stream
+    from fedrec.simulations.devices import (
         DELIVERED_KEY,
         IDLE_FILE,
         client_dir,
         simulated_device_round,
     )
-    from fedrec.client.store import ClientStore
-    from fedrec.simulations.stream import load_stream
 
     # the same noise both ways; a budget that one round spends, so cohorts retire and devices
     # fall idle (one interaction is one example: a device is idle once all it holds retired)
@@ -470,7 +473,7 @@ def test_the_stream_delivers_everything_before_the_test_and_never_the_test(tmp_p
     """The yardsticks count every interaction before the test (validation rows included), so
     the devices receive exactly those too: the simulation selects no model on a validation
     set, and holding those rows back would compare the model on less data than popularity."""
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
 
     config = small(tmp_path, protocol=protocol)
     stream = load_stream(config.data, config.rounds, config.protocol)
@@ -497,7 +500,7 @@ def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
     interaction from T on, and the summary ranks the first interaction after T for the model
     and for the popularity yardsticks alike."""
     from fedrec.client.store import ClientStore
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
 
     config = small(tmp_path, protocol="temporal")
     stream = load_stream(config.data, config.rounds, config.protocol)
@@ -561,7 +564,8 @@ def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
     with its reason and its devices are not counted."""
     import math
 
-    from fedrec.simulations.federation import device_reply, secure_sum
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.devices import device_reply
 
     whole_run = FederatedRun(small(tmp_path / "a", **REPRODUCIBLE))  # the same server noise
     parts_run = FederatedRun(small(tmp_path / "b", **REPRODUCIBLE))
@@ -612,7 +616,7 @@ def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
 def test_a_device_whose_update_is_invalid_is_a_failure_not_part_of_the_sum():
     """secure_sum checks each update before it joins (what input validation does in a secure
     aggregation protocol): a NaN update is that device's failure, with its reason."""
-    from fedrec.simulations.federation import secure_sum
+    from fedrec.server.secure_aggregation import secure_sum
 
     received = {"w": np.zeros((2, 3), np.float32)}
     good = DeviceReply(1, {"w": np.ones((2, 3), np.float32)}, 1, {"loss": 2.0, "declined": 0.0})
@@ -632,9 +636,9 @@ def test_the_sum_through_flower_records_counts_only_devices_whose_update_is_in_i
     are not members of the sum, so K_min and the user-level noise credit never count them."""
     from flwr.app import Message
 
-    from fedrec.client.app import pack_devices
-    from fedrec.server.app import unpack_devices
-    from fedrec.simulations.federation import secure_sum
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.client_app import pack_devices
+    from fedrec.simulations.server_app import unpack_devices
 
     received = {"w": np.zeros((2, 3), np.float32)}
     sent = DeviceReply(1, {"w": np.ones((2, 3), np.float32)}, 1, {"loss": 1.0})
@@ -658,8 +662,8 @@ def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered
     CLI exits 2 with the same message before starting Flower."""
     from typer.testing import CliRunner
 
-    from fedrec.common.cli import app
-    from fedrec.simulations.federation import SettingsError
+    from fedrec.cli import app
+    from fedrec.server.federated_run import SettingsError
 
     config = small(tmp_path, **{"min-survivors": 2350})
     with pytest.raises(SettingsError, match=r"--min-survivors 2350 .*at most \d+"):
@@ -681,7 +685,7 @@ def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered
 
 
 def test_a_delta_not_below_one_over_n_is_refused(tmp_path):
-    from fedrec.simulations.federation import SettingsError
+    from fedrec.server.federated_run import SettingsError
 
     with pytest.raises(SettingsError, match=r"--delta 0.01 .*user-level DP would be void"):
         FederatedRun(small(tmp_path, delta=0.01))  # 120 devices: 1/N = 0.0083
@@ -705,7 +709,8 @@ def test_a_void_guarantee_is_never_stated_as_held(tmp_path):
 def test_a_discarded_round_reveals_only_that_it_was_discarded(tmp_path):
     """Fewer than K_min devices in the sum: the model stays, and the round's row in
     metrics.jsonl carries none of the sum's counters (losses, prequential hits, declines)."""
-    from fedrec.simulations.federation import device_reply, secure_sum
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.devices import device_reply
 
     run = FederatedRun(small(tmp_path))
     before = {n: v.copy() for n, v in run.params.items()}
@@ -725,7 +730,7 @@ def test_a_discarded_round_reveals_only_that_it_was_discarded(tmp_path):
 def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(tmp_path):
     """--evaluate-on validation: the stream stops before each user's validation row, the
     target is that row, and the summary says so; the test rows are in neither."""
-    from fedrec.simulations.stream import load_stream
+    from fedrec.common.data.stream import load_stream
 
     config = small(tmp_path, **{"evaluate-on": "validation"})
     stream = load_stream(config.data, config.rounds, config.stream_protocol)
@@ -750,8 +755,8 @@ def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tm
     --resume on a folder that holds no run is an error."""
     from typer.testing import CliRunner
 
-    from fedrec.common.cli import app
-    from fedrec.simulations.federation import SettingsError
+    from fedrec.cli import app
+    from fedrec.server.federated_run import SettingsError
 
     config = small(tmp_path, rounds=2)
     run = FederatedRun(config)
@@ -786,7 +791,8 @@ def test_the_server_bounds_every_update_whatever_the_device_claims(tmp_path):
     with the reason counted, the honest ones are aggregated and the model stays finite.
     Honest devices, noise included, are never dropped; under secure aggregation the same
     bound is the input check of the sum."""
-    from fedrec.simulations.federation import device_reply, secure_sum
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.devices import device_reply
 
     run = FederatedRun(small(tmp_path, dp="user+local"))  # the server sees each update
     users = [int(u) for u in run.sample(1)]
@@ -823,19 +829,20 @@ def test_the_server_bounds_every_update_whatever_the_device_claims(tmp_path):
 def test_a_run_whose_model_stops_being_finite_stops_without_publishing_it(tmp_path, monkeypatch):
     """An aggregate that overflows (simulated: the server step returns inf) stops the run with
     an error naming the parameter; no checkpoint of that round is written."""
-    from fedrec.simulations import federation
-    from fedrec.simulations.federation import ModelNotFiniteError, device_reply
+    from fedrec.server import federated_run
+    from fedrec.server.federated_run import ModelNotFiniteError
+    from fedrec.simulations.devices import device_reply
 
     run = FederatedRun(small(tmp_path, dp="user+local"))
     replies = [device_reply(run.config, int(u), 1, run.params) for u in run.sample(1)]
-    real = federation.aggregate
+    real = federated_run.aggregate
 
     def overflowing(*args, **kwargs):
         params, state, diag = real(*args, **kwargs)
         name = next(iter(params))
         return {**params, name: params[name] * np.float32(np.inf)}, state, diag
 
-    monkeypatch.setattr(federation, "aggregate", overflowing)
+    monkeypatch.setattr(federated_run, "aggregate", overflowing)
     with pytest.raises(ModelNotFiniteError, match="non-finite values in"):
         run.finish_round(1, replies, 0.0)
     assert not list((run.out / "checkpoints").glob("round-*.npz"))

@@ -1,5 +1,6 @@
 """Privacy audits from persisted records alone: hash chains, independent recomputation of ε
-with Google's dp_accounting, budgets, retirements, and an empirical one-run lower bound.
+with Google's dp_accounting, budgets, retirements, and the statistics of an empirical one-run
+lower bound (whose canaries run the device code: `fedrec.simulations.empirical_audit`).
 
 Shares nothing with the code that produced the records but their file formats."""
 

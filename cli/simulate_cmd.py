@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedrec.common.cli.options import (
+from fedrec.cli.options import (
     ColumnsOpt,
     DataDirOpt,
     ItemsFileOpt,
@@ -16,11 +16,11 @@ from fedrec.common.cli.options import (
     TextEncoderOpt,
     fail,
 )
-from fedrec.common.cli.run_folder import hold_run_folder
+from fedrec.cli.run_folder import hold_run_folder
 
 if TYPE_CHECKING:
+    from fedrec.common.run_config import SimulationConfig
     from fedrec.common.run_lock import RunLock
-    from fedrec.simulations.config import SimulationConfig
 
 
 def simulate(
@@ -86,7 +86,7 @@ def simulate(
     budget, train with Opacus DP-SGD, write their ledgers, and send their update. Writes OUT/
     summary.json (test, privacy, dp), metrics.jsonl, checkpoints/, clients/*/ledger.jsonl,
     rounds.png and epsilon.png. Interrupted runs continue with --resume."""
-    from fedrec.simulations.config import SimulationConfig
+    from fedrec.common.run_config import SimulationConfig
 
     if no_dp and dp is not None and dp.strip().lower() not in ("off", "none"):
         raise typer.BadParameter(f"--no-dp contradicts --dp {dp}: give one of them")
@@ -138,7 +138,7 @@ def check_before_start(config: SimulationConfig) -> None:
     recorded = Path(config.out) / "config.json"
     if config.resume and not recorded.exists():
         raise fail(f"--resume: {config.out} holds no run to continue (no {recorded.name})")
-    from fedrec.simulations.federation import SettingsError, preflight, refuse_changed_settings
+    from fedrec.server.federated_run import SettingsError, preflight, refuse_changed_settings
 
     try:  # before anything is delivered, trained or started
         if config.resume:
@@ -158,7 +158,7 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
     """The run, with its folder locked: checks against what it holds, then the federation."""
     check_before_start(config)  # under the lock: what the folder holds cannot change now
     if in_process:
-        from fedrec.simulations.federation import run_in_process
+        from fedrec.simulations.devices import run_in_process
         from fedrec.simulations.launcher import describe_round
         from fedrec.simulations.report import finalize
 

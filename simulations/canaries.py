@@ -10,7 +10,7 @@ canaries.
 
 The adversary's view is the calibration's threat model:
 - DISTRIBUTED: the server sees one SUM per round over the devices of a secure aggregation
-  (`fedrec.simulations.federation.secure_sum`). A sum holds K devices, one canary each, every
+  (`fedrec.server.secure_aggregation.secure_sum`). A sum holds K devices, one canary each, every
   device adding σ/√K: the sum carries σ·C around each canary exactly as a shipped round of
   K_min = 2,350 devices does (a sum of independent Gaussians is the Gaussian of the summed
   variances), and the ledger, planning with K_min = K, charges the same ε. More devices would
@@ -164,7 +164,8 @@ def run_canaries(
     from fedrec.client.store import ClientStore
     from fedrec.client.training import local_round
     from fedrec.common.privacy.accounting import Guarantee
-    from fedrec.simulations.federation import DeviceReply, add_pooled, secure_sum
+    from fedrec.common.replies import DeviceReply
+    from fedrec.server.secure_aggregation import add_pooled, secure_sum
 
     honest, device = device_settings(sim, devices_per_sum=devices_per_sum, noise_scale=noise_scale)
     rounds, claimed = claimed_rounds(honest)

@@ -1,11 +1,13 @@
-"""The server side of a federated lifelong run, as plain code that Flower only transports.
+"""The server side of a federated lifelong run, as plain code that a transport only carries.
 
 `FederatedRun` owns the global model, the server optimizer, the user-level accountant and the
-run folder. Per round: `sample(round)` Poisson-samples devices; the transport (Flower's Grid,
-or `run_in_process` for tests and baselines) delivers each one `global_params` and brings back
-a `DeviceReply`; `finish_round(round, replies)` validates, aggregates, accounts, checkpoints
-and logs. The order inside `finish_round` is the privacy argument for user-level DP: the
-accountant's record is persisted (in the checkpoint) before the new model is published.
+run folder. Per round: `sample(round)` Poisson-samples devices; the transport (Flower's Grid in
+a simulation or a deployment, or the simulation's in-process loop for tests and baselines)
+delivers each one `global_params` and brings back a `DeviceReply`; `finish_round(round,
+replies)` validates, aggregates, accounts, checkpoints and logs. The order inside
+`finish_round` is the privacy argument for user-level DP: the accountant's record is persisted
+(in the checkpoint) before the new model is published. `run_rounds` is the one loop over the
+rounds that every transport drives.
 """
 
 from __future__ import annotations
@@ -15,24 +17,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.runtime import (
-    build_model,
-    device_commitment,
-    global_parameters,
-    simulated_device_round,
-)
-from fedrec.client.training import load_parameters
 from fedrec.common.data.history import UserHistories
+from fedrec.common.data.stream import load_stream
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer
 from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
+from fedrec.common.replies import DeviceReply
+from fedrec.common.run_config import SimulationConfig
+from fedrec.common.run_model import build_model, global_parameters, load_parameters
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
     ClientUpdate,
@@ -49,6 +47,7 @@ from fedrec.server.run_record import (
     record_attempt,
     round_record,
 )
+from fedrec.server.secure_aggregation import add_pooled, epsilon_bound
 from fedrec.server.user_privacy import (
     UserLevelAccountant,
     aggregate_noise_std,
@@ -59,135 +58,8 @@ from fedrec.server.user_privacy import (
     largest_min_survivors,
     user_level_mechanism,
 )
-from fedrec.simulations.config import SimulationConfig
-from fedrec.simulations.stream import load_stream
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DeviceReply:
-    user: int
-    params: dict[str, np.ndarray] | None
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None  # the device failed (bad store, bad parameters, crash)
-    # head hash of the device's ledger after its round (deployment: reported every round, so
-    # an auditor can later detect a truncated or rewritten ledger); in simulation a keyed
-    # commitment to it (`fedrec.client.runtime.device_commitment`), recorded by the server
-    ledger_head: str | None = None
-    # > 0: not one device's reply but the secure sum of this many devices' replies (their
-    # updates minus the received parameters, and their counters: `secure_sum`), summed where
-    # they were computed; each of those devices also has its own reply, with nothing in it
-    pooled: int = 0
-
-
-# What a device's reply may add to a secure sum besides its update (`secure_sum`): counters
-# that add up. "trained" and "loss_count" are derived when summing; the rest are its metrics.
-SUMMED_METRICS = (
-    "declined",
-    "noise_only",
-    "examples",
-    "retired_now",
-    "preq_count",
-    "preq_hits@10",
-    "preq_ndcg@10",
-)
-
-
-# A maximum does not add up: under secure aggregation each device adds a 1 to the bin of its
-# worst interaction ε (bins EPS_BIN wide up to EPS_BINS * EPS_BIN, then one open bin), and the
-# round reports the upper edge of the highest non-empty bin, a bound on the sampled maximum.
-EPS_BIN, EPS_BINS = 0.25, 64
-
-
-def epsilon_bin_key(epsilon: float) -> str:
-    edge = min(math.ceil(epsilon / EPS_BIN), EPS_BINS + 1)
-    return f"eps_bin/{edge}"
-
-
-def epsilon_bound(counters: dict[str, float]) -> float | None:
-    """The upper edge of the highest non-empty ε bin; None if no device reported an ε, or one
-    fell in the open bin (above EPS_BINS * EPS_BIN: no finite bound)."""
-    edges = [int(k.split("/")[1]) for k, v in counters.items() if k.startswith("eps_bin/") and v]
-    if not edges or max(edges) > EPS_BINS:
-        return None
-    return max(edges) * EPS_BIN
-
-
-def secure_sum(
-    replies: Sequence[DeviceReply],
-    received: dict[str, np.ndarray],
-    max_change: float | None = None,
-) -> list[DeviceReply]:
-    """What secure aggregation lets the server learn of these devices' replies (DISTRIBUTED).
-
-    Per device only whether it failed (and why): its reply carries no parameters and no
-    metrics. Everything else is ONE pooled reply: the sum of the updates' changes from the
-    `received` parameters, and the sum of the counters in SUMMED_METRICS, plus "trained",
-    "loss" and "loss_count" (devices that trained, and the sum of their finite losses) and
-    a histogram of the devices' worst interaction ε (`epsilon_bin_key`);
-    `pooled` is the number of devices in the sum. A device's update is checked before it
-    joins (shape, dtype, finite, and at most `max_change` from `received`: what input
-    validation in a secure aggregation protocol checks on the device), and one that fails
-    is a failed device, not a poisoned sum.
-    In simulation this runs where the devices' replies are (a slot's message, or the
-    sequential loop); the server adds the pooled replies up before reading anything."""
-    out: list[DeviceReply] = []
-    total = {name: np.zeros(value.shape, np.float64) for name, value in received.items()}
-    counters = dict.fromkeys((*SUMMED_METRICS, "trained", "loss", "loss_count"), 0.0)
-    members: list[int] = []
-    for reply in replies:
-        error = reply.error
-        if error is None and reply.params is not None:
-            reason = validate_update(reply.params, received, max_change)
-            error = None if reason is None else f"invalid update: {reason}"
-        if error is not None or reply.params is None:
-            out.append(
-                DeviceReply(reply.user, None, 0, {}, error=error, ledger_head=reply.ledger_head)
-            )
-            continue
-        for name, value in reply.params.items():
-            total[name] += value.astype(np.float64) - received[name]
-        for key in SUMMED_METRICS:
-            counters[key] += float(reply.metrics.get(key, 0.0))
-        if "max_interaction_epsilon" in reply.metrics:
-            key = epsilon_bin_key(float(reply.metrics["max_interaction_epsilon"]))
-            counters[key] = counters.get(key, 0.0) + 1
-        if reply.metrics.get("noise_only") != 1.0:
-            counters["trained"] += 1
-            loss = float(reply.metrics.get("loss", math.nan))
-            if math.isfinite(loss):
-                counters["loss"] += loss
-                counters["loss_count"] += 1
-        members.append(reply.user)
-        # a keyed commitment to its ledger's head: looks random to the server (not a count)
-        out.append(DeviceReply(reply.user, None, 0, {}, ledger_head=reply.ledger_head))
-    if members:
-        changes = {name: value.astype(np.float32) for name, value in total.items()}
-        out.append(DeviceReply(min(members), changes, 0, counters, pooled=len(members)))
-    return out
-
-
-def add_pooled(pooled: Sequence[DeviceReply]) -> DeviceReply | None:
-    """The pooled replies of one round added into one (None if there are none): what the
-    server of a secure aggregation learns is this total, never a part of it."""
-    if not pooled:
-        return None
-    params = {
-        n: np.sum([r.params[n] for r in pooled], axis=0, dtype=np.float64) for n in pooled[0].params
-    }
-    metrics: dict[str, float] = {}
-    for reply in pooled:
-        for key, value in reply.metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + float(value)
-    return DeviceReply(
-        min(r.user for r in pooled),
-        {n: v.astype(np.float32) for n, v in params.items()},
-        0,
-        metrics,
-        pooled=sum(r.pooled for r in pooled),
-    )
 
 
 class RunExistsError(RuntimeError):
@@ -475,7 +347,8 @@ class FederatedRun:
                 continue
             valid.append(reply)
         # Secure aggregation: the round's sum is all the server learns (the parts are added
-        # first); a device's own reply may say only whether it failed (`secure_sum`).
+        # first); a device's own reply may say only whether it failed
+        # (`fedrec.server.secure_aggregation.secure_sum`).
         total = add_pooled(valid)
         if total is not None:
             shares = {n: self.params[n] + total.params[n] for n in self.params}
@@ -695,44 +568,37 @@ def _json_safe(value):
     return value
 
 
-def run_in_process(
-    config: SimulationConfig, on_round: Callable[[dict], None] | None = None
-) -> FederatedRun:
-    """The same run without Flower: devices are called one after another in this process.
+# The transport of one round: (round, the sampled devices, the global parameters) -> their
+# replies, one per device or pooled by a secure sum (`FederatedRun.finish_round` reads both).
+SendRound = Callable[[int, list[int], dict[str, np.ndarray]], Sequence[DeviceReply]]
 
-    Used by tests and as the sequential baseline that simulation speed is compared with."""
-    run = FederatedRun(config)
-    for round in run.pending_rounds():
+
+def run_rounds(
+    run: FederatedRun,
+    send_round: SendRound,
+    *,
+    before_round: Callable[[int], None] | None = None,
+    on_round: Callable[[dict], None] | None = None,
+) -> None:
+    """Every pending round of `run` over one transport: sample (recorded before any device is
+    asked), send, finish (validate, aggregate, account, checkpoint), then `on_round(row)`.
+
+    A resumed run starts after its latest checkpoint (`pending_rounds`), and the run stops
+    before a round the user-level budget could not pay for. `before_round(round)` runs first
+    in every round: a deployment waits for its devices there (the budget check needs their
+    number), a Flower run checks that it still owns the run folder."""
+    for round_ in run.pending_rounds():
+        if before_round is not None:
+            before_round(round_)
         if not run.budget_allows_next_round():
-            log.warning("user-level budget reached before round %d: stopping", round)
+            log.warning("user-level budget reached before round %d: stopping", round_)
             break
         start = time.perf_counter()
-        users = run.begin_round(round)
-        replies = [device_reply(config, int(user), round, run.params) for user in users]
-        if config.secure_aggregation:
-            replies = secure_sum(replies, run.params, run.update_bound)
-        row = run.finish_round(round, replies, time.perf_counter() - start)
+        users = [int(u) for u in run.begin_round(round_)]
+        replies = send_round(round_, users, run.params)
+        row = run.finish_round(round_, replies, time.perf_counter() - start)
         if on_round is not None:
             on_round(row)
-    return run
 
 
-def device_reply(config: SimulationConfig, user: int, round: int, params) -> DeviceReply:
-    """A device's round with failures turned into a reply the server can count."""
-    try:
-        result = simulated_device_round(config, user, round, params)
-    except Exception as err:
-        head = device_commitment(config, user, round)
-        return DeviceReply(
-            user, None, 0, {}, error=f"{type(err).__name__}: {err}", ledger_head=head
-        )
-    return DeviceReply(
-        user,
-        result.params,
-        result.num_examples,
-        dict(result.metrics),
-        ledger_head=device_commitment(config, user, round),
-    )
-
-
-__all__ = ["DeviceReply", "FederatedRun", "RunExistsError", "run_in_process", "secure_sum"]
+__all__ = ["FederatedRun", "RunExistsError", "SendRound", "run_rounds"]

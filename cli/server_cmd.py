@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from fedrec.common.cli.options import fail
-from fedrec.common.cli.run_folder import hold_run_folder
+from fedrec.cli.options import fail
+from fedrec.cli.run_folder import hold_run_folder
 
 app = typer.Typer(
     help="The server side of a deployment (a Flower SuperLink).", no_args_is_help=True

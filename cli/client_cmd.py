@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.common.cli.options import fail
+from fedrec.cli.options import fail
 
 app = typer.Typer(
     help="The device side: its interaction store, privacy spend, recommendations and SuperNode.",

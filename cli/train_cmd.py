@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.common.cli.options import (
+from fedrec.cli.options import (
     ColumnsOpt,
     DataDirOpt,
     DatasetOpt,

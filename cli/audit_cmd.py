@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.common.cli.options import fail
+from fedrec.cli.options import fail
 
 
 def audit(
@@ -73,11 +73,8 @@ def audit(
         raise fail(str(err)) from err
     figures = None
     if empirical:
-        from fedrec.common.audit.empirical import (
-            EmpiricalConfig,
-            recorded_calibration,
-            run_empirical,
-        )
+        from fedrec.common.audit.empirical import recorded_calibration
+        from fedrec.simulations.empirical_audit import EmpiricalConfig, run_empirical
 
         if empirical_canaries < 2 or not empirical_noise_scale > 0:
             raise typer.BadParameter("--empirical-canaries >= 2, --empirical-noise-scale > 0")

@@ -7,6 +7,10 @@ evaluation ranks the same test as `fedrec train` under that protocol: (a) `loo`,
 last interaction held back (users with fewer than 5 are streamed whole); (b) `temporal`, the
 stream ends at the global cutoff T and the test is each user's first interaction after it, so
 no device ever holds anything later than another's test.
+
+Not only the simulation reads it: the server builds the run's model and its public catalogue
+from the stream's catalogue and span, and a device without a catalogue file builds its
+template from it too (`fedrec.client.runtime`), so it lives in `fedrec.common`.
 """
 
 from __future__ import annotations

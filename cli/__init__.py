@@ -1,5 +1,6 @@
-"""The `fedrec` command line. Each subcommand lives in its own module and imports heavy
-libraries (torch, opacus, flwr) only when it runs, so `fedrec --help` stays fast."""
+"""The `fedrec` command line, the one package that may import every other. Each subcommand
+lives in its own module and imports heavy libraries (torch, opacus, flwr) only when it runs,
+so `fedrec --help` stays fast."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import typer
 
-from fedrec.common.cli import (
+from fedrec.cli import (
     audit_cmd,
     certs_cmd,
     client_cmd,
@@ -28,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# exit statuses of a command stopped by SIGINT or SIGTERM (fedrec.common.cli.run_folder)
+# exit statuses of a command stopped by SIGINT or SIGTERM (fedrec.cli.run_folder)
 INTERRUPTED = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM})
 
 app.command("data")(data_cmd.data)

@@ -4,6 +4,9 @@ The same flat mapping comes from three places, so there is one parser for all of
 `[tool.flwr.app.config]` defaults (Flower's run_config, kebab-case keys), an experiment TOML
 file under `simulations/`, and `fedrec simulate` options. Nothing past `SimulationConfig` reads
 string keys.
+
+It lives in `fedrec.common` because every side reads it: the server's run, a device's round
+(the settings the run asks of it), the simulation and the command line.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def parse_dp(text: str) -> frozenset[str]:
 class SimulationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rounds: int = 30  # 30 windows of the timeline
-    # evaluation protocol whose test is held back from the stream (see simulations/stream.py):
+    # evaluation protocol whose test is held back from the stream (see common/data/stream.py):
     # "loo" (a), comparable with papers; "temporal" (b), the stream ends at the global cutoff
     protocol: str = "loo"
     # what the final evaluation ranks: "test", or "validation" to choose settings (the
@@ -164,7 +167,7 @@ class SimulationConfig:
 
     @property
     def stream_protocol(self) -> str:
-        """The protocol the stream is built with (`fedrec.simulations.stream.build_stream`)."""
+        """The protocol the stream is built with (`fedrec.common.data.stream.build_stream`)."""
         return self.protocol + (":validation" if self.evaluate_on == "validation" else "")
 
     def update_norm_bound(self, num_params: int) -> float | None:
@@ -218,7 +221,7 @@ class SimulationConfig:
     @property
     def secure_aggregation(self) -> bool:
         """Devices' replies reach the server only as sums (`distributed`: simulated secure
-        aggregation, fedrec.simulations.federation.secure_sum)."""
+        aggregation, fedrec.server.secure_aggregation.secure_sum)."""
         return "distributed" in self.dp
 
     @property

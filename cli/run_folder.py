@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from fedrec.common.cli.options import fail
+from fedrec.cli.options import fail
 from fedrec.common.processes import Interrupted, interruptible
 from fedrec.common.run_lock import RunLock, RunLocked
 

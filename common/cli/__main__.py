@@ -1,3 +1,0 @@
-from fedrec.common.cli import main
-
-main()

@@ -1,0 +1,124 @@
+"""What secure aggregation lets the server learn of a round: sums, never a device's own reply.
+
+`secure_sum` runs where the devices' replies are (in simulation: an execution slot's message,
+or the in-process loop; the devices of a real secure aggregation protocol would compute the
+same with masks), `add_pooled` on the server, which adds the pooled replies up before reading
+anything (`fedrec.server.federated_run.FederatedRun.finish_round`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedrec.common.replies import DeviceReply
+from fedrec.server.aggregation import validate_update
+
+# What a device's reply may add to a secure sum besides its update (`secure_sum`): counters
+# that add up. "trained" and "loss_count" are derived when summing; the rest are its metrics.
+SUMMED_METRICS = (
+    "declined",
+    "noise_only",
+    "examples",
+    "retired_now",
+    "preq_count",
+    "preq_hits@10",
+    "preq_ndcg@10",
+)
+
+
+# A maximum does not add up: under secure aggregation each device adds a 1 to the bin of its
+# worst interaction ε (bins EPS_BIN wide up to EPS_BINS * EPS_BIN, then one open bin), and the
+# round reports the upper edge of the highest non-empty bin, a bound on the sampled maximum.
+EPS_BIN, EPS_BINS = 0.25, 64
+
+
+def epsilon_bin_key(epsilon: float) -> str:
+    edge = min(math.ceil(epsilon / EPS_BIN), EPS_BINS + 1)
+    return f"eps_bin/{edge}"
+
+
+def epsilon_bound(counters: dict[str, float]) -> float | None:
+    """The upper edge of the highest non-empty ε bin; None if no device reported an ε, or one
+    fell in the open bin (above EPS_BINS * EPS_BIN: no finite bound)."""
+    edges = [int(k.split("/")[1]) for k, v in counters.items() if k.startswith("eps_bin/") and v]
+    if not edges or max(edges) > EPS_BINS:
+        return None
+    return max(edges) * EPS_BIN
+
+
+def secure_sum(
+    replies: Sequence[DeviceReply],
+    received: dict[str, np.ndarray],
+    max_change: float | None = None,
+) -> list[DeviceReply]:
+    """What secure aggregation lets the server learn of these devices' replies (DISTRIBUTED).
+
+    Per device only whether it failed (and why): its reply carries no parameters and no
+    metrics. Everything else is ONE pooled reply: the sum of the updates' changes from the
+    `received` parameters, and the sum of the counters in SUMMED_METRICS, plus "trained",
+    "loss" and "loss_count" (devices that trained, and the sum of their finite losses) and
+    a histogram of the devices' worst interaction ε (`epsilon_bin_key`);
+    `pooled` is the number of devices in the sum. A device's update is checked before it
+    joins (shape, dtype, finite, and at most `max_change` from `received`: what input
+    validation in a secure aggregation protocol checks on the device), and one that fails
+    is a failed device, not a poisoned sum.
+    In simulation this runs where the devices' replies are (a slot's message, or the
+    sequential loop); the server adds the pooled replies up before reading anything."""
+    out: list[DeviceReply] = []
+    total = {name: np.zeros(value.shape, np.float64) for name, value in received.items()}
+    counters = dict.fromkeys((*SUMMED_METRICS, "trained", "loss", "loss_count"), 0.0)
+    members: list[int] = []
+    for reply in replies:
+        error = reply.error
+        if error is None and reply.params is not None:
+            reason = validate_update(reply.params, received, max_change)
+            error = None if reason is None else f"invalid update: {reason}"
+        if error is not None or reply.params is None:
+            out.append(
+                DeviceReply(reply.user, None, 0, {}, error=error, ledger_head=reply.ledger_head)
+            )
+            continue
+        for name, value in reply.params.items():
+            total[name] += value.astype(np.float64) - received[name]
+        for key in SUMMED_METRICS:
+            counters[key] += float(reply.metrics.get(key, 0.0))
+        if "max_interaction_epsilon" in reply.metrics:
+            key = epsilon_bin_key(float(reply.metrics["max_interaction_epsilon"]))
+            counters[key] = counters.get(key, 0.0) + 1
+        if reply.metrics.get("noise_only") != 1.0:
+            counters["trained"] += 1
+            loss = float(reply.metrics.get("loss", math.nan))
+            if math.isfinite(loss):
+                counters["loss"] += loss
+                counters["loss_count"] += 1
+        members.append(reply.user)
+        # a keyed commitment to its ledger's head: looks random to the server (not a count)
+        out.append(DeviceReply(reply.user, None, 0, {}, ledger_head=reply.ledger_head))
+    if members:
+        changes = {name: value.astype(np.float32) for name, value in total.items()}
+        out.append(DeviceReply(min(members), changes, 0, counters, pooled=len(members)))
+    return out
+
+
+def add_pooled(pooled: Sequence[DeviceReply]) -> DeviceReply | None:
+    """The pooled replies of one round added into one (None if there are none): what the
+    server of a secure aggregation learns is this total, never a part of it."""
+    if not pooled:
+        return None
+    params = {
+        n: np.sum([r.params[n] for r in pooled], axis=0, dtype=np.float64) for n in pooled[0].params
+    }
+    metrics: dict[str, float] = {}
+    for reply in pooled:
+        for key, value in reply.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value)
+    return DeviceReply(
+        min(r.user for r in pooled),
+        {n: v.astype(np.float32) for n, v in params.items()},
+        0,
+        metrics,
+        pooled=sum(r.pooled for r in pooled),
+    )

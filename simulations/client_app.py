@@ -1,0 +1,96 @@
+"""The simulation's Flower ClientApp: each virtual SuperNode is an execution slot that plays,
+one after the other, the devices of the users the ServerApp names in its message (`users` in
+the config record); every device's state lives in its own folder, so any slot can serve any
+device (`fedrec.simulations.devices`).
+
+A deployment runs its own ClientApp (`fedrec.client.app`), one real device per SuperNode.
+Heavy modules (torch, opacus, the data) are imported inside the handler, when needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.common.deployment import parameters_from, parameters_record
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
+    from fedrec.common.run_config import SimulationConfig
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.devices import device_reply
+
+    config = SimulationConfig.from_flat(dict(context.run_config))
+    instructions = msg.content["config"]
+    users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
+    params = parameters_from(msg.content["arrays"])
+    # Several devices per message: Flower's per-message cost is paid once for all of them.
+    # Keys are "<user>/<name>"; the ServerApp splits them back (`server_app.unpack_devices`).
+    # Updates of the global parameters' shapes travel stacked, one array per parameter (a
+    # Flower Array is an object hashed and stored on its own: 6 per device cost more than
+    # the training), and all arrays of the reply in one bundle (fedrec.common.deployment);
+    # any other update travels alone under "<user>/<name>" and the server's validation
+    # drops it with its reason.
+    # Under DISTRIBUTED the server may learn only sums (secure aggregation, simulated): the
+    # message's devices are summed here (`secure_sum`): one update sum and one sum of their
+    # counters travel as "pooled/<name>", and each device's own reply says only whether it
+    # failed. (At every device per round this is also most of a round's bytes saved.)
+    replies = [device_reply(config, user, round_, params) for user in users]
+    if config.secure_aggregation:
+        bound = config.update_norm_bound(sum(v.size for v in params.values()))
+        replies = secure_sum(replies, params, bound)
+    return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
+
+
+def pack_devices(
+    users: list[int], replies: list, params: dict[str, np.ndarray], secure: bool
+) -> RecordDict:
+    """A slot's reply for several devices; `fedrec.simulations.server_app.unpack_devices`
+    reverses it.
+
+    Under secure aggregation the pooled reply's own count of members travels as
+    "pooled_count": a device without an error is not necessarily in the sum (one that sent
+    no update is not), and the server's K_min rule and noise credit must count only the
+    devices whose noise share is really in it."""
+    metrics, status, arrays, stacked = {}, {}, {}, []
+    shapes = {name: value.shape for name, value in params.items()}
+    pooled_users, pooled_count = [], 0
+    for reply in replies:
+        if reply.pooled:
+            arrays |= {f"pooled/{name}": value for name, value in reply.params.items()}
+            metrics |= {f"pooled/{k}": v for k, v in reply.metrics.items()}
+            pooled_count = reply.pooled
+            continue
+        user = reply.user
+        status[f"{user}/error"] = reply.error or ""
+        status[f"{user}/head"] = reply.ledger_head or ""  # a keyed commitment: looks random
+        if secure:  # nothing of its own beyond a failure
+            if reply.error is None:
+                pooled_users.append(user)
+            continue
+        metrics |= {f"{user}/{k}": v for k, v in reply.metrics.items()}
+        metrics[f"{user}/num-examples"] = reply.num_examples
+        if reply.params is None:
+            continue
+        if {k: v.shape for k, v in reply.params.items()} == shapes:
+            stacked.append((user, reply.params))
+        else:
+            arrays |= {f"{user}/{k}": np.asarray(v) for k, v in reply.params.items()}
+    if stacked:
+        for name in shapes:
+            arrays[f"stacked/{name}"] = np.stack([p[name] for _, p in stacked])
+    status["stacked"] = [user for user, _ in stacked]
+    status["pooled"] = pooled_users
+    status["pooled_count"] = pooled_count
+    status["users"] = users  # replies come back in any order: each names its devices
+    content = RecordDict({"metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
+    if arrays:  # one bundle: every Flower Array is objects moved one request each
+        content["arrays"] = parameters_record(arrays)
+    return content

@@ -1,0 +1,55 @@
+"""The packages' one-way layers: cli > simulations > server | client > common.
+
+import-linter checks every import of the installed packages, those inside functions and under
+TYPE_CHECKING included, against the contract in pyproject.toml ([tool.importlinter]): a device
+process never loads the server or the simulation, the server never the device side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def lint_imports(folder: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` with the configuration found in `folder` (its pyproject.toml); no cache
+    folder is written there."""
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_every_package_imports_only_the_layers_below_it():
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_the_check_fails_on_an_import_against_the_layers(tmp_path):
+    """Negative control: the project's own configuration with its layers upside down (common
+    on top, so every package's imports of common go upward) must fail, naming an offending
+    import; a check that passed this would prove nothing."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = config["contracts"]
+    assert contract["layers"][0] == "fedrec.cli" and contract["layers"][-1] == "fedrec.common"
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.importlinter]\n"
+        f"root_packages = {json.dumps(config['root_packages'])}\n\n"
+        "[[tool.importlinter.contracts]]\n"
+        'name = "upside down"\n'
+        'type = "layers"\n'
+        f"layers = {json.dumps(contract['layers'][::-1])}\n"
+    )
+    result = lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "BROKEN" in result.stdout
+    assert "is not allowed to import fedrec.common" in result.stdout
