@@ -31,6 +31,7 @@ import psutil
 
 RUN_TOKEN_ENV = "FEDREC_RUN_TOKEN"
 RUN_DIR_ENV = "FEDREC_RUN_DIR"
+CLEAN_STOP = b"clean stop\n"  # what a launcher writes its watchdog before closing the pipe
 WATCHDOG_GRACE_S = 5.0  # SIGTERM first: a deployment's SuperLink closes its database
 
 
@@ -142,16 +143,20 @@ def stop_run_processes(token: str, grace: float, settle: float = 0.0) -> int:
 
 
 def _with_descendants(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """`processes` and every live descendant of one (never this process), each once."""
+    """`processes` and every live descendant of one (never this process), each once: one
+    look at the process table (psutil's `children` looks at all of it for every process)."""
     found = {p.pid: p for p in processes}
-    for process in processes:
-        try:
-            children = process.children(recursive=True)
-        except psutil.Error:
-            continue
-        for child in children:
-            if child.pid != os.getpid() and _alive(child):
-                found.setdefault(child.pid, child)
+    if not found:
+        return []
+    children: dict[int, list[psutil.Process]] = {}
+    for process in psutil.process_iter(["ppid"]):
+        children.setdefault(process.info["ppid"], []).append(process)
+    queue = list(found)
+    while queue:
+        for child in children.get(queue.pop(), []):
+            if child.pid not in found and child.pid != os.getpid() and _alive(child):
+                found[child.pid] = child
+                queue.append(child.pid)
     return list(found.values())
 
 
@@ -194,6 +199,11 @@ class Watchdog:
     def close(self, timeout: float = 10.0) -> None:
         """After a clean stop: let it make its last sweep and exit."""
         if self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.write(CLEAN_STOP)
+                self._proc.stdin.flush()
+            except OSError:
+                pass  # it is gone already
             self._proc.stdin.close()
         try:
             self._proc.wait(timeout)
@@ -206,9 +216,12 @@ def watch(token: str, grace: float) -> None:
     """The watchdog: block until the launcher's end of the pipe closes, then stop its run."""
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
-    while sys.stdin.buffer.read(4096):
-        pass
-    stop_run_processes(token, grace, settle=2.0)
+    last = b""
+    while chunk := sys.stdin.buffer.read(4096):
+        last = (last + chunk)[-len(CLEAN_STOP) :]
+    # After a launcher's death, processes starting as it died may still appear: look on a
+    # while. After a clean stop the launcher has swept already, and waits for this one.
+    stop_run_processes(token, grace, settle=0.0 if last == CLEAN_STOP else 2.0)
 
 
 if __name__ == "__main__":
