@@ -16,6 +16,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.common.console import apply_inherited_level
 from fedrec.common.deployment import (
     REPLY_KEY,
     DeploymentSettings,
@@ -37,6 +38,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    apply_inherited_level()  # the `fedrec` command's --log-level
     settings, flat = split_run_config(dict(context.run_config))
     config = SimulationConfig.from_flat(flat)
     # An orphan of a killed launcher must not write a folder another run now owns.
