@@ -204,10 +204,10 @@ def deploy(
     grid: Grid, config: SimulationConfig, settings: DeploymentSettings, guard: WriterGuard
 ) -> None:
     """A run over real devices: every connected SuperNode is one device."""
-    from fedrec.common.deployment import shorten_flower_backoff
+    from fedrec.common.flower_patches import shorten_pull_backoff
     from fedrec.server.deployment import run_deployment
 
-    shorten_flower_backoff()
+    shorten_pull_backoff()
 
     def send(nodes, params, round_):
         guard.check()
