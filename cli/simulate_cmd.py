@@ -16,7 +16,7 @@ from fedrec.cli.options import (
     TextEncoderOpt,
     fail,
 )
-from fedrec.cli.run_folder import hold_run_folder
+from fedrec.cli.run_folder import hold_run_folder, human_bytes, record_folder_size
 
 if TYPE_CHECKING:
     from fedrec.common.run_config import SimulationConfig
@@ -84,8 +84,9 @@ def simulate(
     Round r delivers window r of the timeline to the devices' stores; Poisson-sampled devices
     rank what just arrived (prequential metrics), retire interactions whose ε would pass the
     budget, train with Opacus DP-SGD, write their ledgers, and send their update. Writes OUT/
-    summary.json (test, privacy, dp), metrics.jsonl, checkpoints/, clients/*/ledger.jsonl,
-    rounds.png and epsilon.png. Interrupted runs continue with --resume."""
+    summary.json (test, privacy, dp, the run folder's size), metrics.jsonl, checkpoints/,
+    clients/*/ledger.jsonl, rounds.png and epsilon.png, and flower.log. Shows a progress bar on
+    a terminal, one line per round otherwise. Interrupted runs continue with --resume."""
     from fedrec.common.run_config import SimulationConfig
 
     if no_dp and dp is not None and dp.strip().lower() not in ("off", "none"):
@@ -158,13 +159,16 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
     """The run, with its folder locked: checks against what it holds, then the federation."""
     check_before_start(config)  # under the lock: what the folder holds cannot change now
     if in_process:
+        from fedrec.common import console
         from fedrec.simulations.devices import run_in_process
-        from fedrec.simulations.launcher import describe_round
+        from fedrec.simulations.launcher import round_line
         from fedrec.simulations.report import finalize
 
-        run = run_in_process(
-            config, on_round=lambda row: typer.echo(f"round {row['round']}: {describe_round(row)}")
-        )
+        def on_round(row: dict) -> None:
+            if console.progress() != "none":
+                typer.echo(round_line(row, config.rounds))
+
+        run = run_in_process(config, on_round=on_round)
         finalize(run)
         status = 0
     else:
@@ -176,6 +180,7 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
         raise fail(
             f"the simulation did not complete (status {status}); see {Path(config.out) / 'flower.log'}"
         )
+    size, files = record_folder_size(Path(config.out))
     summary = json.loads(summary_path.read_text())
     failed = summary["privacy"]["failed_clients"]
     if failed:
@@ -200,6 +205,7 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
             continue
         typer.echo(f"  {g['name']}: ε={g['epsilon']:.2f}, δ={g['delta']:.3g} per {g['unit']}")
     typer.echo(f"wrote {summary_path}")
+    typer.echo(f"run folder {Path(config.out)}: {human_bytes(size)} in {files:,} files")
     if summary["published_rounds"] == 0:
         raise fail(
             f"no round was published: all {summary['rounds']} were discarded below K_min "

@@ -71,8 +71,9 @@ def train(
     """Train the recommendation model centrally on all training data and report test metrics.
 
     Writes OUT/summary.json (test -> hr@10, ndcg@10, ... full ranking; under DP also epsilon),
-    OUT/epochs.jsonl, OUT/model.pt and OUT/validation.png. Protocols: (a) `loo` per-user
-    leave-last-out on users with >= 5 interactions; (b) `temporal` global time split."""
+    OUT/epochs.jsonl, one model per protocol trained (OUT/model-loo.pt, OUT/model-temporal.pt)
+    and OUT/validation.png. Protocols: (a) `loo` per-user leave-last-out on users with >= 5
+    interactions; (b) `temporal` global time split."""
     from fedrec.common.data.schema import DataError
     from fedrec.common.model import ModelConfig
     from fedrec.common.protocols import ProtocolConfig

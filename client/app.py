@@ -21,6 +21,9 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     import torch
 
+    from fedrec.common.console import apply_inherited_level
+
+    apply_inherited_level()  # the `fedrec` command's --log-level
     torch.set_num_threads(1)  # a device's round is small: more threads only contend
     if not is_device(context):
         raise ValueError(

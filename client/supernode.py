@@ -14,7 +14,7 @@ For FEDREC_SUPERNODE_FAST_WINDOW_S (1 s) after each reply it sent, when the next
 message usually comes, the SuperNode polls every FEDREC_SUPERNODE_FAST_POLL_S (0.1 s)
 (`PollPacer`). When a message has arrived it wakes the warm executor at once
 (`wake_executor_on_message`) instead of leaving it to the executor's next poll.
-The backoff of object pulls starts at 50 ms instead of 1 s (`shorten_flower_backoff`).
+The backoff of object pulls starts at 50 ms instead of 1 s (`shorten_pull_backoff`).
 
 Heartbeats: the SuperNode declares a 30 s heartbeat interval, and the SuperLink answers a
 message to a node that missed 2 intervals with a NODE_UNAVAILABLE error reply; so a device
@@ -29,6 +29,9 @@ Reconnection: while the SuperLink is down (a server restart), Flower's SuperNode
 exponential backoff of up to 20 s, so a device could come back up to 20 s after the
 SuperLink did, while its heartbeat thread (reconnecting on its own schedule) already had it
 counted online. Here the backoff is capped at FEDREC_RETRY_MAX_S (default 2 s).
+
+Every change to Flower itself is made through `fedrec.common.flower_patches`, which makes none
+on a Flower version they were not verified on (the SuperNode is then stock Flower's).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from fedrec.common import flower_patches
 
 HEARTBEAT_MIN_S = 10.0  # flwr.common.constant.HEARTBEAT_MIN_INTERVAL: the SuperLink refuses less
 
@@ -65,18 +70,11 @@ class PollPacer:
         time.sleep(min(seconds, self.network_interval() if seconds >= 1 else self.local))
 
     def track_replies(self) -> None:
-        """Note when the loop has sent a reply (wraps its `_push_messages`)."""
-        from flwr.supernode import start_client_internal as loop
+        """Note when the loop has sent a reply."""
+        flower_patches.after_each_reply(self._note_reply)
 
-        push = loop._push_messages
-
-        def push_then_note(*args, **kwargs):
-            try:
-                return push(*args, **kwargs)
-            finally:
-                self.replied_at = time.monotonic()
-
-        loop._push_messages = push_then_note
+    def _note_reply(self) -> None:
+        self.replied_at = time.monotonic()
 
 
 def seconds_from_env(name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -105,25 +103,6 @@ def supernode_settings() -> dict[str, float]:
         # read by the warm executor (fedrec.client.warm_exec) through Flower's own loop
         "executor_poll": seconds_from_env("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", 1.0, minimum=0.01),
     }
-
-
-def shorten_heartbeat(interval: float) -> None:
-    """The interval the SuperNode declares (fleet_http_connection) and the period its
-    heartbeat thread derives from it (supercore.heartbeat): both read the module global."""
-    from flwr.supercore import heartbeat
-    from flwr.supernode import fleet_http_connection
-
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = interval
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = interval
-
-
-def cap_retry_backoff(max_delay: float) -> None:
-    """The most Flower's connection retries wait between attempts (module globals read each
-    time a retry invoker is made, i.e. at connection)."""
-    from flwr.supercore.retry import grpc_retry, http_retry
-
-    http_retry.MAX_RETRY_DELAY = max_delay
-    grpc_retry.MAX_RETRY_DELAY = max_delay
 
 
 class InsecureAgainstTLS(ConnectionError):
@@ -166,25 +145,15 @@ def give_up_insecure_against_tls(address: str) -> None:
     with `InsecureAgainstTLS` (Flower then exits naming it). A plain server that drops a
     connection, or one that is down, is still retried."""
     import httpx
-    from flwr.supernode import fleet_http_connection as fleet
 
-    make = fleet.make_simple_http_retry_invoker
     # how a server that drops a plain-HTTP connection looks: closed without an answer, or reset
     dropped = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
-    def make_checked():
-        invoker = make()
-        giveup = invoker.should_giveup
+    def check(exc: Exception) -> None:
+        if isinstance(exc, dropped) and speaks_tls(address):
+            raise InsecureAgainstTLS(insecure_against_tls_message(address)) from exc
 
-        def should_giveup(exc: Exception) -> bool:
-            if isinstance(exc, dropped) and speaks_tls(address):
-                raise InsecureAgainstTLS(insecure_against_tls_message(address)) from exc
-            return giveup is not None and giveup(exc)
-
-        invoker.should_giveup = should_giveup
-        return invoker
-
-    fleet.make_simple_http_retry_invoker = make_checked
+    flower_patches.check_failed_requests(check)
 
 
 EXECUTOR_PIDFILE_ENV = "FEDREC_EXECUTOR_PIDFILE"
@@ -228,50 +197,39 @@ def wake_executor_on_message(pidfile: Path, is_executor=is_warm_executor) -> Non
     executor's own poll still finds the message."""
     import signal
 
-    from flwr.supernode import start_client_internal as loop
-
-    pull = loop._pull_and_store_message
     pid: list[int] = []
 
-    def pull_then_wake(*args, **kwargs):
-        run_id = pull(*args, **kwargs)
-        if run_id is not None:
-            try:
-                pid[:] = pid or [int(pidfile.read_text())]
-                if is_executor(pid[0]):
-                    os.kill(pid[0], signal.SIGUSR1)
-                else:
-                    pid.clear()
-            except (OSError, ValueError):
-                pid.clear()  # not there (yet): its poll finds the message
-        return run_id
+    def wake() -> None:
+        try:
+            pid[:] = pid or [int(pidfile.read_text())]
+            if is_executor(pid[0]):
+                os.kill(pid[0], signal.SIGUSR1)
+            else:
+                pid.clear()
+        except (OSError, ValueError):
+            pid.clear()  # not there (yet): its poll finds the message
 
-    loop._pull_and_store_message = pull_then_wake
+    flower_patches.after_each_message(wake)
 
 
 def main() -> None:
     if os.environ.get(SUPERVISOR_PID_ENV):  # before the imports: they take seconds
         stop_with_supervisor(int(os.environ[SUPERVISOR_PID_ENV]))
-    from flwr.supernode import start_client_internal
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    from fedrec.common.deployment import shorten_flower_backoff
-
     settings = supernode_settings()
     pacer = PollPacer(
         settings["poll"], settings["local_poll"], settings["fast_poll"], settings["fast_window"]
     )
     pacer.track_replies()
-    start_client_internal.time = pacer
-    shorten_flower_backoff()
-    shorten_heartbeat(settings["heartbeat"])
-    cap_retry_backoff(settings["retry_max"])
+    flower_patches.set_supernode_clock(pacer)
+    flower_patches.shorten_pull_backoff()
+    flower_patches.set_heartbeat_interval(settings["heartbeat"])
+    flower_patches.cap_retry_backoff(settings["retry_max"])
     if os.environ.get(EXECUTOR_PIDFILE_ENV):
         wake_executor_on_message(Path(os.environ[EXECUTOR_PIDFILE_ENV]))
     args = sys.argv[1:]
     if "--insecure" in args and "--superlink" in args[:-1]:
         give_up_insecure_against_tls(args[args.index("--superlink") + 1])
-    flower_supernode()
+    flower_patches.run_supernode()
 
 
 if __name__ == "__main__":

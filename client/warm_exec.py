@@ -12,7 +12,9 @@ still gets a fresh process (a crash or a leak in one round cannot touch the next
 the imports.
 
 Run as `python -m fedrec.client.warm_exec --runtime-api-address HOST:PORT [--parent-pid PID]`
-(`fedrec client start` does it).
+(`fedrec client start` does it). Every use of Flower's internals goes through
+`fedrec.common.flower_patches`; on a Flower version they were not verified on, this process
+becomes Flower's own `flower-superexec` (a new process per message) instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from fedrec.common import flower_patches
 
 
 def _warm_template(used: dict) -> None:
@@ -38,9 +42,7 @@ def _warm_up(rounds_hint: int | None = None, catalogue: str | None = None) -> No
     """Import what a round needs and read the public catalogue, before any fork."""
     import torch
 
-    from fedrec.common.deployment import shorten_flower_backoff
-
-    shorten_flower_backoff()
+    flower_patches.shorten_pull_backoff()
     torch.set_num_threads(1)
     # the first optimizer imports torch._dynamo (1.5 s, measured): once, here
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -108,9 +110,7 @@ class ForkExecutor:
     are forked from this warm process; any other task type falls back to a subprocess."""
 
     def __init__(self) -> None:
-        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
-        self._fallback = SubprocessExecutor()
+        self._fallback = flower_patches.subprocess_executor()
         self._children: set[int] = set()
         # a child reports the run settings it used here; the parent then builds that model
         # template once, so the next messages of the run fork with it ready
@@ -125,10 +125,7 @@ class ForkExecutor:
         return None
 
     def launch(self, spec):
-        from flwr.supercore.constant import TaskType
-        from flwr.supercore.superexec.executor.types import LaunchResult
-
-        if spec.task_type != TaskType.CLIENT_APP:
+        if not flower_patches.is_clientapp_task(spec):
             return self._fallback.launch(spec)
         parent = os.getpid()
         pid = os.fork()
@@ -139,19 +136,7 @@ class ForkExecutor:
 
                 signal.signal(signal.SIGUSR1, signal.SIG_DFL)
                 _die_with(parent)
-                from flwr.supercore.tls import validate_and_resolve_root_certificates
-                from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-                run = lambda: run_clientapp(  # noqa: E731
-                    runtime_api_address=spec.runtime_api_address,
-                    token=spec.token,
-                    insecure=spec.insecure,
-                    certificates=validate_and_resolve_root_certificates(
-                        spec.root_certificates_path, spec.insecure
-                    ),
-                    parent_pid=spec.parent_pid,
-                    runtime_dependency_install=spec.runtime_dependency_install,
-                )
+                run = lambda: flower_patches.run_clientapp_task(spec)  # noqa: E731
                 profile = os.environ.get("FEDREC_WARM_PROFILE")  # a folder: one profile per message
                 if profile:
                     import cProfile
@@ -173,7 +158,7 @@ class ForkExecutor:
                 sys.stderr.flush()
                 os._exit(code)
         self._children.add(pid)
-        return LaunchResult.accepted()
+        return flower_patches.launch_accepted()
 
     def _report_settings(self) -> None:
         import json
@@ -238,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         "--pidfile", default=None, help="written once this process can be woken (SIGUSR1)"
     )
     args = parser.parse_args(argv)
+    if not flower_patches.patches_apply():  # stock Flower: no warm-up, a process per message
+        flower_patches.exec_stock_executor(args.runtime_api_address, args.parent_pid)
     # First the SIGUSR1 handler, then the PID where the SuperNode reads it: a wake-up before
     # the handler exists would kill this process (SIGUSR1's default action).
     sleep = WakeableSleep()
@@ -255,23 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         # Flower's loop watches the SuperNode only once it runs; the warm-up before it (torch,
         # the catalogue: tens of seconds on a busy device) outlived a SuperNode killed
         # meanwhile (faults benchmark)
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.parent_pid)
+        flower_patches.watch_parent(args.parent_pid)
     _warm_up(args.rounds_hint, args.catalogue)
-
-    from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL
-    from flwr.supercore.superexec import run_superexec as superexec
-
-    executor = ForkExecutor()
-    superexec.get_executor = lambda *a, **k: executor  # the one change to Flower's loop...
-    superexec.time = sleep  # ...and its poll's sleep ends when the SuperNode wakes it
-    superexec.run_superexec(
-        runtime_api_address=args.runtime_api_address,
-        insecure=True,  # the SuperNode's Runtime API listens on loopback only
-        parent_pid=args.parent_pid,
-        runtime_dependency_install=RUNTIME_DEPENDENCY_INSTALL and False,
-    )
+    # Flower's loop with our executor, and its poll's sleep ends when the SuperNode wakes it
+    flower_patches.serve_tasks(ForkExecutor(), sleep, args.runtime_api_address, args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -51,17 +51,6 @@ def split_run_config(flat: dict[str, Any]) -> tuple[DeploymentSettings, dict[str
     return DeploymentSettings(**values), rest
 
 
-def shorten_flower_backoff(initial: float = 0.05, cap: float = 0.5) -> None:
-    """Flower 1.42 lists a message before its contents have arrived, and a reader that comes
-    early retries after 1 s, then 2 s (PULL_INITIAL_BACKOFF): measured 3 s of a warm device's
-    message. Start the backoff at `initial` instead (in this process)."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        fn.__kwdefaults__["initial_backoff"] = initial
-        fn.__kwdefaults__["backoff_cap"] = cap
-
-
 # A deployed message carries the model's tensors as ONE byte array: an .npz (numpy's own
 # self-describing container: names, dtypes, shapes). Flower 1.42 stores and moves every Array
 # of a message as separate objects (the Array and its chunks, plus one per record), each one

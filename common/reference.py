@@ -50,9 +50,13 @@ def run_reference(
     dp: DPConfig | None,
     out: Path,
 ) -> dict:
-    """Train one model per protocol; write summary.json, epochs.jsonl, model.pt, validation.png."""
+    """Train one model per protocol; write summary.json, epochs.jsonl, model-<protocol>.pt
+    for each protocol, validation.png."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedrec.common import console
+
+    shown = console.progress()
     out.mkdir(parents=True, exist_ok=True)
     dataset = data.load()
     text = item_text_features(dataset.catalogue, data.text_encoder)
@@ -64,18 +68,21 @@ def run_reference(
         TextColumn("{task.completed}/{task.total} epochs"),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
+        disable=shown != "bar",
     ) as progress:
         for protocol in protocols:
             split = make_split(dataset.interactions, protocol)
             task = progress.add_task(protocol.name, total=config.epochs, status="")
 
-            def on_epoch(epoch: int, row: dict, task=task) -> None:
+            def on_epoch(epoch: int, row: dict, task=task, name=protocol.name) -> None:
                 status = f"loss {row['loss']:.3f}"
                 if "valid_ndcg@10" in row:
                     status += f"  valid NDCG@10 {row['valid_ndcg@10']:.4f}"
                 if "epsilon" in row:
                     status += f"  ε {row['epsilon']:.2f}"
                 progress.update(task, completed=epoch, status=status)
+                if shown == "lines":
+                    print(f"{name} epoch {epoch}/{config.epochs}: {status}", flush=True)
 
             result = train_centralized(
                 split,

@@ -17,6 +17,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.common.console import apply_inherited_level
 from fedrec.common.deployment import (
     REPLY_KEY,
     DeploymentSettings,
@@ -37,6 +38,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    apply_inherited_level()  # the `fedrec` command's --log-level
     settings, flat = split_run_config(dict(context.run_config))
     if not settings.deployment:
         raise ValueError(
@@ -78,10 +80,10 @@ def deploy(
     grid: Grid, config: SimulationConfig, settings: DeploymentSettings, guard: WriterGuard
 ) -> None:
     """A run over real devices: every connected SuperNode is one device."""
-    from fedrec.common.deployment import shorten_flower_backoff
+    from fedrec.common.flower_patches import shorten_pull_backoff
     from fedrec.server.deployment import run_deployment
 
-    shorten_flower_backoff()
+    shorten_pull_backoff()
 
     def send(nodes, params, round_):
         guard.check()

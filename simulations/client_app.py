@@ -22,6 +22,9 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     import torch
 
+    from fedrec.common.console import apply_inherited_level
+
+    apply_inherited_level()  # the `fedrec` command's --log-level
     torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
     from fedrec.common.run_config import SimulationConfig
     from fedrec.server.secure_aggregation import secure_sum

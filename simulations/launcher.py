@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedrec.common.console import ProgressMode
 from fedrec.common.flower_launch import (
     final_status,
     flower_env,
@@ -38,6 +39,7 @@ from fedrec.common.flower_launch import (
     wait_healthy,
     write_app,
 )
+from fedrec.common.plain_log import PlainLog
 from fedrec.common.processes import run_env, stop_run_processes, watched_run
 from fedrec.common.run_config import TRANSPORT_DEFAULTS, SimulationConfig
 from fedrec.common.run_lock import RunLock
@@ -85,18 +87,23 @@ def simulate(
     config: SimulationConfig,
     *,
     timeout: float = 3600,
-    show_progress: bool = True,
+    progress: ProgressMode | None = None,
     lock: RunLock | None = None,
 ) -> int:
-    """Run the federation; returns 0 completed, 2 failed, 124 stopped/timed out. `lock` is
-    the run folder's, when the caller holds it (else taken here; RunLocked if held)."""
+    """Run the federation; returns 0 completed, 2 failed, 124 stopped/timed out. `progress`:
+    how rounds are shown (default: `fedrec.common.console.progress()`). `lock` is the run
+    folder's, when the caller holds it (else taken here; RunLocked if held)."""
+    from fedrec.common import console
+
     out = Path(config.out).resolve()
     config = SimulationConfig(**{**config.__dict__, "out": out})
     with watched_run(out, "fedrec simulate", lock) as held:
-        return _run_flower(config, held.token, timeout, show_progress)
+        return _run_flower(config, held.token, timeout, progress or console.progress())
 
 
-def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progress: bool) -> int:
+def _run_flower(
+    config: SimulationConfig, token: str, timeout: float, progress: ProgressMode
+) -> int:
     out = Path(config.out)
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
@@ -114,11 +121,11 @@ def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progr
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     slots = slots_for(config)
-    log_file = open(out / "flower.log", "ab")
-    link = subprocess.Popen(
+    log = PlainLog(out / "flower.log")
+    link = log.popen(
         ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
          "--disable-runtime-dependency-installation"],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env, start_new_session=True,
     )  # fmt: skip
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", link, request_timeout=0.5, poll=0.2)
@@ -131,13 +138,8 @@ def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progr
             print(f"error: flwr run failed: {submitted}", file=sys.stderr)
             return 2
         run_id = str(submitted["run-id"])
-        logs = subprocess.Popen(
-            ["flwr", "log", run_id, "sim", "--stream"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        status = _follow(config, logs, timeout, show_progress)
+        logs = log.popen(["flwr", "log", run_id, "sim", "--stream"], env=env)
+        status = _follow(config, logs, timeout, progress)
         if status == "timeout":
             flwr_json(env, "stop", run_id, "sim")
         final = final_status(env, "sim", run_id, wait=60)
@@ -151,11 +153,14 @@ def _run_flower(config: SimulationConfig, token: str, timeout: float, show_progr
         stop_run_processes(token, STOP_GRACE_S)
         link.wait()
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-        log_file.close()
+        log.close()
 
 
-def _follow(config: SimulationConfig, logs: subprocess.Popen, timeout: float, show: bool) -> str:
-    """Show a progress bar fed by the run's metrics.jsonl until the log stream ends."""
+def _follow(
+    config: SimulationConfig, logs: subprocess.Popen, timeout: float, shown: ProgressMode
+) -> str:
+    """Show the rounds of the run's metrics.jsonl as they come until the log stream ends: a
+    progress bar, or one line per round (`round_line`)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     metrics = Path(config.out) / "metrics.jsonl"
@@ -166,7 +171,7 @@ def _follow(config: SimulationConfig, logs: subprocess.Popen, timeout: float, sh
         BarColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        disable=not show,
+        disable=shown != "bar",
     ) as progress:
         task = progress.add_task("rounds", total=config.rounds, completed=seen, status="starting")
         while logs.poll() is None:
@@ -174,21 +179,28 @@ def _follow(config: SimulationConfig, logs: subprocess.Popen, timeout: float, sh
                 logs.kill()
                 return "timeout"
             if metrics.exists():
-                lines = metrics.read_text().splitlines()
-                if len(lines) > seen:
-                    seen = len(lines)
-                    row = json.loads(lines[-1])
+                lines = metrics.read_text().split("\n")[:-1]  # a line still being written waits
+                for line in lines[seen:]:
+                    row = json.loads(line)
                     progress.update(task, completed=row["round"], status=describe_round(row))
+                    if shown == "lines":
+                        print(round_line(row, config.rounds), flush=True)
+                seen = max(seen, len(lines))
             time.sleep(0.5)
     return "ended"
 
 
-def describe_round(row: dict) -> str:
+def describe_round(row: dict, *, sampled: bool = False) -> str:
+    """A round of metrics.jsonl in a few words; `sampled`: also how many devices were asked
+    (left out of the progress bar's status, which a terminal of 80 columns already cuts)."""
     if row.get("discarded"):
         parts = [f"DISCARDED ({row['aggregated']} < K_min survivors)"]
     else:
         idle = row.get("noise_only", 0)  # declined devices that still sent their noise
-        parts = [f"trained {row['aggregated'] - idle}", f"declined {row['declined']}"]
+        trained = f"trained {row['aggregated'] - idle}"
+        if sampled and "sampled" in row:
+            trained += f" of {row['sampled']} sampled"
+        parts = [trained, f"declined {row['declined']}"]
     if row.get("failed"):
         parts.append(f"failed {row['failed']}")
     if row.get("loss") is not None:
@@ -202,3 +214,11 @@ def describe_round(row: dict) -> str:
     if row.get("user_epsilon") is not None:
         parts.append(f"ε/user {row['user_epsilon']:.2f}")
     return "  ".join(parts)
+
+
+def round_line(row: dict, rounds: int) -> str:
+    """One complete line for a round of metrics.jsonl, for output that is not a terminal."""
+    line = f"round {row['round']}/{rounds}: {describe_round(row, sampled=True)}"
+    if row.get("seconds") is not None:
+        line += f"  {row['seconds']:.1f} s"
+    return line

@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.common.console import apply_inherited_level
 from fedrec.common.deployment import (
     MalformedParameters,
     parameters_from,
@@ -36,6 +37,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    apply_inherited_level()  # the `fedrec` command's --log-level
     settings, flat = split_run_config(dict(context.run_config))
     if settings.deployment:
         raise ValueError(

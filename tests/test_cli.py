@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -106,10 +107,21 @@ def test_train_writes_summary_model_and_plot(tmp_path, dp):
         args += ["--epsilon", "5"]
     proc = fedrec(*args, tmp_path=tmp_path)
     assert "NDCG@10" in proc.stdout
+    # stdout is a pipe: one line per epoch instead of a progress bar
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if " epoch " in line] == [
+        "loo epoch 1/2",
+        "loo epoch 2/2",
+    ]
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["test"]["ndcg@10"] <= summary["test"]["hr@10"] <= 1
     assert summary["test"]["users"] > 0
     assert (out / "model-loo.pt").exists() and (out / "validation.png").stat().st_size > 1000
+    # the files `train --help` names are the ones it writes (a --protocol loo run: no
+    # temporal model)
+    help_text = re.sub(r"\s+", "", fedrec("train", "--help", tmp_path=tmp_path).stdout)
+    named = set(re.findall(r"OUT/([\w-]+\.(?:jsonl|json|pt|png))", help_text))
+    assert {"summary.json", "epochs.jsonl", "model-loo.pt", "validation.png"} <= named
+    assert all((out / name).exists() for name in named - {"model-temporal.pt"})
     lines = (out / "epochs.jsonl").read_text().splitlines()
     assert len(lines) == 2
     if dp:
@@ -118,3 +130,108 @@ def test_train_writes_summary_model_and_plot(tmp_path, dp):
         assert summary["privacy"]["delta"] == 1e-5
     else:
         assert "epsilon" not in summary
+
+
+def test_version_prints_the_installed_version(tmp_path):
+    from importlib.metadata import version
+
+    proc = fedrec("--version", tmp_path=tmp_path)
+    assert proc.stdout == f"fedrec {version('fedrec')}\n"
+
+
+EMIT = """
+import logging, os, sys
+from fedrec.common import console
+from fedrec.cli import app
+
+@app.command("emit")
+def emit() -> None:
+    for level in ("debug", "info", "warning", "error"):
+        getattr(logging.getLogger("fedrec.emitter"), level)(f"{level} message")
+    print(f"progress={console.progress()} inherited={os.environ.get('FEDREC_LOG_LEVEL')}")
+
+app(sys.argv[1:], prog_name="fedrec")
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "level", "shown", "progress"),
+    [
+        ((), "info", ("info", "warning", "error"), "lines"),  # stdout is a pipe: line by line
+        (("--log-level", "debug"), "debug", ("debug", "info", "warning", "error"), "lines"),
+        (("--log-level", "error"), "error", ("error",), "lines"),
+        (("--quiet",), "warning", ("warning", "error"), "none"),
+        (("-q", "--log-level", "error"), "error", ("error",), "none"),
+    ],
+)
+def test_log_level_and_quiet_apply_to_fedrec_loggers_progress_and_the_runs_processes(
+    options, level, shown, progress
+):
+    """What the global options set: the fedrec loggers' level, here and (FEDREC_LOG_LEVEL)
+    in the processes a run starts, and how progress is shown."""
+    proc = subprocess.run(
+        [sys.executable, "-c", EMIT, *options, "emit"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    logged = [line.split()[0].lower() for line in proc.stderr.splitlines() if "message" in line]
+    assert logged == list(shown)
+    assert all(f"fedrec.emitter: {name} message" in proc.stderr for name in shown)
+    assert proc.stdout.strip() == f"progress={progress} inherited={level}"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--log-level", "chatty"), "'chatty' is not one of"),
+        (("--quiet", "--log-level", "debug"), "contradicts --log-level debug"),
+    ],
+)
+def test_bad_global_options_are_usage_errors(tmp_path, options, message):
+    proc = fedrec(*options, "data", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in " ".join(proc.stderr.replace("│", " ").split())
+
+
+def commands(command, path=()):
+    """(path, click command) of every command and group under `command`."""
+    import click
+
+    yield list(path), command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from commands(sub, (*path, name))
+
+
+def test_every_help_shows_the_bracketed_words_of_its_help_strings(monkeypatch):
+    """Help strings name TOML tables in brackets ("[device] store"): every bracketed word
+    written in a command's help or its parameters' help is in what `--help` prints."""
+    import logging
+
+    import typer
+    from click.testing import CliRunner
+
+    from fedrec.cli import app, command
+    from fedrec.common import console
+
+    # the global options run before a subcommand's --help: keep this process's settings
+    monkeypatch.delenv(console.LOG_LEVEL_ENV, raising=False)
+    monkeypatch.setattr(console, "_quiet", console._quiet)
+    logger = logging.getLogger(console.LOGGER)
+    level = logger.level
+    runner = CliRunner()
+    checked = []
+    try:
+        for path, cmd in commands(typer.main.get_command(app)):
+            texts = [cmd.help or "", *(getattr(p, "help", None) or "" for p in cmd.params)]
+            words = {w for text in texts for w in re.findall(r"\[[^\[\]]+\]", text)}
+            result = runner.invoke(command(), [*path, "--help"], prog_name="fedrec")
+            assert result.exit_code == 0, result.output
+            assert "\\[" not in result.output  # an escape printed as it is
+            # help is re-wrapped (in boxes), even at hyphens
+            printed = re.sub(r"[\s│╭╮╰╯─]+", "", result.output)
+            missing = sorted(w for w in words if re.sub(r"\s+", "", w) not in printed)
+            assert not missing, f"fedrec {' '.join(path)} --help lacks {missing}"
+            checked += words
+    finally:
+        logger.setLevel(level)
+    assert {"[device]", "[policy]", "[server]", "[run]"} <= set(checked)

@@ -229,6 +229,18 @@ def test_fedrec_simulate_runs_through_flower(tmp_path):
     assert all(r["failed"] == r["dropped"] == 0 for r in rows)
     assert all(r["aggregated"] == r["sampled"] - r["declined"] + r["noise_only"] for r in rows)
     assert "NDCG@10" in proc.stdout
+    # stdout is a pipe, not a terminal: one complete line per round, not a progress bar
+    shown = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in shown] == ["round 1/3", "round 2/3", "round 3/3"]
+    for line, row in zip(shown, rows, strict=True):
+        assert f"of {row['sampled']} sampled" in line and line.endswith(" s") and "ε/user" in line
+    assert b"\x1b[" not in (out / "flower.log").read_bytes()  # no terminal colour codes
+    # the run folder's size, reported and recorded (the lock file was emptied since)
+    from fedrec.cli.run_folder import folder_size
+
+    size, files = folder_size(out)
+    assert abs(summary["run_folder_bytes"] - size) < 1000 and summary["run_folder_files"] == files
+    assert f"run folder {out}: " in proc.stdout
     # every device's ledger commitment reached the server's participation record via Flower
     from fedrec.common.audit import audit
 
@@ -367,6 +379,50 @@ def test_progress_line_counts_idle_devices_as_declined_not_trained():
     line = describe_round({"round": 2, "aggregated": 10, "noise_only": 4, "declined": 4})
     assert "trained 6" in line and "declined 4" in line and "DISCARDED" not in line
     assert "DISCARDED" in describe_round({"aggregated": 3, "declined": 0, "discarded": True})
+
+
+def test_a_round_line_says_everything_of_the_round_on_one_line():
+    from fedrec.simulations.launcher import round_line
+
+    row = {"round": 2, "sampled": 12, "aggregated": 10, "noise_only": 4, "declined": 6}
+    row |= {"loss": 4.5, "preq_ndcg@10": 0.0812, "user_epsilon": 3.7, "seconds": 2.54}
+    row |= {"max_interaction_epsilon_sampled_at_most": 7.25, "failed": 0}
+    assert round_line(row, 30) == (
+        "round 2/30: trained 6 of 12 sampled  declined 6  loss 4.500  preq NDCG@10 0.081  "
+        "ε/interaction ≤ 7.25  ε/user 3.70  2.5 s"
+    )
+
+
+def test_the_log_of_child_processes_keeps_their_lines_without_colour_codes(tmp_path):
+    from fedrec.common.plain_log import PlainLog
+
+    (tmp_path / "flower.log").write_bytes(b"earlier run\n")
+    log = PlainLog(tmp_path / "flower.log")
+    code = (
+        "import sys; print('\\x1b[92mINFO \\x1b[0m:      Starting'); "
+        "print('\\x1b[1;31mERROR\\x1b[0m: bad', file=sys.stderr); print('done', end='')"
+    )
+    for _ in range(2):
+        assert log.popen([sys.executable, "-c", code]).wait(60) == 0
+    log.close()
+    text = (tmp_path / "flower.log").read_text()
+    assert text.startswith("earlier run\n") and "\x1b" not in text
+    assert text.count("INFO :      Starting\n") == 2 and text.count("ERROR: bad\n") == 2
+    assert text.count("done") == 2
+
+
+def test_the_run_folder_size_counts_every_file_with_the_summary_that_states_it(tmp_path):
+    from fedrec.cli.run_folder import folder_size, human_bytes, record_folder_size
+
+    (tmp_path / "clients" / "7").mkdir(parents=True)
+    (tmp_path / "clients" / "7" / "ledger.jsonl").write_bytes(b"x" * 5000)
+    (tmp_path / "metrics.jsonl").write_bytes(b"y" * 123)
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": 3}))
+    size, files = record_folder_size(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["run_folder_files"] == files == 3
+    assert summary["run_folder_bytes"] == size == folder_size(tmp_path)[0]
+    assert human_bytes(size) == "5.2 kB" and human_bytes(12_300_000) == "12.3 MB"
 
 
 def test_user_level_noise_counts_the_devices_share_under_distributed(tmp_path):
