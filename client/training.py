@@ -371,12 +371,20 @@ def idle_result(
     reason: str,
     metrics: Metrics | None = None,
     randomness: PrivacyRandomness | None = None,
+    *,
+    draw_noise: bool = True,
 ) -> LocalResult:
     """The reply of a device with nothing to train: a decline, with its noise under DP-SGD
-    (`noise_only_when_idle`; nothing of its data is in it, so nothing is charged)."""
+    (`noise_only_when_idle`; nothing of its data is in it, so nothing is charged).
+
+    `draw_noise=False`: the noise is owed but not drawn here (params None, "noise_only" set):
+    for simulated devices whose secure sum draws all their idle shares at once
+    (`fedrec.server.secure_aggregation.secure_sum`)."""
     metrics = dict(metrics or {"interactions": 0.0, "retired_cohorts": 0.0})
     metrics |= {"declined": 1.0, "examples": 0.0}
     if config.private and config.noise_only_when_idle:
+        if not draw_noise:
+            return LocalResult(None, 0, metrics | {"noise_only": 1.0}, declined=reason)
         noise = _noise_only(global_params, config, randomness or privacy_source(config, round))
         return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
     return LocalResult(None, 0, metrics, declined=reason)

@@ -9,7 +9,7 @@ anything (`fedrec.server.federated_run.FederatedRun.finish_round`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,6 +53,7 @@ def secure_sum(
     replies: Sequence[DeviceReply],
     received: dict[str, np.ndarray],
     max_change: float | None = None,
+    idle_noise: Callable[[int], dict[str, np.ndarray]] | None = None,
 ) -> list[DeviceReply]:
     """What secure aggregation lets the server learn of these devices' replies (DISTRIBUTED).
 
@@ -66,23 +67,40 @@ def secure_sum(
     validation in a secure aggregation protocol checks on the device), and one that fails
     is a failed device, not a poisoned sum.
     In simulation this runs where the devices' replies are (a slot's message, or the
-    sequential loop); the server adds the pooled replies up before reading anything."""
+    sequential loop); the server adds the pooled replies up before reading anything.
+
+    `idle_noise(k)`: the sum of k idle devices' noise shares, drawn at once (simulated devices
+    that run in one process). Replies without parameters but with "noise_only" are then
+    members whose share is in that draw: the sum of k independent N(0, s²) vectors is one
+    N(0, k·s²) vector, so the sum has the distribution it would have with one draw per
+    device. What the one draw skips is each share's input check, which an N(0, s²) share
+    fails with probability below 1e-20 (`SimulationConfig.update_norm_bound`)."""
     out: list[DeviceReply] = []
     total = {name: np.zeros(value.shape, np.float64) for name, value in received.items()}
     counters = dict.fromkeys((*SUMMED_METRICS, "trained", "loss", "loss_count"), 0.0)
     members: list[int] = []
+    idle_shares = 0  # members whose noise share `idle_noise` draws
     for reply in replies:
         error = reply.error
+        share_owed = (
+            idle_noise is not None
+            and error is None
+            and reply.params is None
+            and reply.metrics.get("noise_only") == 1.0
+        )
         if error is None and reply.params is not None:
             reason = validate_update(reply.params, received, max_change)
             error = None if reason is None else f"invalid update: {reason}"
-        if error is not None or reply.params is None:
+        if error is not None or (reply.params is None and not share_owed):
             out.append(
                 DeviceReply(reply.user, None, 0, {}, error=error, ledger_head=reply.ledger_head)
             )
             continue
-        for name, value in reply.params.items():
-            total[name] += value.astype(np.float64) - received[name]
+        if share_owed:
+            idle_shares += 1
+        else:
+            for name, value in reply.params.items():
+                total[name] += value.astype(np.float64) - received[name]
         for key in SUMMED_METRICS:
             counters[key] += float(reply.metrics.get(key, 0.0))
         if "max_interaction_epsilon" in reply.metrics:
@@ -97,6 +115,9 @@ def secure_sum(
         members.append(reply.user)
         # a keyed commitment to its ledger's head: looks random to the server (not a count)
         out.append(DeviceReply(reply.user, None, 0, {}, ledger_head=reply.ledger_head))
+    if idle_shares:
+        for name, noise in idle_noise(idle_shares).items():
+            total[name] += noise
     if members:
         changes = {name: value.astype(np.float32) for name, value in total.items()}
         out.append(DeviceReply(min(members), changes, 0, counters, pooled=len(members)))

@@ -27,8 +27,7 @@ def train(msg: Message, context: Context) -> Message:
     apply_inherited_level()  # the `fedrec` command's --log-level
     torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
     from fedrec.common.run_config import SimulationConfig
-    from fedrec.server.secure_aggregation import secure_sum
-    from fedrec.simulations.devices import device_reply
+    from fedrec.simulations.devices import simulated_replies
 
     config = SimulationConfig.from_flat(dict(context.run_config))
     instructions = msg.content["config"]
@@ -45,10 +44,7 @@ def train(msg: Message, context: Context) -> Message:
     # message's devices are summed here (`secure_sum`): one update sum and one sum of their
     # counters travel as "pooled/<name>", and each device's own reply says only whether it
     # failed. (At every device per round this is also most of a round's bytes saved.)
-    replies = [device_reply(config, user, round_, params) for user in users]
-    if config.secure_aggregation:
-        bound = config.update_norm_bound(sum(v.size for v in params.values()))
-        replies = secure_sum(replies, params, bound)
+    replies = simulated_replies(config, users, round_, params)
     return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
 
 

@@ -14,18 +14,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedrec.client.ledger import PrivacyLedger
 from fedrec.client.runtime import local_config, template_for
 from fedrec.client.store import ClientStore
 from fedrec.client.training import LocalResult, idle_result, local_round
 from fedrec.common.data.stream import Stream, load_stream
+from fedrec.common.privacy.randomness import privacy_randomness
 from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
 from fedrec.server.federated_run import FederatedRun, run_rounds
@@ -40,10 +43,18 @@ def client_dir(config: SimulationConfig, user_id: str) -> Path:
 
 
 def simulated_device_round(
-    config: SimulationConfig, user: int, round: int, global_params: dict[str, np.ndarray]
+    config: SimulationConfig,
+    user: int,
+    round: int,
+    global_params: dict[str, np.ndarray],
+    *,
+    draw_idle_noise: bool = True,
 ) -> LocalResult:
     """Round `round` (1-based) for the virtual device of dense user `user`: deliver the windows
-    that arrived since its last round into its store, then run `local_round`."""
+    that arrived since its last round into its store, then run `local_round`.
+
+    `draw_idle_noise=False`: a device known to be idle without opening its store owes its
+    noise share instead of drawing it (`idle_result`), for `simulated_replies`."""
     model, index = template_for(config)
     stream = load_stream(config.data, config.rounds, config.stream_protocol)
     user_id = str(stream.dataset.user_ids[user])
@@ -53,11 +64,11 @@ def simulated_device_round(
         # Nothing has arrived on this device yet: the reply an empty store would give, without
         # creating one (most devices sampled early in a run are still empty).
         reason = "no trainable example: nothing has arrived on this device yet"
-        return idle_result(global_params, device, round, reason)
+        return idle_result(global_params, device, round, reason, draw_noise=draw_idle_noise)
     idle = _still_idle(folder, stream, user, round)
     if idle is not None:
         reason = "no trainable example: nothing new since the last round it had nothing to train"
-        return idle_result(global_params, device, round, reason, idle)
+        return idle_result(global_params, device, round, reason, idle, draw_noise=draw_idle_noise)
     result = _device_round(device, model, index, stream, user, folder, round, global_params)
     if result.idle_metrics is not None:
         _remember_idle(folder, round, result.idle_metrics)
@@ -187,10 +198,14 @@ def _last_hash(path: Path) -> str | None:
     return json.loads(lines[-1])["hash"] if lines and lines[-1] else None
 
 
-def device_reply(config: SimulationConfig, user: int, round: int, params) -> DeviceReply:
+def device_reply(
+    config: SimulationConfig, user: int, round: int, params, *, draw_idle_noise: bool = True
+) -> DeviceReply:
     """A device's round with failures turned into a reply the server can count."""
     try:
-        result = simulated_device_round(config, user, round, params)
+        result = simulated_device_round(
+            config, user, round, params, draw_idle_noise=draw_idle_noise
+        )
     except Exception as err:
         head = device_commitment(config, user, round)
         return DeviceReply(
@@ -205,6 +220,32 @@ def device_reply(config: SimulationConfig, user: int, round: int, params) -> Dev
     )
 
 
+def simulated_replies(
+    config: SimulationConfig, users: list[int], round: int, params: dict[str, np.ndarray]
+) -> list[DeviceReply]:
+    """The devices of `users` play round `round`, and their replies become what the server may
+    see: each device's own, or under secure aggregation their secure sum (`secure_sum`).
+
+    Under secure aggregation most sampled devices are idle and send only a noise share; the
+    server sees only the sum, so the idle devices' shares are drawn as one Gaussian vector
+    (`secure_sum`'s `idle_noise`): the same distribution at a fraction of the cost. The
+    draw is from the privacy randomness like each device's own (`privacy_source`)."""
+    if not config.secure_aggregation:
+        return [device_reply(config, user, round, params) for user in users]
+    replies = [device_reply(config, u, round, params, draw_idle_noise=False) for u in users]
+    share_std = local_config(config, None).update_noise_std()
+    seed = config.seed if config.reproducible_noise else None
+
+    def idle_noise(count: int) -> dict[str, np.ndarray]:
+        randomness = privacy_randomness(seed, "idle-devices", round, min(users))
+        values = list(params.values())
+        noise = randomness.normal_like(values, share_std * math.sqrt(count), torch.float64)
+        return {name: z.numpy() for name, z in zip(params, noise, strict=True)}
+
+    bound = config.update_norm_bound(sum(v.size for v in params.values()))
+    return secure_sum(replies, params, bound, idle_noise)
+
+
 def run_in_process(
     config: SimulationConfig, on_round: Callable[[dict], None] | None = None
 ) -> FederatedRun:
@@ -214,10 +255,7 @@ def run_in_process(
     run = FederatedRun(config)
 
     def send_round(round: int, users: list[int], params: dict[str, np.ndarray]):
-        replies = [device_reply(config, user, round, params) for user in users]
-        if config.secure_aggregation:
-            replies = secure_sum(replies, params, run.update_bound)
-        return replies
+        return simulated_replies(config, [int(u) for u in users], round, params)
 
     run_rounds(run, send_round, on_round=on_round)
     return run

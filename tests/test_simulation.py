@@ -669,6 +669,54 @@ def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
     assert row["dropped"] == 1 and row["aggregated"] == half
 
 
+def test_idle_devices_noise_drawn_at_once_is_the_sum_of_their_shares(tmp_path):
+    """`simulated_replies` draws the idle devices' noise shares as one vector. Neighbouring
+    releases: the secure sum of k idle shares, one draw each or one draw for all. Both are
+    N(0, k·s²) per coordinate, with the same members and counters; an idle device still
+    counts as a member (its share is in the sum), a failed one does not."""
+    from fedrec.client.runtime import local_config
+    from fedrec.server.secure_aggregation import secure_sum
+    from fedrec.simulations.devices import device_reply, simulated_replies
+
+    from fedrec.common.data.stream import load_stream
+
+    run = FederatedRun(small(tmp_path, **REPRODUCIBLE))  # deterministic draws
+    config = run.config
+    stream = load_stream(config.data, config.rounds, config.stream_protocol)
+    users = [int(u) for u in run.registered if not stream.deliveries(int(u), 0, 1)]
+    at_once = simulated_replies(config, users, 1, run.params)
+    one_each = secure_sum(
+        [device_reply(config, u, 1, run.params) for u in users], run.params, run.update_bound
+    )
+    pooled = {name: next(r for r in out if r.pooled) for name, out in
+              (("at_once", at_once), ("one_each", one_each))}  # fmt: skip
+    assert pooled["at_once"].pooled == pooled["one_each"].pooled == len(users)
+    for key in ("noise_only", "declined", "trained", "examples"):
+        assert pooled["at_once"].metrics[key] == pooled["one_each"].metrics[key], key
+    idle = pooled["at_once"].metrics["noise_only"]
+    assert idle >= 10 and pooled["at_once"].metrics["trained"] == 0  # nothing arrived yet
+    share = local_config(config, None).update_noise_std()
+    for out in pooled.values():
+        change = np.concatenate([v.ravel() for v in out.params.values()]).astype(np.float64)
+        # n coordinates: the sample std is within ~1/sqrt(2n) of sqrt(k)*s; one share's std
+        # (the sum's without the sqrt(k)) is sqrt(k) >= 3x off
+        assert change.size > 300
+        assert np.std(change) == pytest.approx(share * np.sqrt(idle), rel=0.2)
+        assert abs(np.mean(change)) < 5 * share * np.sqrt(idle / change.size)
+    # reproducible noise repeats; secure noise never does
+    name = next(iter(run.params))
+    again = next(r for r in simulated_replies(config, users, 1, run.params) if r.pooled)
+    np.testing.assert_array_equal(again.params[name], pooled["at_once"].params[name])
+    secure = small(tmp_path / "secure")
+    draws = [next(r for r in simulated_replies(secure, users, 1, run.params) if r.pooled)
+             for _ in range(2)]  # fmt: skip
+    assert not np.array_equal(draws[0].params[name], draws[1].params[name])
+    # a failed device is not a member, and owes no share
+    failed = [DeviceReply(users[0], None, 0, {"noise_only": 1.0}, error="store unreadable")]
+    out = secure_sum(failed, run.params, None, lambda k: pytest.fail(f"{k} shares drawn"))
+    assert not any(r.pooled for r in out)
+
+
 def test_a_device_whose_update_is_invalid_is_a_failure_not_part_of_the_sum():
     """secure_sum checks each update before it joins (what input validation does in a secure
     aggregation protocol): a NaN update is that device's failure, with its reason."""
