@@ -675,10 +675,9 @@ def test_idle_devices_noise_drawn_at_once_is_the_sum_of_their_shares(tmp_path):
     N(0, k·s²) per coordinate, with the same members and counters; an idle device still
     counts as a member (its share is in the sum), a failed one does not."""
     from fedrec.client.runtime import local_config
+    from fedrec.common.data.stream import load_stream
     from fedrec.server.secure_aggregation import secure_sum
     from fedrec.simulations.devices import device_reply, simulated_replies
-
-    from fedrec.common.data.stream import load_stream
 
     run = FederatedRun(small(tmp_path, **REPRODUCIBLE))  # deterministic draws
     config = run.config
