@@ -32,6 +32,7 @@ items), 0.26 s with popularity and 0.5 s with a random scorer; the worst case, e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -150,7 +151,8 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 1024,
 ) -> Metrics:
-    """All metrics of the protocol: users, hr/ndcg/recall/coverage@K, mrr, sampled_hr/ndcg@K."""
+    """All metrics of the protocol: users, hr/ndcg/recall/coverage@K, mrr, sampled_hr/ndcg@K,
+    and the cold-start and fairness segments (`segment_metrics`)."""
     ranks = rank_test_items(
         scorer,
         test=test,
@@ -164,6 +166,60 @@ def evaluate(
     out = metrics_from_ranks(ranks.full, ks=ks, sampled=ranks.sampled)
     for k, counts in ranks.top_k_counts.items():
         out[f"coverage@{k}"] = coverage(counts)
+    return out | segment_metrics(ranks, test=test, history=history, ks=ks)
+
+
+# Segments for cold start and fairness (`segment_metrics`).
+LIGHT_USER_MAX_KNOWN = 3  # a light user has at most this many known interactions
+HEAVY_USER_SHARE = 0.1  # heavy users: this share of the test's users, most known first
+HEAD_ITEM_SHARE = 0.2  # head items: this share of the catalogue, most interacted with first
+
+
+def segment_metrics(
+    ranks: Ranks, *, test: Interactions, history: UserHistories, ks: Sequence[int] = (10,)
+) -> Metrics:
+    """Quality where recommenders usually fail, and whom their lists expose.
+
+    Rows are segmented by what was known before the test (the `history`):
+    - `new_items`: the test item had no interaction from anyone (item cold start);
+    - `light_users`: the user had at most LIGHT_USER_MAX_KNOWN interactions;
+    - `heavy_users`: the ceil(HEAVY_USER_SHARE·U) users of the test with the most known
+      interactions (ties: the lower user index first).
+    For each: `rows/<segment>`, `hr@K/<segment>`, `ndcg@K/<segment>` (0.0 over no rows).
+    Exposure: head items are the ceil(HEAD_ITEM_SHARE·I) items most interacted with before the
+    test (ties: the lower item index first); `exposure@K/head` is the share of all top-K slots
+    they fill (`exposure@K/tail` the rest), against HEAD_ITEM_SHARE for a catalogue-blind
+    list."""
+    ks = _check_ks(ks)
+    users = np.asarray(test.user, dtype=np.int64)
+    items = np.asarray(test.item, dtype=np.int64)
+    known = history.lengths()
+    num_items = len(next(iter(ranks.top_k_counts.values()))) if ranks.top_k_counts else 0
+    popularity = np.bincount(
+        history.items, minlength=max(num_items, int(items.max(initial=-1)) + 1)
+    )
+    test_users = np.unique(users)
+    by_known = test_users[np.lexsort((test_users, -known[test_users]))]
+    heavy = by_known[: math.ceil(HEAVY_USER_SHARE * len(test_users))]
+    segments = {
+        "new_items": popularity[items] == 0,
+        "light_users": known[users] <= LIGHT_USER_MAX_KNOWN,
+        "heavy_users": np.isin(users, heavy),
+    }
+    out: Metrics = {}
+    for name, rows in segments.items():
+        out[f"rows/{name}"] = float(np.count_nonzero(rows))
+        for k in ks:
+            out[f"hr@{k}/{name}"] = _hit_rate(ranks.full[rows], k)
+            out[f"ndcg@{k}/{name}"] = _ndcg(ranks.full[rows], k)
+    if num_items:
+        order = np.lexsort((np.arange(num_items), -popularity[:num_items]))
+        head = order[: math.ceil(HEAD_ITEM_SHARE * num_items)]
+        for k, counts in ranks.top_k_counts.items():
+            slots = counts.sum()
+            share = float(counts[head].sum() / slots) if slots else 0.0
+            out[f"exposure@{k}/head"] = share
+            out[f"exposure@{k}/tail"] = 1.0 - share if slots else 0.0
     return out
 
 

@@ -42,6 +42,7 @@ def table_scorer(table):
 
 # Two users, five items. User 0 ranks test item 2 second (only item 1 is above it); user 1 ranks
 # it fourth (items 0, 4, 3 are above it) unless its history {0, 3} is excluded: then second.
+SEGMENTS = ("new_items", "light_users", "heavy_users")
 SCORES = [[0.1, 0.9, 0.5, 0.3, 0.2], [0.8, 0.1, 0.4, 0.6, 0.7]]
 TEST = interactions([0, 1], [2, 2])
 
@@ -65,6 +66,34 @@ def test_hand_computed_metrics_without_history():
     assert m["coverage@1"] == pytest.approx(2 / 5)
     assert m["coverage@3"] == pytest.approx(5 / 5)
     assert "sampled_hr@1" not in m
+
+
+def test_cold_start_and_fairness_segments_by_hand():
+    """Known before the test: user 0 has 4 interactions (heavy: the top tenth of 3 test users
+    is 1 user), users 1 and 2 have 1 and 2 (light). Items 2 and 4 were never interacted with
+    (new); item 0 is the most popular, the head (20% of 5 items is 1). Ranks after
+    exclusion: user 0's new item 2 is 1st of {2, 4}; user 1's new item 4 is 2nd of {1, 2, 3,
+    4} (item 3 above it); user 2's item 0 is 2nd of {0, 2, 4} (item 2 above it)."""
+    scores = [[0.1, 0.2, 0.9, 0.3, 0.5], [0.9, 0.1, 0.2, 0.5, 0.4], [0.5, 0.6, 0.7, 0.8, 0.1]]
+    m = evaluate(
+        table_scorer(scores),
+        test=interactions([0, 1, 2], [2, 4, 0]),
+        history=histories([[0, 0, 1, 3], [0], [1, 3]]),
+        num_items=5,
+        ks=(1, 3),
+        sampled_negatives=0,
+    )
+    third = 1 / math.log2(3)  # the gain of rank 2
+    assert m["rows/new_items"] == 2 and m["rows/light_users"] == 2 and m["rows/heavy_users"] == 1
+    assert m["hr@1/new_items"] == 0.5 and m["ndcg@3/new_items"] == pytest.approx((1 + third) / 2)
+    assert m["hr@1/light_users"] == 0.0 and m["hr@3/light_users"] == 1.0
+    assert m["ndcg@3/light_users"] == pytest.approx(third)
+    assert m["hr@1/heavy_users"] == 1.0 and m["ndcg@1/heavy_users"] == 1.0
+    # top-1 lists: items 2, 3, 2 (no head item); top-3: {2, 4}, {3, 4, 2}, {2, 0, 4}: the head
+    # item 0 fills 1 of the 8 slots
+    assert m["exposure@1/head"] == 0.0 and m["exposure@1/tail"] == 1.0
+    assert m["exposure@3/head"] == pytest.approx(1 / 8)
+    assert m["exposure@3/tail"] == pytest.approx(7 / 8)
 
 
 def test_history_exclusion_changes_rank_and_coverage():
@@ -213,6 +242,9 @@ def test_empty_test_set_gives_zero_users_and_no_nan():
         "sampled_ndcg@1",
         "sampled_hr@3",
         "sampled_ndcg@3",
+        *(f"rows/{s}" for s in SEGMENTS),
+        *(f"{m}@{k}/{s}" for m in ("hr", "ndcg") for k in (1, 3) for s in SEGMENTS),
+        *(f"exposure@{k}/{part}" for k in (1, 3) for part in ("head", "tail")),
     }
 
 
