@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,6 +26,16 @@ def data(
     items_file: ItemsFileOpt = None,
     synthetic: SyntheticOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    export_split: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-split",
+            help="also write the evaluation split into this folder (known.csv, history.csv, "
+            "test.csv, items.csv with external ids), for other libraries to be ranked on "
+            "exactly what a run uses",
+        ),
+    ] = None,
+    protocol: Annotated[str, typer.Option(help="the split's protocol: loo | temporal")] = "loo",
 ) -> None:
     """Load and validate a dataset, then print counts, time span, sparsity and the
     distribution of interactions per user. Malformed files are reported with file and line."""
@@ -39,6 +50,16 @@ def data(
         summary = describe(config.load())
     except (DataError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from err
+    if export_split is not None:
+        from fedrec.common.data.split_export import export_split as write_split
+        from fedrec.common.data.stream import build_stream
+        from fedrec.common.protocols import PROTOCOLS
+
+        if protocol not in PROTOCOLS:
+            raise fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        written = write_split(build_stream(config.load(), 1, protocol), export_split)
+        rows = ", ".join(f"{name}.csv {count:,}" for name, count in written.items())
+        typer.echo(f"wrote {export_split}: {rows}", err=as_json)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

@@ -97,6 +97,47 @@ def test_simulate_in_process_reports_malformed_data_before_starting(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_exported_split_is_what_a_run_evaluates_on(tmp_path):
+    """`fedrec data --export-split`: test.csv holds exactly the rows a simulation's final
+    evaluation ranks, history.csv what is excluded from their ranking, known.csv what the
+    devices hold, in external ids; an unknown protocol is refused."""
+    import csv
+
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_config import SimulationConfig
+
+    spec = "num_users=120,num_items=60,mean_interactions_per_user=12,seed=2"
+    out = tmp_path / "split"
+    proc = fedrec(
+        "data", "--dataset", "synthetic", "--synthetic", spec, "--export-split", str(out),
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert f"wrote {out}" in proc.stdout
+    config = SimulationConfig.from_flat({"dataset": "synthetic", "synthetic": spec})
+    stream = load_stream(config.data, config.rounds, config.stream_protocol)
+    users, items = stream.dataset.user_ids, stream.dataset.catalogue.item_ids
+
+    def rows(name):
+        with open(out / f"{name}.csv", newline="") as f:
+            reader = csv.reader(f)
+            assert next(reader) == ["user_id", "item_id", "timestamp"]
+            return sorted(tuple(r) for r in reader)
+
+    def expected(x):
+        triples = zip(x.user.tolist(), x.item.tolist(), x.timestamp.tolist(), strict=True)
+        return sorted((str(users[u]), str(items[i]), str(t)) for u, i, t in triples)
+
+    assert rows("test") == expected(stream.split.test) and rows("test")
+    assert rows("history") == expected(stream.split.before_test())
+    assert rows("known") == expected(stream.rows)
+    assert not set(rows("test")) & set(rows("known"))
+    with open(out / "items.csv") as f:
+        assert f.read().split()[1:] == [str(i) for i in items]
+    bad = fedrec("data", "--export-split", str(tmp_path / "x"), "--protocol", "random",
+                 tmp_path=tmp_path, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "--protocol must be one of" in bad.stderr
+
+
 @pytest.mark.parametrize("dp", [False, True])
 def test_train_writes_summary_model_and_plot(tmp_path, dp):
     out = tmp_path / "run"
