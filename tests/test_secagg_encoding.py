@@ -17,6 +17,7 @@ from fedrec.common.secagg.encoding import (
     conditional_round,
     decode_sum,
     encode_update,
+    heuristic_gamma,
     modular_sum,
     rotate,
     rounded_norm_bound,
@@ -173,3 +174,11 @@ def test_params_are_checked():
     with pytest.raises(ValueError):
         encode_update({"x": np.ones(3)}, _params(), SEED, PrivacyRandomness.reproducible_from(0))
     assert _params(dim=64).padded_dim == 64 and _params(dim=65).padded_dim == 128
+
+
+def test_heuristic_gamma_fits_k_standard_deviations_in_the_range():
+    g = heuristic_gamma(noise_std=0.3, clip_norm=1.0, bits=20, n=50, padded_dim=1024)
+    spread = math.sqrt(50**2 / 1024 + 50 * (g**2 / 4 + 0.3**2))
+    assert 2**20 * g == pytest.approx(2 * 4 * spread, rel=1e-12)
+    with pytest.raises(ValueError):
+        heuristic_gamma(noise_std=0.3, clip_norm=1.0, bits=2, n=50, padded_dim=1024)

@@ -41,7 +41,7 @@ import numpy as np
 from scipy.special import gammaln, logsumexp
 
 from fedrec.common.privacy.accounting import ORDERS, epsilon_from_rdp
-from fedrec.common.secagg.encoding import rounded_norm_bound
+from fedrec.common.secagg.encoding import DDGParams, rounded_norm_bound
 
 _ORDERS = np.asarray(ORDERS, dtype=np.float64)
 _MAX_SIGMA = 1e9  # integer units; beyond it the calibration gives up
@@ -167,6 +167,23 @@ def ddg_epsilon(
         sample_rate=sample_rate,
     )
     return epsilon_from_rdp(curve, delta)[0]
+
+
+def params_epsilon(
+    params: DDGParams, *, n: int, rounds: int, delta: float, sample_rate: float = 1.0
+) -> float:
+    """`ddg_epsilon` of a round's `DDGParams` (noise in its padded dimension)."""
+    return ddg_epsilon(
+        sigma=params.sigma,
+        n=n,
+        clip_norm=params.clip_norm,
+        gamma=params.gamma,
+        beta=params.beta,
+        dim=params.padded_dim,
+        rounds=rounds,
+        delta=delta,
+        sample_rate=sample_rate,
+    )
 
 
 def calibrate_ddg_sigma(

@@ -17,8 +17,7 @@ Algorithm 2 (server). A device, with its update x clipped to ‖x‖₂ ≤ c:
   (e) reduces mod 2^b.
 The server's modular sum of the survivors' vectors is centred into [-2^(b-1), 2^(b-1)),
 rotated back and scaled by γ. It equals the true sum whenever no coordinate of the integer sum
-left that range; `decode_sum` counts the coordinates close enough to its edge that their
-noise alone could have carried them over (wrap-around risk).
+left that range; `decode_sum` counts the coordinates near its edge (wrap-around risk).
 
 Public randomness (the rotation's signs) comes from numpy's seeded generator; every draw a
 guarantee depends on (rounding, noise) from a `PrivacyRandomness`.
@@ -37,7 +36,6 @@ from fedrec.common.secagg.discrete_gaussian import sample_discrete_gaussian
 
 MAX_BITS = 62  # a sum of two residues < 2^62 stays below 2^63: no int64 overflow anywhere
 _MAX_ROUNDING_TRIES = 1000  # each try passes with probability ≥ 1 - β; β near 1 is rejected
-_RISK_STDS = 4.0  # a coordinate this many noise standard deviations from the edge is at risk
 
 
 @dataclass(frozen=True)
@@ -93,6 +91,22 @@ def rounded_norm_bound(scaled_norm: float, beta: float, dim: int) -> float:
         + math.sqrt(2 * math.log(1 / beta)) * (scaled_norm + math.sqrt(dim) / 2)
     )
     return min(plain, math.sqrt(squared))
+
+
+def heuristic_gamma(
+    *, noise_std: float, clip_norm: float, bits: int, n: int, padded_dim: int, k_stds: float = 4.0
+) -> float:
+    """γ at which k standard deviations of a coordinate of the n-device sum just fit in
+    [-2^(b-1), 2^(b-1)) (Kairouz et al. 2021, Sections 4.2 and 4.4; the authors' code's
+    `heuristic_scale_factor` with flatness ρ = 1): after the rotation a coordinate of the sum
+    is treated as subgaussian with variance (c·n)²/D' (all updates aligned, the worst case)
+    plus n·(γ²/4 + noise_std²) (rounding and noise; `noise_std` in the update's units, σ·γ),
+    so 2^b·γ = 2k·√((c·n)²/D' + n·(γ²/4 + noise_std²)), solved for γ."""
+    room = 2.0 ** (2 * bits) - n * k_stds**2
+    if room <= 0:
+        raise ValueError(f"{bits} bits cannot hold {k_stds} standard deviations of {n} devices")
+    spread = (clip_norm * n) ** 2 / padded_dim + n * noise_std**2
+    return 2 * k_stds * math.sqrt(spread) / math.sqrt(room)
 
 
 def rotation_signs(public_seed: int, padded_dim: int) -> np.ndarray:
@@ -192,14 +206,17 @@ def decode_sum(
     params: DDGParams,
     public_seed: int,
     survivors: int,
+    *,
+    k_stds: float = 4.0,
 ) -> tuple[dict[str, np.ndarray], int]:
     """(Σ of the survivors' updates as arrays shaped `shapes`, wrap-around risk count).
 
-    The risk count is the number of coordinates whose centred integer sum lies within
-    4 standard deviations of the survivors' summed noise and rounding (√n·√(σ² + 1/4)) of
-    ±2^(b-1): there the true sum may have crossed the edge and wrapped to the other side, and
-    the decoded sum is then wrong by 2^b·γ spread over all coordinates by the rotation.
-    Nonzero counts say γ or b is too small for this round."""
+    A coordinate of the integer sum that left [-2^(b-1), 2^(b-1)) reappears at the other end
+    of the range, and the decoded sum is then wrong by 2^b·γ spread over all coordinates by
+    the rotation; it cannot be told apart from a legitimate value there. So the count is of
+    the coordinates in the outer 1/k of the range (|centred| ≥ (1 - 1/k)·2^(b-1), k =
+    `k_stds`): with γ from `heuristic_gamma` (which provisions k standard deviations) about
+    0.3% of them for k = 4; many more say γ or b is too small for this round."""
     if not (isinstance(survivors, int) and survivors >= 1):
         raise ValueError("survivors must be an integer >= 1")
     if sum(math.prod(s) for s in shapes.values()) != params.dim:
@@ -208,8 +225,8 @@ def decode_sum(
     if total.shape != (params.padded_dim,):
         raise ValueError(f"sum has shape {total.shape}, expected ({params.padded_dim},)")
     centred = centre(total, params.bits)
-    spread = _RISK_STDS * math.sqrt(survivors * (params.sigma**2 + 0.25))
-    at_risk = int((np.abs(centred) >= (1 << (params.bits - 1)) - spread).sum())
+    edge = float(1 << (params.bits - 1))
+    at_risk = int((np.abs(centred) >= edge * (1 - 1 / k_stds)).sum())
     flat = unrotate(centred.astype(np.float64), public_seed, params.dim) * params.gamma
     out: dict[str, np.ndarray] = {}
     start = 0
