@@ -1,21 +1,27 @@
-"""Exact-in-distribution sampling of the discrete Gaussian N_Z(0, σ²) over the integers.
+"""Sampling of the discrete Gaussian N_Z(0, σ²) over the integers (float64-based, see below).
 
 N_Z(0, σ²) puts mass ∝ exp(-k²/(2σ²)) on each integer k (Canonne, Kamath & Steinke 2020,
 "The Discrete Gaussian for Differential Privacy", Definition 1). Sampler: their Algorithm 3,
 rejection from the discrete Laplace with scale t = ⌊σ⌋ + 1 (mass ∝ exp(-|y|/t)): a proposal y
 is accepted with probability exp(-(|y| - σ²/t)² / (2σ²)), and the accepted y are exactly
-N_Z(0, σ²) (their Theorem 6 / Algorithm 3 analysis). Vectorised as in practice (the approach of
+N_Z(0, σ²) (their Algorithm 3 and its analysis). Vectorised as in practice (the approach of
 TensorFlow Privacy's discrete Gaussian utilities): the discrete Laplace is the difference of two
 geometric variables G = ⌊-t·log U⌋, P(G ≥ k) = e^{-k/t}, and a batch of proposals is drawn at
 once, the accepted ones kept in order, until enough are accepted.
 
 Deviation from the exact rational-arithmetic algorithm: the geometric draws and the acceptance
 test use float64 arithmetic on uniforms from `PrivacyRandomness` (the 2⁻⁵³ grid of (0, 1]).
-Each probability is then off by at most a few ulps (relative ~1e-16), so every point mass is
-off by a relative ~1e-15 and the total variation from N_Z(0, σ²) is of that order: far below
-any δ this project targets. Unlike continuous noise, the output is an integer, so the
-floating-point attacks on the *released* value (Mironov 2012) do not apply; timing leaks of the
-rejection loop (Jin et al. 2022) are not addressed.
+Two effects, both growing with t ≈ σ: (1) -t·log U carries an absolute rounding error up to
+about 37·t·2⁻⁵³ (|log U| ≤ 37), which can move a draw across an integer boundary, so a point
+mass may be off by a relative ~4e-15·t in the worst case (4e-13 at σ = 100, 4e-7 at σ = 10⁸);
+(2) geometric values beyond ~36.7·t (probability < 2⁻⁵³) never occur. A DP bound holds for the
+exact N_Z(0, σ²); a worst-case multiplicative deviation η per mass adds up to ~2η per noised
+coordinate and device to the Rényi divergence, so keep σ in integer units modest (γ no finer,
+and b no wider, than the rounding error needs; σ ≲ 10⁴ makes it < 1e-10 per coordinate) or
+replace this by the exact sampler (their Algorithms 1-2 in integer arithmetic) where σ must be
+large. Unlike continuous noise the output is an integer, so the floating-point attacks on the
+released value (Mironov 2012) do not apply; timing leaks of the rejection loop (Jin et al.
+2022) are not addressed.
 """
 
 from __future__ import annotations
