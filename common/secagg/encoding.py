@@ -216,7 +216,8 @@ def decode_sum(
     the rotation; it cannot be told apart from a legitimate value there. So the count is of
     the coordinates in the outer 1/k of the range (|centred| ≥ (1 - 1/k)·2^(b-1), k =
     `k_stds`): with γ from `heuristic_gamma` (which provisions k standard deviations) about
-    0.3% of them for k = 4; many more say γ or b is too small for this round."""
+    0.3% of them for k = 4; many more say γ or b is too small for this round.
+    `survivors` is the number of devices in the sum (checked; a mean divides by it)."""
     if not (isinstance(survivors, int) and survivors >= 1):
         raise ValueError("survivors must be an integer >= 1")
     if sum(math.prod(s) for s in shapes.values()) != params.dim:
