@@ -123,6 +123,8 @@ def test_devices_refuse_below_k_min_and_a_second_request():
         devices[ok[0]].unmask(ok[:-1], ok[-1:])
     with pytest.raises(SecAggRefusal):
         devices[ok[1]].unmask(ok, [ok[2]])
+    with pytest.raises(SecAggRefusal):  # padded with made-up devices to reach K_min
+        devices[ok[1]].unmask([*few, 9001], [])
 
 
 def test_server_aborts_without_enough_survivors_or_shares():

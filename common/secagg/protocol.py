@@ -227,7 +227,9 @@ class SecAggDevice:
         self, survivors: Sequence[DeviceId], dropouts: Sequence[DeviceId]
     ) -> dict[str, dict[DeviceId, bytes]]:
         """Stage 3: {"seed_shares": survivors' b-shares, "sk_shares": dropouts' s-shares}
-        it holds. Refuses a second request, too few survivors, or a device in both lists."""
+        it holds. Refuses a second request, too few survivors, a device in both lists or one
+        not in the roster (a semi-honest check: a malicious server could still call roster
+        devices survivors that are not; the malicious variant's consistency round is not here)."""
         if self._answered:
             raise SecAggRefusal("already answered an unmask request this round")
         alive, dead = set(survivors), set(dropouts)
@@ -235,7 +237,7 @@ class SecAggDevice:
             raise SecAggRefusal(
                 f"{len(alive)} survivors announced, fewer than K_min = {self.config.min_survivors}"
             )
-        if alive & dead or self.id not in alive:
+        if alive & dead or self.id not in alive or not (alive | dead) <= set(self._roster):
             raise SecAggRefusal("inconsistent survivor and dropout lists")
         self._answered = True
         return {
