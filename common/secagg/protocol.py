@@ -1,0 +1,327 @@
+r"""SecAgg+ (Bell, Bonawitz, Gascón, Lepoint & Raykova 2020, "Secure Single-Server Aggregation
+with (Poly)Logarithmic Overhead", CCS; Algorithm 2, semi-honest variant) as plain state machines.
+
+The server learns Σ_{i∈S} x_i mod 2^b over the survivors S, and nothing else about any x_i,
+provided at least `min_survivors` (K_min) devices are in S and fewer than `threshold` (t) of
+any device's share holders collude with it. Stages, each one message each way:
+  0. advertise keys: each device sends two X25519 public keys, c (to encrypt shares) and
+     s (pairwise masks). The server forwards the roster U1 to all.
+  1. share keys: the public graph (`neighbour_graph`, k neighbours each, from the round's public
+     seed) fixes N(i). Device i draws a self-mask seed b_i and Shamir-shares b_i and its secret
+     key s_i among N(i) ∪ {i}, threshold t; each share is encrypted to its holder under the
+     ECDH key of their c keys. U2: the devices that sent shares.
+  2. masked input: y_i = x_i + PRG(b_i) + Σ_{j∈N(i)∩U2} ±PRG(s_ij) mod 2^b, s_ij from ECDH of
+     the s keys, + if i < j and - otherwise, so a pair's masks cancel in the sum. U3: senders.
+  3. unmask: the server announces survivors U3 and dropouts U2 \ U3; each survivor reveals the
+     b-shares it holds of survivors and the s-key shares it holds of dropouts, never both for
+     one device, and refuses outright if fewer than K_min survivors are announced. The server
+     rebuilds each b_j of U3 and each s_j of the dropouts from ≥ t shares, removes self masks
+     and the dropouts' dangling pairwise masks.
+Security needs 2t > k + 1 (a majority of each device's share holders), checked in the config.
+Not covered: the malicious-server variant (signed rosters, a consistency-check round), and
+input validation (a device's x_i is trusted to be a well-formed encoding).
+
+Primitives: Flower's Shamir sharing (`flwr.common.secure_aggregation.crypto.shamir`, over
+GF(2^128) via pycryptodome), its Fernet encryption and share serialisation; X25519 and HKDF
+from `cryptography`. Masks are expanded with AES-256-CTR (not Flower's `pseudo_rand_gen`, which
+folds the seed to 32 bits into numpy's RandomState). Messages are plain dicts of ints, bytes and
+numpy arrays so that they map onto Flower's ConfigRecord / ArrayRecord.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+
+from fedrec.common.secagg.encoding import MAX_BITS
+
+Entropy = Callable[[int], bytes]
+DeviceId = int
+
+
+class SecAggRefusal(RuntimeError):
+    """A device declines a request that would weaken the protocol's guarantee."""
+
+
+class SecAggAbort(RuntimeError):
+    """The server cannot finish the round (too few survivors or shares)."""
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """One round's public parameters, the same for the server and every device."""
+
+    bits: int  # the sum is mod 2^bits
+    length: int  # coordinates of each device's input vector
+    degree: int  # k: neighbours per device (all others when k >= n - 1)
+    threshold: int  # t: shares that rebuild a device's secret (of its k + 1)
+    min_survivors: int  # K_min: no unmasking with fewer survivors
+    public_seed: int  # the neighbour graph's randomness (public)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be in [1, {MAX_BITS}]")
+        if self.length < 1 or self.degree < 1 or self.min_survivors < 1:
+            raise ValueError("length, degree and min_survivors must be >= 1")
+        if not (self.degree + 1) / 2 < self.threshold <= self.degree + 1:
+            raise ValueError("threshold must be a majority of a device's k + 1 share holders")
+
+
+def neighbour_graph(
+    ids: Sequence[DeviceId], degree: int, public_seed: int
+) -> dict[DeviceId, frozenset[DeviceId]]:
+    """Each device's neighbours: a Harary-like ring over a public shuffle of `ids`, each
+    joined to ⌈k/2⌉ devices on either side (so k rounded up to even), or to all others when
+    that covers everyone. Symmetric; every device computes the same graph."""
+    order = sorted(set(ids))
+    n = len(order)
+    rng = np.random.default_rng([int(public_seed), n, 0x5EC])
+    order = [order[i] for i in rng.permutation(n)]
+    half = (degree + 1) // 2
+    if 2 * half >= n - 1:
+        return {i: frozenset(order) - {i} for i in order}
+    return {
+        order[p]: frozenset(order[(p + off) % n] for off in range(-half, half + 1) if off)
+        for p in range(n)
+    }
+
+
+def expand_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """(length,) uint64 uniform residues mod 2^bits: AES-256-CTR keystream under SHA-256(seed)
+    (a power-of-2 modulus makes the masked words exactly uniform)."""
+    key = hashlib.sha256(b"fedrec secagg mask v1" + seed).digest()
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    words = np.frombuffer(stream.update(bytes(8 * length)), dtype=np.uint64)
+    return words & np.uint64((1 << bits) - 1)
+
+
+def _public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _agree(secret: bytes, public: bytes, label: bytes) -> bytes:
+    """32 bytes both ends of an X25519 exchange derive (HKDF-SHA256 with a purpose label)."""
+    shared = X25519PrivateKey.from_private_bytes(secret).exchange(
+        X25519PublicKey.from_public_bytes(public)
+    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(shared)
+
+
+def _fernet_key(secret: bytes, public: bytes) -> bytes:
+    return base64.urlsafe_b64encode(_agree(secret, public, b"fedrec secagg shares"))
+
+
+def _pair_seed(secret: bytes, public: bytes) -> bytes:
+    return _agree(secret, public, b"fedrec secagg pair mask")
+
+
+def _pair_sign(i: DeviceId, j: DeviceId) -> int:
+    return 1 if i < j else -1
+
+
+def _add(total: np.ndarray, mask: np.ndarray, sign: int, bits: int) -> np.ndarray:
+    """total ± mask mod 2^bits, in uint64 (wraps modulo 2^64, a multiple of 2^bits)."""
+    out = total + mask if sign > 0 else total - mask
+    return out & np.uint64((1 << bits) - 1)
+
+
+class SecAggDevice:
+    """One device's side of a round; call the stages in order, each at most once."""
+
+    def __init__(
+        self, device_id: DeviceId, config: SecAggConfig, *, entropy: Entropy = os.urandom
+    ) -> None:
+        self.id = device_id
+        self.config = config
+        self._entropy = entropy
+        self._sk_c, self._sk_s = entropy(32), entropy(32)  # X25519 secrets: any 32 bytes
+        self._self_seed = b""
+        self._roster: dict[DeviceId, dict[str, bytes]] = {}
+        self.neighbours: frozenset[DeviceId] = frozenset()
+        self._seed_shares: dict[DeviceId, bytes] = {}  # b_j shares this device holds
+        self._sk_shares: dict[DeviceId, bytes] = {}  # s_j shares this device holds
+        self._partners: frozenset[DeviceId] = frozenset()  # neighbours it masked with
+        self._answered = False
+
+    def advertise_keys(self) -> dict[str, bytes]:
+        """Stage 0: the public keys c (share encryption) and s (pairwise masks)."""
+        return {
+            "pk_c": _public_bytes(X25519PrivateKey.from_private_bytes(self._sk_c)),
+            "pk_s": _public_bytes(X25519PrivateKey.from_private_bytes(self._sk_s)),
+        }
+
+    def share_keys(self, roster: Mapping[DeviceId, Mapping[str, bytes]]) -> dict[DeviceId, bytes]:
+        """Stage 1: {neighbour: encrypted shares of b and s for it}, from U1's keys."""
+        mine = self.advertise_keys()
+        if dict(roster.get(self.id, {})) != mine:
+            raise SecAggRefusal("the roster does not carry this device's keys")
+        keys = [k for entry in roster.values() for k in (entry["pk_c"], entry["pk_s"])]
+        if len(set(keys)) != len(keys):
+            raise SecAggRefusal("public keys repeat in the roster")
+        self._roster = {i: dict(entry) for i, entry in roster.items()}
+        self.neighbours = neighbour_graph(
+            list(roster), self.config.degree, self.config.public_seed
+        )[self.id]
+        holders = sorted(self.neighbours | {self.id})
+        if len(holders) < self.config.threshold:
+            raise SecAggRefusal("fewer share holders than the threshold")
+        self._self_seed = self._entropy(32)
+        b_shares = create_shares(self._self_seed, self.config.threshold, len(holders))
+        s_shares = create_shares(self._sk_s, self.config.threshold, len(holders))
+        out: dict[DeviceId, bytes] = {}
+        for holder, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
+            if holder == self.id:
+                self._seed_shares[self.id], self._sk_shares[self.id] = b_share, s_share
+                continue
+            key = _fernet_key(self._sk_c, roster[holder]["pk_c"])
+            out[holder] = encrypt(
+                key, share_keys_plaintext_concat(self.id, holder, b_share, s_share)
+            )
+        return out
+
+    def masked_input(self, ciphertexts: Mapping[DeviceId, bytes], vector: np.ndarray) -> np.ndarray:
+        """Stage 2: the masked input mod 2^b, given the shares U2's neighbours sent it."""
+        cfg = self.config
+        x = np.asarray(vector)
+        if x.shape != (cfg.length,) or x.dtype != np.uint64:
+            raise ValueError(f"input must be uint64 of shape ({cfg.length},)")
+        if not set(ciphertexts) <= self.neighbours:
+            raise SecAggRefusal("shares from devices that are not neighbours")
+        if len(ciphertexts) + 1 < cfg.threshold:
+            raise SecAggRefusal("too few neighbours left to share with")
+        for src, ciphertext in ciphertexts.items():
+            plain = decrypt(_fernet_key(self._sk_c, self._roster[src]["pk_c"]), ciphertext)
+            actual_src, dst, b_share, s_share = share_keys_plaintext_separate(plain)
+            if (actual_src, dst) != (src, self.id):
+                raise SecAggRefusal(f"shares from {src} are labelled {actual_src} -> {dst}")
+            self._seed_shares[src], self._sk_shares[src] = b_share, s_share
+        self._partners = frozenset(ciphertexts)
+        y = _add(x & np.uint64((1 << cfg.bits) - 1), self.self_mask(), 1, cfg.bits)
+        for j in sorted(self._partners):
+            mask = expand_mask(
+                _pair_seed(self._sk_s, self._roster[j]["pk_s"]), cfg.length, cfg.bits
+            )
+            y = _add(y, mask, _pair_sign(self.id, j), cfg.bits)
+        return y
+
+    def self_mask(self) -> np.ndarray:
+        return expand_mask(self._self_seed, self.config.length, self.config.bits)
+
+    def unmask(
+        self, survivors: Sequence[DeviceId], dropouts: Sequence[DeviceId]
+    ) -> dict[str, dict[DeviceId, bytes]]:
+        """Stage 3: {"seed_shares": survivors' b-shares, "sk_shares": dropouts' s-shares}
+        it holds. Refuses a second request, too few survivors, a device in both lists or one
+        not in the roster (a semi-honest check: a malicious server could still call roster
+        devices survivors that are not; the malicious variant's consistency round is not here)."""
+        if self._answered:
+            raise SecAggRefusal("already answered an unmask request this round")
+        alive, dead = set(survivors), set(dropouts)
+        if len(alive) < self.config.min_survivors:
+            raise SecAggRefusal(
+                f"{len(alive)} survivors announced, fewer than K_min = {self.config.min_survivors}"
+            )
+        if alive & dead or self.id not in alive or not (alive | dead) <= set(self._roster):
+            raise SecAggRefusal("inconsistent survivor and dropout lists")
+        self._answered = True
+        return {
+            "seed_shares": {j: s for j, s in self._seed_shares.items() if j in alive},
+            "sk_shares": {j: s for j, s in self._sk_shares.items() if j in dead},
+        }
+
+
+class SecAggServer:
+    """The server's side of a round: routes messages, then rebuilds the survivors' sum."""
+
+    def __init__(self, config: SecAggConfig) -> None:
+        self.config = config
+        self._roster: dict[DeviceId, dict[str, bytes]] = {}
+        self._graph: dict[DeviceId, frozenset[DeviceId]] = {}
+        self._u2: frozenset[DeviceId] = frozenset()
+        self._masked: dict[DeviceId, np.ndarray] = {}
+        self.survivors: list[DeviceId] = []
+        self.dropouts: list[DeviceId] = []
+
+    def collect_keys(
+        self, adverts: Mapping[DeviceId, Mapping[str, bytes]]
+    ) -> dict[DeviceId, dict[str, bytes]]:
+        """Stage 0 replies -> the roster U1 every device receives."""
+        if len(adverts) < self.config.min_survivors:
+            raise SecAggAbort(f"{len(adverts)} devices advertised keys, K_min is larger")
+        self._roster = {i: {"pk_c": a["pk_c"], "pk_s": a["pk_s"]} for i, a in adverts.items()}
+        self._graph = neighbour_graph(
+            list(self._roster), self.config.degree, self.config.public_seed
+        )
+        return self._roster
+
+    def route_shares(
+        self, outgoing: Mapping[DeviceId, Mapping[DeviceId, bytes]]
+    ) -> dict[DeviceId, dict[DeviceId, bytes]]:
+        """Stage 1 replies -> {device: {source: ciphertext}} for each device of U2."""
+        u2 = frozenset(outgoing) & frozenset(self._roster)
+        if len(u2) < self.config.min_survivors:
+            raise SecAggAbort(f"{len(u2)} devices shared keys, fewer than K_min")
+        for src in u2:
+            if not set(outgoing[src]) <= self._graph[src]:
+                raise SecAggAbort(f"device {src} sent shares to non-neighbours")
+        self._u2 = u2
+        return {
+            dst: {src: outgoing[src][dst] for src in sorted(u2) if dst in outgoing[src]}
+            for dst in sorted(u2)
+        }
+
+    def collect_masked(
+        self, masked: Mapping[DeviceId, np.ndarray]
+    ) -> tuple[list[DeviceId], list[DeviceId]]:
+        """Stage 2 replies -> (survivors U3, dropouts U2 \\ U3): the unmask request."""
+        self._masked = {i: np.asarray(y, np.uint64) for i, y in masked.items() if i in self._u2}
+        if len(self._masked) < self.config.min_survivors:
+            raise SecAggAbort(f"{len(self._masked)} masked inputs, fewer than K_min")
+        for y in self._masked.values():
+            if y.shape != (self.config.length,):
+                raise SecAggAbort("a masked input has the wrong shape")
+        self.survivors = sorted(self._masked)
+        self.dropouts = sorted(self._u2 - set(self._masked))
+        return self.survivors, self.dropouts
+
+    def _rebuild(self, owner: DeviceId, kind: str, responses: Mapping[DeviceId, Mapping]) -> bytes:
+        shares = [r[kind][owner] for r in responses.values() if owner in r[kind]]
+        if len(shares) < self.config.threshold:
+            raise SecAggAbort(f"{len(shares)} shares of device {owner}'s {kind}, t is larger")
+        return combine_shares(shares[: self.config.threshold])
+
+    def unmask(
+        self, responses: Mapping[DeviceId, Mapping[str, Mapping[DeviceId, bytes]]]
+    ) -> np.ndarray:
+        """Stage 3 replies -> Σ_{survivors} x_i mod 2^b (uint64)."""
+        cfg = self.config
+        responses = {i: r for i, r in responses.items() if i in self._masked}
+        total = np.zeros(cfg.length, np.uint64)
+        for i in self.survivors:
+            total = _add(total, self._masked[i], 1, cfg.bits)
+            seed = self._rebuild(i, "seed_shares", responses)
+            total = _add(total, expand_mask(seed, cfg.length, cfg.bits), -1, cfg.bits)
+        for j in self.dropouts:
+            secret = self._rebuild(j, "sk_shares", responses)
+            for i in sorted(self._graph[j] & set(self.survivors)):
+                # i masked with j (both in U2): remove i's term ±PRG(s_ij)
+                seed = _pair_seed(secret, self._roster[i]["pk_s"])
+                mask = expand_mask(seed, cfg.length, cfg.bits)
+                total = _add(total, mask, -_pair_sign(i, j), cfg.bits)
+        return total
