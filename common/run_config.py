@@ -24,6 +24,9 @@ from fedrec.common.privacy.dpsgd import CLIPPING
 from fedrec.common.protocols import PROTOCOLS
 
 DP_PARTS = ("user", "distributed", "local")
+# Every DP mode, each with its one spelling: the user-level part first, then the devices'
+# calibration (`format_dp`). `parse_dp` reads them; nothing else parses a mode.
+DP_MODES = ("off", "user", "distributed", "local", "user+distributed", "user+local")
 # Keys of run_config that steer the transport, not the run (set by the launcher): the
 # virtual SuperNodes to wait for, and the token of the launch whose lock the ServerApp checks
 # before it writes the run folder (fedrec.common.run_lock; empty: the ServerApp locks it).
@@ -32,17 +35,27 @@ TRANSPORT_KEYS = frozenset(TRANSPORT_DEFAULTS)
 
 
 def parse_dp(text: str) -> frozenset[str]:
-    """'user+distributed' -> {'user', 'distributed'}; 'off' -> {}."""
-    text = text.strip().lower()
-    if text in ("off", "none", ""):
+    """'user+distributed' -> {'user', 'distributed'}; 'off' -> {}. The one parser of a DP mode.
+
+    A mode is a set of parts: the same parts in another order ('distributed+user', what
+    config.json recorded before each mode had one spelling) are the same mode, so older run
+    folders still resume. Anything else is refused, naming the modes."""
+    mode = text.strip().lower()
+    if mode == "off":
         return frozenset()
-    parts = frozenset(p.strip() for p in text.replace(",", "+").split("+"))
-    unknown = parts - set(DP_PARTS)
-    if unknown:
-        raise ValueError(f"--dp: unknown parts {sorted(unknown)}; use off or a '+' of {DP_PARTS}")
-    if {"distributed", "local"} <= parts:
-        raise ValueError("--dp: choose distributed OR local calibration of the device noise")
-    return parts
+    parts = mode.split("+")
+    known = set(parts) <= set(DP_PARTS) and len(set(parts)) == len(parts)
+    if known and format_dp(frozenset(parts)) in DP_MODES:
+        return frozenset(parts)
+    if {"distributed", "local"} <= set(parts):
+        raise ValueError("dp: choose distributed OR local calibration of the device noise")
+    raise ValueError(f"dp: {text!r} is not a DP mode; use one of {' | '.join(DP_MODES)}")
+
+
+def format_dp(parts: frozenset[str]) -> str:
+    """The one spelling of a DP mode: {'distributed', 'user'} -> 'user+distributed'."""
+    rank = {part: i for i, part in enumerate(DP_PARTS)}
+    return "+".join(sorted(parts, key=lambda part: rank.get(part, len(rank)))) or "off"
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,7 @@ class SimulationConfig:
             and "user" not in self.dp
         ):
             raise ValueError(
-                f"model-user-embedding = true with dp = {'+'.join(sorted(self.dp))}: a LOCAL "
+                f"model-user-embedding = true with dp = {format_dp(self.dp)}: a LOCAL "
                 "user vector voids every per-interaction guarantee, and this dp states no "
                 "other. Use dp = user (or user+distributed, user+local), or "
                 "model-user-embedding = false"
@@ -264,7 +277,7 @@ class SimulationConfig:
                     f"model-{k.replace('_', '-')}": v for k, v in dataclasses.asdict(value).items()
                 }
             elif f.name == "dp":
-                flat["dp"] = "+".join(sorted(value)) or "off"
+                flat["dp"] = format_dp(value)
             elif isinstance(value, Path):
                 flat[key] = str(value)
             else:

@@ -47,7 +47,7 @@ INSECURE_WARNING = (
 # devices per round under distributed noise) one device's round blew the model up: its
 # training loss went 9 -> 4,254 -> 8,404 -> 13,766 in rounds 1-4 (deployment benchmark).
 RUN_DEFAULTS = {
-    "dp": "local+user",
+    "dp": "user+local",
     "clients-per-round": 10,
     "rounds": 10,
     "model-text-bias": True,
@@ -107,13 +107,13 @@ def load_server_config(path: Path | None, **overrides: Any) -> ServerConfig:
     run = RUN_DEFAULTS | dict(table.get("run", {}))
     try:
         settings, flat = split_run_config(run)
-        SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
+        parsed = SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
     except ValueError as err:
         raise ServerConfigError(f"{path}: [run]: {err}") from err
-    if "distributed" in str(flat.get("dp", "")):
+    if parsed.secure_aggregation:
         raise ServerConfigError(
             f"{path}: [run] dp: 'distributed' needs secure aggregation, not available in this "
-            "deployment (see README, Deployment): use 'local' or 'local+user'"
+            "deployment (see README, Deployment): use 'local' or 'user+local'"
         )
     del settings
     return ServerConfig(**server, run=run)

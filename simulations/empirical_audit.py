@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.common.audit.empirical import BOUNDS, audit_scores, max_certifiable
+from fedrec.common.run_config import format_dp
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def audit_releases(sim, config: EmpiricalConfig, rel) -> dict[str, Any]:
     bound = found[method]["epsilon_lower_bound"]
     ceiling = max_certifiable(config.canaries, delta, config.confidence, method)
     return found[method] | {
-        "dp": "+".join(sorted(sim.dp)),
+        "dp": format_dp(sim.dp),
         "view": rel.view,
         "noise_scale": rel.noise_scale,
         "analytic_epsilon": rel.claimed_epsilon,

@@ -140,7 +140,7 @@ def test_the_deployment_refuses_distributed_without_secure_aggregation(tmp_path)
     with pytest.raises(UnsupportedDeployment, match="secure aggregation"):
         run_deployment(config, DeploymentSettings(), lambda: [1], lambda *a: [])
     path = tmp_path / "run.toml"
-    path.write_text('[run]\ndp = "distributed+user"\n')
+    path.write_text('[run]\ndp = "user+distributed"\n')
     with pytest.raises(ServerConfigError, match="secure aggregation"):
         load_server_config(path)
 
