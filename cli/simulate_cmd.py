@@ -161,30 +161,40 @@ def check_before_start(config: SimulationConfig) -> None:
 def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> None:
     """The run, with its folder locked: checks against what it holds, then the federation."""
     check_before_start(config)  # under the lock: what the folder holds cannot change now
-    if in_process:
-        from fedrec.common import console
-        from fedrec.simulations.devices import run_in_process
-        from fedrec.simulations.launcher import round_line
-        from fedrec.simulations.report import finalize
-
-        def on_round(row: dict) -> None:
-            if console.progress() != "none":
-                typer.echo(round_line(row, config.rounds))
-
-        run = run_in_process(config, on_round=on_round)
-        finalize(run)
-        status = 0
-    else:
-        from fedrec.simulations.launcher import simulate as launch
-
-        status = launch(config, lock=lock)
+    status = run_federation(config, in_process, lock)
     summary_path = Path(config.out) / "summary.json"
     if status != 0 or not summary_path.exists():
         raise fail(
             f"the simulation did not complete (status {status}); see {Path(config.out) / 'flower.log'}"
         )
-    size, files = record_folder_size(Path(config.out))
-    summary = json.loads(summary_path.read_text())
+    report(config)
+
+
+def run_federation(config: SimulationConfig, in_process: bool, lock: RunLock) -> int:
+    """Every round through Flower (or called in this process), then the summary: the status."""
+    if not in_process:
+        from fedrec.simulations.launcher import simulate as launch
+
+        return launch(config, lock=lock)
+    from fedrec.common import console
+    from fedrec.simulations.devices import run_in_process
+    from fedrec.simulations.launcher import round_line
+    from fedrec.simulations.report import finalize
+
+    def on_round(row: dict) -> None:
+        if console.progress() != "none":
+            typer.echo(round_line(row, config.rounds))
+
+    finalize(run_in_process(config, on_round=on_round))
+    return 0
+
+
+def report(config: SimulationConfig) -> None:
+    """The finished run's results, guarantees and folder on the terminal (the folder's size
+    recorded in its summary.json first); exit 2 when no round was published."""
+    out = Path(config.out)
+    size, files = record_folder_size(out)
+    summary = json.loads((out / "summary.json").read_text())
     failed = summary["privacy"]["failed_clients"]
     if failed:
         typer.secho(
@@ -207,8 +217,8 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
             typer.secho(f"  {g['name']}: NOT claimed: {g['why_not']}", err=True, fg="yellow")
             continue
         typer.echo(f"  {g['name']}: ε={g['epsilon']:.2f}, δ={g['delta']:.3g} per {g['unit']}")
-    typer.echo(f"wrote {summary_path}")
-    typer.echo(f"run folder {Path(config.out)}: {human_bytes(size)} in {files:,} files")
+    typer.echo(f"wrote {out / 'summary.json'}")
+    typer.echo(f"run folder {out}: {human_bytes(size)} in {files:,} files")
     if summary["published_rounds"] == 0:
         raise fail(
             f"no round was published: all {summary['rounds']} were discarded below K_min "
