@@ -70,10 +70,9 @@ class SimulationConfig:
     evaluate_on: str = "test"
     # expected; Poisson-sampled at rate K/N (capped at 1). A device trains on what it holds
     # only when it is sampled, so the model knows the recent stream through this fraction:
-    # 700 / 2700 / all 9,063 of the built-in devices gave test NDCG@10 0.118 / 0.142 / 0.157
-    # (README; bias decay 0.3, server lr 10; 0.149 at 2700 with the decay and lr below), in
-    # ~2.2 / ~2.3 / 5 min through Flower on 2 cores: 2700 (q = 0.3) is the most that keeps
-    # the default job within 3 minutes.
+    # more devices per round, better quality and longer rounds. 2700 (q = 0.3 of the built-in
+    # devices) keeps the default job within a few minutes on two cores (quality and wall time
+    # per count: benchmarks/results/federated_tuning.json, "coverage_sweep").
     clients_per_round: int = 2700
     dp: frozenset[str] = frozenset({"user", "distributed"})
     # per-interaction privacy (device DP-SGD)
@@ -101,22 +100,24 @@ class SimulationConfig:
     local_lr: float = 0.5
     num_negatives: int = 100
     # How devices clip per-example gradients: "fused" (fedrec.common.privacy.dpsgd, one
-    # backward and a few batched ops; 1.2-1.3x a plain step) or "opacus" (Opacus's
-    # ExpandedWeights / ghost clipping and DPOptimizer, ~1.7-2x). The same clipped sums.
+    # backward and a few batched ops: the cheaper) or "opacus" (Opacus's ExpandedWeights /
+    # ghost clipping and DPOptimizer). The same clipped sums; their costs against a plain
+    # step: benchmarks/results/dp-clipping-before-after.json.
     per_example_clipping: str = "fused"
     # server
     server_optimizer: str = "fedavg"
-    # the plain sum is small (lr·C per device over the expected count): step up. 15 beat 10
-    # at decay 0.5 on two seeds (test NDCG@10 +0.001 to +0.003)
+    # the plain sum is small (lr·C per device over the expected count): the server steps it
+    # up (chosen with the decay below: benchmarks/results/federated_tuning.json,
+    # "server_post_processing_2700")
     server_lr: float = 15.0
     # Each published round multiplies the item biases by (1 - decay): an exponentially
     # weighted popularity that follows the stream (the model's memory of old windows fades
     # like recent popularity's). Post-processing of released aggregates: no privacy cost.
-    # At 2,700 devices per round, decay 0.3 / 0.4 / 0.5 / 0.7 gave test NDCG@10 0.142 /
-    # 0.145 / 0.147 / 0.136 (seed 0; 0.5 beat 0.3 on seed 1 too, README)
+    # Too little and stale popularity lingers, too much and each round's noisy sum dominates
+    # (the sweep: benchmarks/results/federated_tuning.json, "server_post_processing_2700").
     server_bias_decay: float = 0.5
-    # The content model (no per-item id vectors): as good as with ids in the federated runs
-    # measured here, 20x smaller updates, and far less dense DP noise.
+    # The content model (no per-item id vectors): updates of ~25k numbers instead of ~0.9M,
+    # so the same DP noise drowns far less of the signal.
     # One bias knot (fewer noised coordinates) and a 15x bias scale (biases take most of the
     # clipping budget: popularity is the signal that survives the noise).
     model: ModelConfig = field(
@@ -174,7 +175,6 @@ class SimulationConfig:
         if self.device_noise_multiplier is not None and not self.model.train_only:
             # Under DP-SGD an example is one interaction scored without context: only the
             # bias tables get a gradient, and noise on the rest would only move it at random
-            # (measured: the text projections drifted by 30% of their norm in 30 rounds)
             trained = ",".join(single_interaction_parameters(self.model))
             object.__setattr__(self, "model", dataclasses.replace(self.model, train_only=trained))
 

@@ -314,7 +314,8 @@ def _clipped_sum(
         for name, g in g64.items():
             d = np.subtract(u.params[name], g, out=buf[name])
             flat = d.reshape(-1)
-            # einsum, not np.dot/vdot: threaded BLAS ddot was 10-100x slower on a busy machine.
+            # einsum, not np.dot/vdot: threaded BLAS ddot stalls when other processes hold the
+            # cores.
             sq += float(np.einsum("i,i->", flat, flat))
         norms[k] = math.sqrt(sq)
         scale = w

@@ -40,12 +40,12 @@ INSECURE_WARNING = (
     "NOT authenticated. Use it only on a trusted network for testing."
 )
 # Deployment defaults that differ from the simulation's: a handful of real devices, and no
-# secure aggregation, so the per-interaction guarantee is the LOCAL one. Its measured best
-# settings come with it (simulations/local_dp.toml: a device's own noise drowns every
-# per-item parameter, so only the content popularity and the year table train, at server lr
-# 0.3). With the simulation's defaults (every parameter, server lr 15, tuned for 2,700
-# devices per round under distributed noise) one device's round blew the model up: its
-# training loss went 9 -> 4,254 -> 8,404 -> 13,766 in rounds 1-4 (deployment benchmark).
+# secure aggregation, so the per-interaction guarantee is the LOCAL one. Its settings come
+# with it (simulations/local_dp.toml: a device's own noise drowns every per-item parameter,
+# so only the content popularity and the year table train, at server lr 0.3). The
+# simulation's defaults (every parameter, server lr 15) are tuned for 2,700 devices per round
+# under distributed noise: one device's noisy update, stepped up 15x, diverges
+# (docs/deployment.md).
 RUN_DEFAULTS = {
     "dp": "user+local",
     "clients-per-round": 10,
@@ -184,13 +184,13 @@ def stop_stale_runs(env: dict) -> list[str]:
     run stays "running" in the SuperLink's persisted state, but the message objects it had
     sent lived in the killed SuperLink's memory. A device that was fetching one when the
     server died keeps asking for it (Flower retries object pulls for up to 2 h), and its
-    SuperNode takes no new message meanwhile: seen in the end-to-end test, where the resumed
-    round got no reply from any device. Stopped, the old run answers "Run is finished" and
-    the device drops the message at its next try.
+    SuperNode takes no new message meanwhile, so the resumed round would get no reply from
+    it. Stopped, the old run answers "Run is finished" and the device drops the message at
+    its next try.
 
     A run may finish between the listing and its stop (the SuperLink ends a run whose
     ServerApp stopped reporting): Flower then refuses the stop ("Run is already finished"),
-    and that is the state wanted, not an error. A restart died on it (faults benchmark)."""
+    and that is the state wanted, not an error to stop the restart on."""
     listing = flwr_json(env, "ls", CONNECTION, timeout=FLWR_TIMEOUT_S)
     if not listing.get("success"):
         raise RuntimeError(f"could not list the SuperLink's runs: {json.dumps(listing)[:500]}")
