@@ -182,10 +182,13 @@ def stop_with_supervisor(pid: int, poll: float = 0.5) -> None:
 
 def is_warm_executor(pid: int) -> bool:
     """Whether `pid` is a running fedrec warm executor (a PID reused by another process after
-    the executor died must never get a signal whose default action ends it)."""
+    the executor died must never get a signal whose default action ends it). Its command
+    line through psutil, on Linux and macOS alike."""
+    import psutil
+
     try:
-        return b"fedrec.client.warm_exec" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return any("fedrec.client.warm_exec" in arg for arg in psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):  # gone, a zombie, or another user's
         return False
 
 

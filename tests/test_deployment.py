@@ -530,3 +530,25 @@ def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
     status["7"], finished = "running", "running"
     with pytest.raises(RuntimeError, match="could not stop the stale run 7"):
         superlink.stop_stale_runs({})
+
+
+def test_a_warm_executor_is_recognised_by_its_command_line_only_while_it_runs():
+    """The PID in the executor's pidfile is signalled only if it is still the executor: a
+    process whose command line names fedrec.client.warm_exec, found through psutil."""
+    import subprocess
+    import sys
+
+    from fedrec.client.supernode import is_warm_executor
+
+    code = "import time; time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code, "fedrec.client.warm_exec"])
+    other = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert is_warm_executor(child.pid)
+        assert not is_warm_executor(other.pid)
+    finally:
+        child.kill()
+        other.kill()
+        child.wait()
+        other.wait()
+    assert not is_warm_executor(child.pid)  # gone (and a process reusing its PID is not it)
