@@ -290,10 +290,8 @@ CASES = [
     Case("simulate: --epsilon inf", simulate("--epsilon", "inf"), {}, ("epsilon",)),
     Case("simulate: --user-epsilon nan", simulate("--user-epsilon", "nan"), {}, ("user-epsilon",)),
     Case("simulate: --seed -1", simulate("--seed", "-1"), {}, ("seed",)),
-    Case(
-        "simulate: --no-dp --dp user", simulate("--no-dp", "--dp", "user"), {}, ("--no-dp", "--dp")
-    ),
-    Case("simulate: --dp central", simulate("--dp", "central"), {}, ("--dp",)),
+    Case("simulate: --dp none", simulate("--dp", "none"), {}, ("dp", "use one of off")),
+    Case("simulate: --dp central", simulate("--dp", "central"), {}, ("dp", "use one of off")),
     Case("simulate: --rounds 0", simulate("--rounds", "0"), {}, ("rounds",)),
     Case("simulate: --delta 2", simulate("--delta", "2"), {}, ("delta",)),
     Case(

@@ -69,7 +69,7 @@ def main() -> None:
     (root / "run.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nout = "run"\ndatabase = "state.db"\n'
         f"[run]\nrounds = {args.rounds}\nclients-per-round = {args.devices}\n"
-        f'dp = "local+user"\nuser-epsilon = 10000.0\nmin-nodes = {args.devices}\n'
+        f'dp = "user+local"\nuser-epsilon = 10000.0\nmin-nodes = {args.devices}\n'
     )
     env = os.environ | {
         "FLWR_HOME": str(root / "flwr-home"),

@@ -123,7 +123,7 @@ def main() -> None:
     except SystemExit as done:
         if done.code in INTERRUPTED:
             # The run is stopped and its state is on disk: skip the interpreter's teardown,
-            # which took 3 s with torch imported on a loaded machine (Ctrl-C should be quick).
+            # slow with torch imported (Ctrl-C should be quick).
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(done.code)

@@ -17,7 +17,7 @@ def audit(
     out: Annotated[
         Path | None, typer.Option(help="where to write the report (default PATH/audit)")
     ] = None,
-    budget: Annotated[
+    epsilon: Annotated[
         float | None,
         typer.Option(
             help="per-interaction ε budget, a finite number > 0 (default: the strictest the "
@@ -61,7 +61,7 @@ def audit(
     if guarantee not in (None, "local", "distributed"):
         raise typer.BadParameter("--guarantee must be local or distributed")
     options = AuditOptions(
-        budget=budget,
+        epsilon=epsilon,
         budget_view=guarantee,
         delta=delta,
         heads=heads,

@@ -291,8 +291,7 @@ def _die_with_parent():
     """A `preexec_fn` that has the kernel send the child SIGTERM when this process dies, by
     SIGKILL too (Linux; None elsewhere). The children also watch for it themselves
     (`stop_with_supervisor`, the executor's --parent-pid), but only once their imports are
-    done: a device killed in its first seconds left both running for over 15 s (faults
-    benchmark)."""
+    done, which takes seconds: a device killed before then must not leave them running."""
     import ctypes
     import os
     import signal

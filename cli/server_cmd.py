@@ -9,6 +9,7 @@ import typer
 
 from fedrec.cli.options import fail
 from fedrec.cli.run_folder import hold_run_folder
+from fedrec.common import console
 
 app = typer.Typer(
     help="The server side of a deployment (a Flower SuperLink).", no_args_is_help=True
@@ -51,7 +52,8 @@ def start(
         server.out.resolve(), command="fedrec server start", rounds=int(server.run["rounds"]),
         resume_hint="start the server again over the same folder to resume",
     ) as lock:  # fmt: skip
-        status = start_server(server, echo=typer.echo, lock=lock)
+        quiet = console.progress() == "none"  # --quiet: no progress, results still shown
+        status = start_server(server, echo=typer.echo, quiet=quiet, lock=lock)
     raise typer.Exit(status)
 
 

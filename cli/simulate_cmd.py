@@ -54,7 +54,6 @@ def simulate(
         str | None,
         typer.Option(help="off | user | distributed | local | user+distributed | user+local"),
     ] = None,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="same as --dp off")] = False,
     epsilon: Annotated[float | None, typer.Option(help="per-interaction ε budget")] = None,
     user_epsilon: Annotated[float | None, typer.Option(help="user-level ε budget")] = None,
     delta: Annotated[
@@ -87,34 +86,17 @@ def simulate(
     summary.json (test, privacy, dp, the run folder's size), metrics.jsonl, checkpoints/,
     clients/*/ledger.jsonl, rounds.png and epsilon.png, and flower.log. Shows a progress bar on
     a terminal, one line per round otherwise. Interrupted runs continue with --resume."""
-    from fedrec.common.run_config import SimulationConfig
-
-    if no_dp and dp is not None and dp.strip().lower() not in ("off", "none"):
-        raise typer.BadParameter(f"--no-dp contradicts --dp {dp}: give one of them")
-    overrides: dict = {}
-    for key, value in (
-        ("dataset", dataset), ("data-dir", data_dir), ("columns", columns),
-        ("synthetic", synthetic), ("text-encoder", text_encoder), ("rounds", rounds),
-        ("protocol", protocol), ("evaluate-on", evaluate_on),
-        ("clients-per-round", clients_per_round), ("dp", "off" if no_dp else dp),
-        ("epsilon", epsilon), ("user-epsilon", user_epsilon), ("delta", delta),
-        ("min-survivors", min_survivors), ("seed", seed), ("out", out),
-    ):  # fmt: skip
-        if value is not None:
-            overrides[key] = str(value) if isinstance(value, Path) else value
     if items_file is not None:
         raise typer.BadParameter("--items-file is not supported by simulate yet; use --columns")
-    if resume:
-        overrides["resume"] = True
-    if reproducible_noise:
-        overrides["reproducible-noise"] = True
-    try:
-        if config_file is not None:
-            config = SimulationConfig.from_toml(config_file, overrides)
-        else:
-            config = SimulationConfig.from_flat(overrides)
-    except (ValueError, OSError) as err:
-        raise typer.BadParameter(str(err)) from err
+    settings = {
+        "dataset": dataset, "data_dir": data_dir, "columns": columns, "synthetic": synthetic,
+        "text_encoder": text_encoder, "rounds": rounds, "protocol": protocol,
+        "evaluate_on": evaluate_on, "clients_per_round": clients_per_round, "dp": dp,
+        "epsilon": epsilon, "user_epsilon": user_epsilon, "delta": delta,
+        "min_survivors": min_survivors, "seed": seed, "out": out, "resume": resume,
+        "reproducible_noise": reproducible_noise,
+    }  # fmt: skip
+    config = simulation_config(config_file, settings)
     if config.reproducible_noise:
         from fedrec.common.privacy.randomness import VOID_REASON
 
@@ -128,6 +110,27 @@ def simulate(
         resume_hint="resume with --resume and the same settings",
     ) as lock:  # fmt: skip
         run_locked(config, in_process, lock)
+
+
+def simulation_config(config_file: Path | None, settings: dict) -> SimulationConfig:
+    """The run's settings: the experiment TOML (or the defaults) under the options given.
+
+    Each option is the setting of the same name: `--clients-per-round` is the key
+    `clients-per-round` of a TOML file, of `[tool.flwr.app.config]` and of config.json. An
+    option left out (None, or a switch not given) keeps the file's value."""
+    from fedrec.common.run_config import SimulationConfig
+
+    overrides = {
+        name.replace("_", "-"): str(value) if isinstance(value, Path) else value
+        for name, value in settings.items()
+        if value is not None and value is not False
+    }
+    try:
+        if config_file is not None:
+            return SimulationConfig.from_toml(config_file, overrides)
+        return SimulationConfig.from_flat(overrides)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(str(err)) from err
 
 
 def check_before_start(config: SimulationConfig) -> None:
@@ -158,30 +161,40 @@ def check_before_start(config: SimulationConfig) -> None:
 def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> None:
     """The run, with its folder locked: checks against what it holds, then the federation."""
     check_before_start(config)  # under the lock: what the folder holds cannot change now
-    if in_process:
-        from fedrec.common import console
-        from fedrec.simulations.devices import run_in_process
-        from fedrec.simulations.launcher import round_line
-        from fedrec.simulations.report import finalize
-
-        def on_round(row: dict) -> None:
-            if console.progress() != "none":
-                typer.echo(round_line(row, config.rounds))
-
-        run = run_in_process(config, on_round=on_round)
-        finalize(run)
-        status = 0
-    else:
-        from fedrec.simulations.launcher import simulate as launch
-
-        status = launch(config, lock=lock)
+    status = run_federation(config, in_process, lock)
     summary_path = Path(config.out) / "summary.json"
     if status != 0 or not summary_path.exists():
         raise fail(
             f"the simulation did not complete (status {status}); see {Path(config.out) / 'flower.log'}"
         )
-    size, files = record_folder_size(Path(config.out))
-    summary = json.loads(summary_path.read_text())
+    report(config)
+
+
+def run_federation(config: SimulationConfig, in_process: bool, lock: RunLock) -> int:
+    """Every round through Flower (or called in this process), then the summary: the status."""
+    if not in_process:
+        from fedrec.simulations.launcher import simulate as launch
+
+        return launch(config, lock=lock)
+    from fedrec.common import console
+    from fedrec.simulations.devices import run_in_process
+    from fedrec.simulations.launcher import round_line
+    from fedrec.simulations.report import finalize
+
+    def on_round(row: dict) -> None:
+        if console.progress() != "none":
+            typer.echo(round_line(row, config.rounds))
+
+    finalize(run_in_process(config, on_round=on_round))
+    return 0
+
+
+def report(config: SimulationConfig) -> None:
+    """The finished run's results, guarantees and folder on the terminal (the folder's size
+    recorded in its summary.json first); exit 2 when no round was published."""
+    out = Path(config.out)
+    size, files = record_folder_size(out)
+    summary = json.loads((out / "summary.json").read_text())
     failed = summary["privacy"]["failed_clients"]
     if failed:
         typer.secho(
@@ -204,8 +217,8 @@ def run_locked(config: SimulationConfig, in_process: bool, lock: RunLock) -> Non
             typer.secho(f"  {g['name']}: NOT claimed: {g['why_not']}", err=True, fg="yellow")
             continue
         typer.echo(f"  {g['name']}: ε={g['epsilon']:.2f}, δ={g['delta']:.3g} per {g['unit']}")
-    typer.echo(f"wrote {summary_path}")
-    typer.echo(f"run folder {Path(config.out)}: {human_bytes(size)} in {files:,} files")
+    typer.echo(f"wrote {out / 'summary.json'}")
+    typer.echo(f"run folder {out}: {human_bytes(size)} in {files:,} files")
     if summary["published_rounds"] == 0:
         raise fail(
             f"no round was published: all {summary['rounds']} were discarded below K_min "

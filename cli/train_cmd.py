@@ -50,8 +50,10 @@ def train(
     lr: Annotated[
         float, typer.Option(help="Adam learning rate of the embeddings (biases: x20)")
     ] = 0.001,
-    dim: Annotated[int, typer.Option(help="embedding size")] = 64,
-    negatives: Annotated[int, typer.Option(help="catalogue-sampled negatives per example")] = 100,
+    model_dim: Annotated[int, typer.Option(help="embedding size")] = 64,
+    num_negatives: Annotated[
+        int, typer.Option(help="catalogue-sampled negatives per example")
+    ] = 100,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     reproducible_noise: Annotated[
         bool,
@@ -93,10 +95,10 @@ def train(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            num_negatives=negatives,
+            num_negatives=num_negatives,
             seed=seed,
             reproducible_noise=reproducible_noise,
-            model=ModelConfig(dim=dim),
+            model=ModelConfig(dim=model_dim),
         )
         protocols = [
             ProtocolConfig(name=p, min_user_interactions=min_user)

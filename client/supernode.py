@@ -8,8 +8,9 @@ waiting per message. Here the idle poll (a request to the SuperLink) is capped a
 FEDREC_SUPERNODE_POLL_S (default 0.25 s): a few small HTTPS requests per second per device,
 against a SuperLink that serves thousands. The waits for the ClientApp's reply and for its
 contents only read the SuperNode's own state, no network: they are capped at
-FEDREC_SUPERNODE_LOCAL_POLL_S (default 0.02 s). At 0.25 s that wait was ~0.12 s of every
-warm message on average (measured timeline: the reply sat 0.23 s before the SuperNode sent it).
+FEDREC_SUPERNODE_LOCAL_POLL_S (default 0.02 s): a reply left waiting half of a 0.25 s
+interval would be a large share of a warm message
+(benchmarks/results/deployment-transport-before-after.json).
 For FEDREC_SUPERNODE_FAST_WINDOW_S (1 s) after each reply it sent, when the next round's
 message usually comes, the SuperNode polls every FEDREC_SUPERNODE_FAST_POLL_S (0.1 s)
 (`PollPacer`). When a message has arrived it wakes the warm executor at once
@@ -140,7 +141,7 @@ def speaks_tls(address: str, timeout: float = 5.0) -> bool:
 def give_up_insecure_against_tls(address: str) -> None:
     """Flower's SuperNode retries a refused request forever, and a TLS SuperLink refuses every
     plain-HTTP one by closing (or resetting) the connection: a device started
-    with --insecure against it retried forever, with nothing naming TLS. Here the first such
+    with --insecure against it would retry forever, with nothing naming TLS. Here the first such
     refusal probes the server with a TLS handshake; if it speaks TLS the connection gives up
     with `InsecureAgainstTLS` (Flower then exits naming it). A plain server that drops a
     connection, or one that is down, is still retried."""
@@ -163,8 +164,8 @@ SUPERVISOR_PID_ENV = "FEDREC_SUPERVISOR_PID"
 def stop_with_supervisor(pid: int, poll: float = 0.5) -> None:
     """End this SuperNode (SIGTERM: Flower's graceful exit) once `fedrec client start`, which
     started it, is gone. Killed outright (an OOM killer, `kill -9`), the supervisor cannot
-    stop its children, and the SuperNode stayed connected as an orphan, holding the device's
-    key and port while a restarted device started a second one (faults benchmark). A child
+    stop its children, and the SuperNode would stay connected as an orphan, holding the
+    device's key and port while a restarted device starts a second one. A child
     whose parent dies is adopted by another process, so a changed parent PID is the sign,
     also while the dead supervisor is an unreaped zombie. On Linux the kernel also signals
     it at once (`fedrec client start` sets PR_SET_PDEATHSIG); this watch covers macOS."""
@@ -181,20 +182,23 @@ def stop_with_supervisor(pid: int, poll: float = 0.5) -> None:
 
 def is_warm_executor(pid: int) -> bool:
     """Whether `pid` is a running fedrec warm executor (a PID reused by another process after
-    the executor died must never get a signal whose default action ends it)."""
+    the executor died must never get a signal whose default action ends it). Its command
+    line through psutil, on Linux and macOS alike."""
+    import psutil
+
     try:
-        return b"fedrec.client.warm_exec" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return any("fedrec.client.warm_exec" in arg for arg in psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):  # gone, a zombie, or another user's
         return False
 
 
 def wake_executor_on_message(pidfile: Path, is_executor=is_warm_executor) -> None:
     """After the SuperNode has stored a new message, wake the warm executor (SIGUSR1; see
-    fedrec.client.warm_exec) instead of leaving the message until its next poll: that poll
-    is what a warm message waited for most after its transport (0.125 s on average at a
-    0.25 s interval). The executor's PID is read from `pidfile`, which the executor writes
-    once it can be woken (`fedrec client start` names the file to both); without it the
-    executor's own poll still finds the message."""
+    fedrec.client.warm_exec) instead of leaving the message until its next poll, half an
+    interval on average, the largest wait of a warm message after its transport
+    (benchmarks/results/deployment-wake-before-after.json). The executor's PID is read from
+    `pidfile`, which the executor writes once it can be woken (`fedrec client start` names
+    the file to both); without it the executor's own poll still finds the message."""
     import signal
 
     pid: list[int] = []

@@ -2,7 +2,7 @@
 Opacus, Flower and fedrec (and read the public catalogue) once, and forks a child per message.
 
 Flower 1.42's SuperNode runs every message in a new `flwr-clientapp` process that imports all
-of that again (measured: see README, Deployment). With `flower-supernode --isolation process`
+of that again (its cost: README, Deployment). With `flower-supernode --isolation process`
 the SuperNode runs no executor itself; this module is Flower's own SuperExec loop
 (`run_superexec`: poll the SuperNode's Runtime API for a task, launch it) with two changes: a
 task is launched by `os.fork()` of this warm process, and the child runs Flower's own
@@ -44,7 +44,7 @@ def _warm_up(rounds_hint: int | None = None, catalogue: str | None = None) -> No
 
     flower_patches.shorten_pull_backoff()
     torch.set_num_threads(1)
-    # the first optimizer imports torch._dynamo (1.5 s, measured): once, here
+    # the first optimizer imports torch._dynamo, a slow import: once, here
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     import opacus  # noqa: F401
     from opacus.grad_sample import (  # noqa: F401
@@ -201,8 +201,8 @@ class ForkExecutor:
 
 def _die_with(parent: int) -> None:
     """Have the kernel stop this forked message worker when the executor dies (Linux: a fork
-    does not inherit PR_SET_PDEATHSIG, and a device killed mid-round left its worker
-    running, faults benchmark); elsewhere the worker's --parent-pid watch covers it."""
+    does not inherit PR_SET_PDEATHSIG, so a device killed mid-round would leave its worker
+    running); elsewhere the worker's --parent-pid watch covers it."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -235,13 +235,14 @@ def main(argv: list[str] | None = None) -> None:
         os.replace(tmp, args.pidfile)
     # How often this loop asks the SuperNode for a task when nobody wakes it: the SuperNode
     # wakes it when a message arrives (SIGUSR1, fedrec.client.supernode), so this poll is a
-    # fallback. Polling alone cost latency (0.125 s per message on average at 0.25 s) or CPU
-    # (at 0.05 s, 10 co-located devices' rounds took 17.4 s against 10.3 s at 0.25 s).
+    # fallback. Polling alone costs latency (half the interval per message) or, fast enough
+    # to hide it, the CPU co-located devices need (benchmarks/results/: deployment-warm-10
+    # against deployment-warm-10-exec-poll-0.05).
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "1.0")
     if args.parent_pid is not None:
         # Flower's loop watches the SuperNode only once it runs; the warm-up before it (torch,
-        # the catalogue: tens of seconds on a busy device) outlived a SuperNode killed
-        # meanwhile (faults benchmark)
+        # the catalogue: tens of seconds on a busy device) must not outlive a SuperNode
+        # killed meanwhile
         flower_patches.watch_parent(args.parent_pid)
     _warm_up(args.rounds_hint, args.catalogue)
     # Flower's loop with our executor, and its poll's sleep ends when the SuperNode wakes it

@@ -54,9 +54,9 @@ def split_run_config(flat: dict[str, Any]) -> tuple[DeploymentSettings, dict[str
 # A deployed message carries the model's tensors as ONE byte array: an .npz (numpy's own
 # self-describing container: names, dtypes, shapes). Flower 1.42 stores and moves every Array
 # of a message as separate objects (the Array and its chunks, plus one per record), each one
-# HTTP(S) request on every hop: ServerApp -> SuperLink -> SuperNode -> ClientApp and back.
-# Measured on loopback: 8-13 ms per object per hop, and 15 objects per message for the
-# default model's 5 tensors, most of a warm message's transport time.
+# HTTP(S) request on every hop: ServerApp -> SuperLink -> SuperNode -> ClientApp and back,
+# most of a warm message's transport time for a model of several tensors
+# (benchmarks/results/deployment-transport-before-after.json).
 PARAMETERS_KEY = "npz"
 
 

@@ -22,11 +22,8 @@ the sampled rank is 1. A row's negatives depend only on `seed`, the row's positi
 `num_items` and the row's own history: not on the scorer, `batch_size` or other rows, so two
 models evaluated with the same seed face the same negatives.
 
-Cost (measured on a busy shared 2-core CPU, defaults ks=(10,) and 99 sampled negatives): 9,000
-rows x 7,000 items with a random low-rank scorer, 1.0-1.4 s (0.7-1.2 s without sampled metrics,
-1.5 s with ks=(10, 20, 50)); the built-in dataset's leave-last-out test (4,865 rows x 6,798
-items), 0.26 s with popularity and 0.5 s with a random scorer; the worst case, every score tied
-(an all-zero model), 1.9-2.5 s. Rows are processed `batch_size` at a time; peak memory is a few
+Cost: linear in rows x items (a full ranking of every row), most when every score ties (an
+all-zero model). Rows are processed `batch_size` at a time; peak memory is a few
 (batch_size, num_items) arrays.
 """
 

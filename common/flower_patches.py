@@ -68,8 +68,8 @@ def patches_apply() -> bool:
 
 def shorten_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool:
     """Flower 1.42 lists a message before its contents have arrived, and a reader that comes
-    early retries after 1 s, then 2 s (PULL_INITIAL_BACKOFF): measured 3 s of a warm device's
-    message. Start the backoff at `initial` instead (in this process)."""
+    early retries after 1 s, then 2 s (PULL_INITIAL_BACKOFF): seconds added to a message that
+    takes a fraction of one. Start the backoff at `initial` instead (in this process)."""
     if not patches_apply():
         return False
     from flwr.supercore.inflatable import inflatable_utils

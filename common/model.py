@@ -51,9 +51,11 @@ class Scope(enum.Enum):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    dim: int = 64  # embedding size; 64 matched BPR-MF quality on the built-in data
+    dim: int = 64  # embedding size
     text_dim: int = 64  # PCA of the public text embeddings: candidates stay cheap to gather
-    time_knots: int = 4  # time-varying item bias over the training span; 4 beat 8 and 12
+    # time-varying item bias over the training span: popularity drifts, and without it the
+    # centralized model falls below popularity (docs/results.md, "Results")
+    time_knots: int = 4
     # Per-item id vectors (E_ctx, E_tgt). Off: a content model (text, year, per-item biases):
     # ~20x fewer parameters, so dense DP noise drowns far less of the signal.
     id_embeddings: bool = True
@@ -66,8 +68,8 @@ class ModelConfig:
     # Content popularity: a global w with bias += w·t_i over the public text features (64
     # numbers; a least-squares fit of recent counts on text and year alone reaches
     # popularity's NDCG on the built-in data). Few coordinates, so it survives the noise of
-    # local DP that drowns per-item biases; under the default calibration it took clipping
-    # budget from the item biases and lost (measured 0.108 vs 0.121), so it is off there.
+    # local DP that drowns per-item biases; under the default calibration it takes clipping
+    # budget from the item biases, which carry more (docs/results.md), so it is off there.
     text_bias: bool = False
     # Comma-separated global parameters to train ("" = all). The others are FROZEN: fewer
     # noised coordinates, for calibrations whose noise drowns anything larger (local DP:
@@ -99,8 +101,8 @@ def reduce_text_features(features: np.ndarray, dim: int) -> np.ndarray:
     variance 1/dim (so a row has norm ~1).
 
     Fitted on the catalogue only, never on interactions, so it is public post-processing.
-    Done with torch on the (384, 384) covariance: numpy's threaded SVD stalled for minutes
-    inside Flower's simulation process, where many threads compete for 2 cores.
+    Done with torch on the (384, 384) covariance: numpy's threaded SVD can stall where many
+    threads compete for few cores, as inside Flower's simulation process.
     """
     if dim >= features.shape[1]:
         return features.astype(np.float32)

@@ -77,8 +77,8 @@ def environ_of(process: psutil.Process) -> dict[str, str]:
     """A process's environment. On Linux, the whole of /proc/PID/environ: a process that
     renames itself (setproctitle, as Ray's dashboard and runtime-env agents do) zeroes the
     start of that block, and psutil's parser stops at the first empty entry, so it saw no
-    environment at all and the run's Ray agents outlived every stop of it, the watchdog's
-    included (faults benchmark). A launcher's variables come last in the block, past the
+    environment at all, and the run's Ray agents would outlive every stop of it, the
+    watchdog's included. A launcher's variables come last in the block, past the
     zeroed part. Elsewhere (macOS), psutil's reading."""
     try:
         data = Path(f"/proc/{process.pid}/environ").read_bytes()
@@ -113,8 +113,8 @@ def stop_run_processes(token: str, grace: float, settle: float = 0.0) -> int:
     SIGINT stops at the first empty look); returns how many were signalled.
 
     Descendants count because a token is not always readable: a Ray agent that is starting
-    (its environment block rewritten by setproctitle) was seen to hide it from two sweeps
-    5 s apart and then outlive its run (faults benchmark); its parent, the raylet, showed it."""
+    (its environment block rewritten by setproctitle) can hide it from several sweeps and
+    then outlive its run; its parent, the raylet, shows it."""
     signalled = 0
     quiet_since: float | None = None
     deadline = time.monotonic() + 10 * (grace + settle) + 5

@@ -24,6 +24,9 @@ from fedrec.common.privacy.dpsgd import CLIPPING
 from fedrec.common.protocols import PROTOCOLS
 
 DP_PARTS = ("user", "distributed", "local")
+# Every DP mode, each with its one spelling: the user-level part first, then the devices'
+# calibration (`format_dp`). `parse_dp` reads them; nothing else parses a mode.
+DP_MODES = ("off", "user", "distributed", "local", "user+distributed", "user+local")
 # Keys of run_config that steer the transport, not the run (set by the launcher): the
 # virtual SuperNodes to wait for, and the token of the launch whose lock the ServerApp checks
 # before it writes the run folder (fedrec.common.run_lock; empty: the ServerApp locks it).
@@ -32,17 +35,27 @@ TRANSPORT_KEYS = frozenset(TRANSPORT_DEFAULTS)
 
 
 def parse_dp(text: str) -> frozenset[str]:
-    """'user+distributed' -> {'user', 'distributed'}; 'off' -> {}."""
-    text = text.strip().lower()
-    if text in ("off", "none", ""):
+    """'user+distributed' -> {'user', 'distributed'}; 'off' -> {}. The one parser of a DP mode.
+
+    A mode is a set of parts: the same parts in another order ('distributed+user', what
+    config.json recorded before each mode had one spelling) are the same mode, so older run
+    folders still resume. Anything else is refused, naming the modes."""
+    mode = text.strip().lower()
+    if mode == "off":
         return frozenset()
-    parts = frozenset(p.strip() for p in text.replace(",", "+").split("+"))
-    unknown = parts - set(DP_PARTS)
-    if unknown:
-        raise ValueError(f"--dp: unknown parts {sorted(unknown)}; use off or a '+' of {DP_PARTS}")
-    if {"distributed", "local"} <= parts:
-        raise ValueError("--dp: choose distributed OR local calibration of the device noise")
-    return parts
+    parts = mode.split("+")
+    known = set(parts) <= set(DP_PARTS) and len(set(parts)) == len(parts)
+    if known and format_dp(frozenset(parts)) in DP_MODES:
+        return frozenset(parts)
+    if {"distributed", "local"} <= set(parts):
+        raise ValueError("dp: choose distributed OR local calibration of the device noise")
+    raise ValueError(f"dp: {text!r} is not a DP mode; use one of {' | '.join(DP_MODES)}")
+
+
+def format_dp(parts: frozenset[str]) -> str:
+    """The one spelling of a DP mode: {'distributed', 'user'} -> 'user+distributed'."""
+    rank = {part: i for i, part in enumerate(DP_PARTS)}
+    return "+".join(sorted(parts, key=lambda part: rank.get(part, len(rank)))) or "off"
 
 
 @dataclass(frozen=True)
@@ -57,10 +70,9 @@ class SimulationConfig:
     evaluate_on: str = "test"
     # expected; Poisson-sampled at rate K/N (capped at 1). A device trains on what it holds
     # only when it is sampled, so the model knows the recent stream through this fraction:
-    # 700 / 2700 / all 9,063 of the built-in devices gave test NDCG@10 0.118 / 0.142 / 0.157
-    # (README; bias decay 0.3, server lr 10; 0.149 at 2700 with the decay and lr below), in
-    # ~2.2 / ~2.3 / 5 min through Flower on 2 cores: 2700 (q = 0.3) is the most that keeps
-    # the default job within 3 minutes.
+    # more devices per round, better quality and longer rounds. 2700 (q = 0.3 of the built-in
+    # devices) keeps the default job within a few minutes on two cores (quality and wall time
+    # per count: benchmarks/results/federated_tuning.json, "coverage_sweep").
     clients_per_round: int = 2700
     dp: frozenset[str] = frozenset({"user", "distributed"})
     # per-interaction privacy (device DP-SGD)
@@ -88,22 +100,24 @@ class SimulationConfig:
     local_lr: float = 0.5
     num_negatives: int = 100
     # How devices clip per-example gradients: "fused" (fedrec.common.privacy.dpsgd, one
-    # backward and a few batched ops; 1.2-1.3x a plain step) or "opacus" (Opacus's
-    # ExpandedWeights / ghost clipping and DPOptimizer, ~1.7-2x). The same clipped sums.
+    # backward and a few batched ops: the cheaper) or "opacus" (Opacus's ExpandedWeights /
+    # ghost clipping and DPOptimizer). The same clipped sums; their costs against a plain
+    # step: benchmarks/results/dp-clipping-before-after.json.
     per_example_clipping: str = "fused"
     # server
     server_optimizer: str = "fedavg"
-    # the plain sum is small (lr·C per device over the expected count): step up. 15 beat 10
-    # at decay 0.5 on two seeds (test NDCG@10 +0.001 to +0.003)
+    # the plain sum is small (lr·C per device over the expected count): the server steps it
+    # up (chosen with the decay below: benchmarks/results/federated_tuning.json,
+    # "server_post_processing_2700")
     server_lr: float = 15.0
     # Each published round multiplies the item biases by (1 - decay): an exponentially
     # weighted popularity that follows the stream (the model's memory of old windows fades
     # like recent popularity's). Post-processing of released aggregates: no privacy cost.
-    # At 2,700 devices per round, decay 0.3 / 0.4 / 0.5 / 0.7 gave test NDCG@10 0.142 /
-    # 0.145 / 0.147 / 0.136 (seed 0; 0.5 beat 0.3 on seed 1 too, README)
+    # Too little and stale popularity lingers, too much and each round's noisy sum dominates
+    # (the sweep: benchmarks/results/federated_tuning.json, "server_post_processing_2700").
     server_bias_decay: float = 0.5
-    # The content model (no per-item id vectors): as good as with ids in the federated runs
-    # measured here, 20x smaller updates, and far less dense DP noise.
+    # The content model (no per-item id vectors): updates of ~25k numbers instead of ~0.9M,
+    # so the same DP noise drowns far less of the signal.
     # One bias knot (fewer noised coordinates) and a 15x bias scale (biases take most of the
     # clipping budget: popularity is the signal that survives the noise).
     model: ModelConfig = field(
@@ -151,7 +165,7 @@ class SimulationConfig:
             and "user" not in self.dp
         ):
             raise ValueError(
-                f"model-user-embedding = true with dp = {'+'.join(sorted(self.dp))}: a LOCAL "
+                f"model-user-embedding = true with dp = {format_dp(self.dp)}: a LOCAL "
                 "user vector voids every per-interaction guarantee, and this dp states no "
                 "other. Use dp = user (or user+distributed, user+local), or "
                 "model-user-embedding = false"
@@ -161,7 +175,6 @@ class SimulationConfig:
         if self.device_noise_multiplier is not None and not self.model.train_only:
             # Under DP-SGD an example is one interaction scored without context: only the
             # bias tables get a gradient, and noise on the rest would only move it at random
-            # (measured: the text projections drifted by 30% of their norm in 30 rounds)
             trained = ",".join(single_interaction_parameters(self.model))
             object.__setattr__(self, "model", dataclasses.replace(self.model, train_only=trained))
 
@@ -264,7 +277,7 @@ class SimulationConfig:
                     f"model-{k.replace('_', '-')}": v for k, v in dataclasses.asdict(value).items()
                 }
             elif f.name == "dp":
-                flat["dp"] = "+".join(sorted(value)) or "off"
+                flat["dp"] = format_dp(value)
             elif isinstance(value, Path):
                 flat[key] = str(value)
             else:

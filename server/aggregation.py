@@ -214,6 +214,69 @@ def aggregate(
     sample is a possible outcome of the mechanism that the accountant charges, and skipping it
     would reveal that nobody was sampled (the same rule as an empty Poisson batch in DP-SGD).
     """
+    _check_inputs(
+        global_params, updates, weighting, user_clip_norm, denominator, noise_std, rng, opt_cfg,
+        opt_state,
+    )  # fmt: skip
+    weights = [1.0 if weighting == "uniform" else float(u.num_examples) for u in updates]
+    total_weight = float(sum(weights))
+    g64 = {name: g.astype(np.float64) for name, g in global_params.items()}
+    acc, norms, clipped = _clipped_sum(g64, updates, weights, user_clip_norm)
+
+    averaged = denominator is not None or total_weight > 0
+    denom = denominator if denominator is not None else (total_weight if averaged else 0.0)
+    stats = _statistics(norms, clipped, total_weight, denom, noise_std)
+    note = _nothing_to_average(len(updates), averaged)
+    if not averaged and noise_std == 0:
+        unchanged = AggregationDiagnostics(
+            **stats, applied=False, note=f"{note}: parameters unchanged"
+        )
+        return dict(global_params), opt_state, unchanged
+    if not averaged:
+        note = f"{note}: noise-only step"
+    delta = _noisy_average(acc, denom if averaged else None, noise_std, rng)
+    new_params, new_state = _server_step(g64, delta, opt_cfg, opt_state)
+    return new_params, new_state, AggregationDiagnostics(**stats, applied=True, note=note)
+
+
+def _statistics(
+    norms: np.ndarray, clipped: int, total_weight: float, denominator: float, noise_std: float
+) -> dict:
+    """The numbers of `AggregationDiagnostics` (nan norms without updates)."""
+    n = len(norms)
+    return dict(
+        num_aggregated=n,
+        mean_delta_norm=float(norms.mean()) if n else math.nan,
+        max_delta_norm=float(norms.max()) if n else math.nan,
+        fraction_clipped=clipped / n if n else 0.0,
+        total_weight=total_weight,
+        denominator=float(denominator),
+        noise_std=float(noise_std),
+    )
+
+
+def _nothing_to_average(count: int, averaged: bool) -> str:
+    """Why there is nothing to average ("" when there is)."""
+    if count == 0:
+        return "no updates"
+    if not averaged:
+        return "all updates carry zero weight (num_examples == 0)"
+    return ""
+
+
+def _check_inputs(
+    global_params: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    weighting: str,
+    user_clip_norm: float | None,
+    denominator: float | None,
+    noise_std: float,
+    rng: PrivacyRandomness | np.random.Generator | None,
+    opt_cfg: ServerOptConfig,
+    opt_state: ServerOptState,
+) -> None:
+    """ValueError for bad arguments, non-float32 parameters, an invalid or repeated update
+    (counting a user twice would double their influence), or FedAdam state of other names."""
     _check_args(weighting, user_clip_norm, denominator, noise_std)
     if noise_std > 0 and rng is None:
         raise ValueError("noise_std > 0 needs an rng")
@@ -233,9 +296,15 @@ def aggregate(
     ):
         raise ValueError("FedAdam state does not match the parameters: use init_server_state")
 
-    weights = [1.0 if weighting == "uniform" else float(u.num_examples) for u in updates]
-    total_weight = float(sum(weights))
-    g64 = {name: g.astype(np.float64) for name, g in global_params.items()}
+
+def _clipped_sum(
+    g64: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    user_clip_norm: float | None,
+) -> tuple[Params, np.ndarray, int]:
+    """(sum_k w_k clip(delta_k) in float64, each ||delta_k|| before clipping, how many were
+    clipped), one client at a time: memory stays three copies of the model."""
     acc = {name: np.zeros_like(g) for name, g in g64.items()}  # sum_k w_k clip(delta_k)
     buf = {name: np.empty_like(g) for name, g in g64.items()}  # delta_k, reused across clients
     norms = np.zeros(len(updates))
@@ -245,7 +314,8 @@ def aggregate(
         for name, g in g64.items():
             d = np.subtract(u.params[name], g, out=buf[name])
             flat = d.reshape(-1)
-            # einsum, not np.dot/vdot: threaded BLAS ddot was 10-100x slower on a busy machine.
+            # einsum, not np.dot/vdot: threaded BLAS ddot stalls when other processes hold the
+            # cores.
             sq += float(np.einsum("i,i->", flat, flat))
         norms[k] = math.sqrt(sq)
         scale = w
@@ -258,41 +328,24 @@ def aggregate(
             if scale != 1.0:
                 d *= scale
             acc[name] += d
+    return acc, norms, clipped
 
-    n = len(updates)
-    averaged = denominator is not None or total_weight > 0
-    denom = denominator if denominator is not None else (total_weight if averaged else 0.0)
-    note = ""
-    if n == 0:
-        note = "no updates"
-    elif not averaged:
-        note = "all updates carry zero weight (num_examples == 0)"
-    diagnostics = dict(
-        num_aggregated=n,
-        mean_delta_norm=float(norms.mean()) if n else math.nan,
-        max_delta_norm=float(norms.max()) if n else math.nan,
-        fraction_clipped=clipped / n if n else 0.0,
-        total_weight=total_weight,
-        denominator=float(denom),
-        noise_std=float(noise_std),
-    )
-    if not averaged and noise_std == 0:
-        unchanged = AggregationDiagnostics(
-            **diagnostics, applied=False, note=f"{note}: parameters unchanged"
-        )
-        return dict(global_params), opt_state, unchanged
-    if not averaged:
-        note = f"{note}: noise-only step"
 
-    delta = acc  # reuse the accumulators: avg = acc / denom (+ noise)
-    for a in delta.values():
-        if averaged:
-            a /= denom
+def _noisy_average(
+    acc: Params,
+    denominator: float | None,
+    noise_std: float,
+    rng: PrivacyRandomness | np.random.Generator | None,
+) -> Params:
+    """acc / denominator (None: nothing to average) + N(0, noise_std² I), drawn per parameter
+    in order; in place, reusing the accumulators."""
+    for a in acc.values():
+        if denominator is not None:
+            a /= denominator
         if noise_std > 0:
             assert rng is not None
             a += rng.normal(0.0, noise_std, size=a.shape)
-    new_params, new_state = _server_step(g64, delta, opt_cfg, opt_state)
-    return new_params, new_state, AggregationDiagnostics(**diagnostics, applied=True, note=note)
+    return acc
 
 
 def _server_step(

@@ -119,8 +119,9 @@ def deploy(
     run_deployment(config, settings, lambda: list(grid.get_node_ids()), send, on_round)
 
 
-# Flower's own send_and_receive polls every 3 s: most of a short round. One ServerApp asks
-# its SuperLink 20 times a second; 0.2 s cost a warm message ~0.1 s on average.
+# Flower's own send_and_receive polls every 3 s: most of a short round. A reply waits half
+# the interval on average, and one ServerApp asking its SuperLink 20 times a second costs it
+# little (benchmarks/results/deployment-transport-before-after.json).
 REPLY_POLL_S = 0.05
 
 
@@ -149,9 +150,9 @@ def send_and_receive(
 
 def _pull_replies(grid: Grid, pending: set[str]) -> list[Message]:
     """The replies that arrived; none this time when the SuperLink failed transiently. Under
-    load (10 devices on 2 cores) the SuperLink's SQLite state answered a pull with
-    `database is locked` (HTTP 500), which ended the whole run; the failed pull's transaction
-    is rolled back, so the replies are still there at the next poll."""
+    load the SuperLink's SQLite state can answer a pull with `database is locked` (HTTP 500),
+    which must not end the whole run; the failed pull's transaction is rolled back, so the
+    replies are still there at the next poll."""
     try:
         return list(grid.pull_messages(pending))
     except Exception as err:

@@ -33,13 +33,14 @@ from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_model import build_model, global_parameters, load_parameters
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
+    AggregationDiagnostics,
     ClientUpdate,
     ServerOptConfig,
     aggregate,
     init_server_state,
-    validate_update,
 )
 from fedrec.server.checkpoint import load_latest, save_checkpoint
+from fedrec.server.round_replies import RoundReplies, collect_updates
 from fedrec.server.run_record import (
     PARTICIPATION_FILE,
     RECORD_KEY,
@@ -47,7 +48,7 @@ from fedrec.server.run_record import (
     record_attempt,
     round_record,
 )
-from fedrec.server.secure_aggregation import add_pooled, epsilon_bound
+from fedrec.server.secure_aggregation import epsilon_bound
 from fedrec.server.user_privacy import (
     UserLevelAccountant,
     aggregate_noise_std,
@@ -329,134 +330,128 @@ class FederatedRun:
         return users
 
     def finish_round(self, round: int, replies: Sequence[DeviceReply], seconds: float) -> dict:
-        updates, dropped, declined, failed = [], [], 0, 0
-        # the server's verdict on each device whose reply it dropped (device -> reason), for
-        # per-device records such as a deployment's devices.jsonl
-        self.dropped_devices: dict[int, str] = {}
-        survivors = 0  # devices whose update is in the sum (a pooled reply counts its devices)
-        pooled = [r for r in replies if r.pooled]
-        replies = [r for r in replies if not r.pooled]
-        valid = []
-        for reply in pooled:  # validated like an update: same shapes, float32, finite
-            reason = validate_update(reply.params or {}, self.params)
-            if reason is not None:
-                dropped.append(reason)
-                log.warning(
-                    "round %d: dropped a sum of %d devices: %s", round, reply.pooled, reason
-                )
-                continue
-            valid.append(reply)
-        # Secure aggregation: the round's sum is all the server learns (the parts are added
-        # first); a device's own reply may say only whether it failed
-        # (`fedrec.server.secure_aggregation.secure_sum`).
-        total = add_pooled(valid)
-        if total is not None:
-            shares = {n: self.params[n] + total.params[n] for n in self.params}
-            updates.append(ClientUpdate("secure-sum", shares, 0))
-            survivors += total.pooled
-        secure = self.config.secure_aggregation
-        for reply in replies:
-            if reply.error is not None:
-                failed += 1
-                log.warning("round %d: device %d failed: %s", round, reply.user, reply.error)
-                continue
-            if secure and (reply.params is not None or reply.metrics):
-                reason = "a device's own update or metrics under secure aggregation"
-                dropped.append(reason)
-                self.dropped_devices[reply.user] = reason
-                log.warning("round %d: dropped device %d: %s", round, reply.user, reason)
-                continue
-            if reply.metrics.get("declined") == 1.0:
-                declined += 1  # under secure aggregation counted in the sum instead
-            if reply.params is None:
-                continue
-            reason = validate_update(reply.params, self.params, self.update_bound)
-            if reason is not None:
-                dropped.append(reason)
-                self.dropped_devices[reply.user] = reason
-                log.warning("round %d: dropped update of device %d: %s", round, reply.user, reason)
-                continue
-            updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))
-            survivors += 1
+        """Validate the round's replies, aggregate them (or discard the round below K_min),
+        account for it, and commit it: the checkpoint, with the accountant's record, is
+        written before the round's row and model are published."""
+        collected = collect_updates(
+            round,
+            replies,
+            self.params,
+            secure=self.config.secure_aggregation,
+            update_bound=self.update_bound,
+        )
+        self.dropped_devices = collected.dropped_devices
+        discarded = self._discards(round, collected)
+        diag = None if discarded else self._aggregate(round, collected.updates)
+        if not discarded and self.config.server_bias_decay > 0:
+            self._decay_item_biases(self.config.server_bias_decay)
+        self._refuse_non_finite(round)
+        if self.user_dp:
+            self.accountant.record_round(self.user_mechanism(), round=round)
+        row = self._metrics_row(round, collected, discarded, diag, seconds)
+        self._commit(round, collected, discarded, row)
+        return row
 
-        # Secure aggregation with threshold K_min: fewer survivors and the server learns
-        # nothing of the round (SecAgg+ cannot unmask), so the model stays as it was and the
-        # devices' per-interaction charge (planned at K_min) is an over-count, never an
-        # under-count. Idle devices send noise, so n does not depend on anyone's data; it can
-        # still flip with one user's participation, which user-level DP pays for in δ
-        # (`discard_delta`), negligible when q·N >> K_min.
-        discarded = secure and survivors < self.config.min_survivors
-        noise = privacy_randomness(self.config.noise_seed, "user-noise", round)
-        if discarded:
-            log.warning(
-                "round %d: %d survivors < K_min=%d: discarded (only that is revealed), the "
-                "model stays",
-                round,
-                survivors,
-                self.config.min_survivors,
-            )
-            diag = None
-        elif self.user_dp or secure:
-            # A plain sum over a fixed denominator: example weights would scale each device's
-            # noise differently (no common unit for the sum's σ) and reveal its example count.
-            expected = self.sample_rate * len(self.registered)
-            noise_std = 0.0
-            if self.user_dp:
-                noise_std = aggregate_noise_std(
-                    noise_multiplier=self.server_noise_multiplier,
-                    clip_norm=self.config.user_sensitivity,
-                    expected_clients=expected,
-                )
-            self.params, self.opt_state, diag = aggregate(
-                self.params,
-                updates,
-                weighting="uniform",
-                user_clip_norm=None,  # bounded on the device: see SimulationConfig.user_sensitivity
-                denominator=expected,
-                noise_std=noise_std,
-                rng=noise,
-                opt_cfg=self.opt_config,
-                opt_state=self.opt_state,
-            )
-        else:
+    def _discards(self, round: int, collected: RoundReplies) -> bool:
+        """Secure aggregation with threshold K_min: fewer survivors and the server learns
+        nothing of the round (SecAgg+ cannot unmask), so the model stays as it was and the
+        devices' per-interaction charge (planned at K_min) is an over-count, never an
+        under-count. Idle devices send noise, so n does not depend on anyone's data; it can
+        still flip with one user's participation, which user-level DP pays for in δ
+        (`discard_delta`), negligible when q·N >> K_min."""
+        if not (self.config.secure_aggregation and collected.survivors < self.config.min_survivors):
+            return False
+        log.warning(
+            "round %d: %d survivors < K_min=%d: discarded (only that is revealed), the model stays",
+            round,
+            collected.survivors,
+            self.config.min_survivors,
+        )
+        return True
+
+    def _aggregate(self, round: int, updates: list[ClientUpdate]) -> AggregationDiagnostics:
+        """The server step on the round's valid updates; under user-level DP or secure
+        aggregation a plain sum over a fixed denominator, with the server's share of the
+        user-level noise."""
+        if not (self.user_dp or self.config.secure_aggregation):
             self.params, self.opt_state, diag = aggregate(
                 self.params, updates, opt_cfg=self.opt_config, opt_state=self.opt_state
             )
-        if not discarded and self.config.server_bias_decay > 0:
-            self._decay_item_biases(self.config.server_bias_decay)
+            return diag
+        # Example weights would scale each device's noise differently (no common unit for the
+        # sum's σ) and reveal its example count.
+        expected = self.sample_rate * len(self.registered)
+        noise_std = 0.0
+        if self.user_dp:
+            noise_std = aggregate_noise_std(
+                noise_multiplier=self.server_noise_multiplier,
+                clip_norm=self.config.user_sensitivity,
+                expected_clients=expected,
+            )
+        self.params, self.opt_state, diag = aggregate(
+            self.params,
+            updates,
+            weighting="uniform",
+            user_clip_norm=None,  # bounded on the device: see SimulationConfig.user_sensitivity
+            denominator=expected,
+            noise_std=noise_std,
+            rng=privacy_randomness(self.config.noise_seed, "user-noise", round),
+            opt_cfg=self.opt_config,
+            opt_state=self.opt_state,
+        )
+        return diag
+
+    def _refuse_non_finite(self, round: int) -> None:
+        """Nothing of a non-finite model is saved or published: the last checkpoint stays."""
         broken = [n for n, v in self.params.items() if not np.isfinite(v).all()]
-        if broken:  # nothing of it is saved or published: the last checkpoint stays the latest
+        if broken:
             raise ModelNotFiniteError(
                 f"round {round}: the aggregated model has non-finite values in "
                 f"{', '.join(broken)}; the run stops at the checkpoint of round {round - 1}"
             )
-        if self.user_dp:
-            self.accountant.record_round(self.user_mechanism(), round=round)
+
+    def _metrics_row(
+        self,
+        round: int,
+        collected: RoundReplies,
+        discarded: bool,
+        diag: AggregationDiagnostics | None,
+        seconds: float,
+    ) -> dict:
+        """The round's row of metrics.jsonl (JSON-safe)."""
         if discarded:
-            # what the server of a secure aggregation knows of a round it cannot unmask: whom
-            # it asked, who answered or failed, and that the round was discarded; none of the
-            # sum's counters (they are part of the sum)
-            row = {
-                "round": round,
-                "sampled": len(replies),
-                "aggregated": survivors,
-                "failed": failed,
-                "dropped": len(dropped),
-                "dropped_reasons": dropped[:5],
-            }
-            if self.user_dp:
-                row["user_epsilon"] = self.accountant.epsilon(self.user_delta)
+            row = self._discarded_row(round, collected)
         else:
-            row = self._round_metrics(round, replies, total, survivors, declined, failed, dropped)
+            row = self._round_metrics(round, collected)
         row["seconds"] = seconds
         # simulation-only oracle (the server knows the stream): does the model still rank the
         # early window as well as when it was fresh?
         row["early_window_ndcg@10"] = self.early_window_ndcg()
         row["discarded"] = discarded
         row["server_diagnostics"] = diag.as_metrics() if diag is not None else {}
-        row = _json_safe(row)
+        return _json_safe(row)
+
+    def _discarded_row(self, round: int, collected: RoundReplies) -> dict:
+        """What the server of a secure aggregation knows of a round it cannot unmask: whom it
+        asked, who answered or failed, and that the round was discarded; none of the sum's
+        counters (they are part of the sum)."""
+        row = {
+            "round": round,
+            "sampled": len(collected.devices),
+            "aggregated": collected.survivors,
+            "failed": collected.failed,
+            "dropped": len(collected.dropped),
+            "dropped_reasons": collected.dropped[:5],
+        }
+        if self.user_dp:
+            row["user_epsilon"] = self.accountant.epsilon(self.user_delta)
+        return row
+
+    def _commit(self, round: int, collected: RoundReplies, discarded: bool, row: dict) -> None:
+        """Participation, then the checkpoint (the commit point, with the accountant's
+        record), then the published row."""
         line = json.dumps(row) + "\n"
-        self.record_participation(round, replies, survivors, discarded)
+        self.record_participation(round, collected.devices, collected.survivors, discarded)
         save_checkpoint(
             self.out,
             round,
@@ -470,7 +465,6 @@ class FederatedRun:
         )
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(line)
-        return row
 
     @cached_property
     def participation(self) -> ParticipationLog:
@@ -502,10 +496,11 @@ class FederatedRun:
             table[:, columns[part]] *= 1.0 - decay
         self.params = {**self.params, "item_table.weight": table}
 
-    def _round_metrics(self, round, replies, total, aggregated, declined, failed, dropped):
+    def _round_metrics(self, round: int, collected: RoundReplies) -> dict:
         """The round's row. Under secure aggregation every count comes from the round's sum
-        (`total`): no per-device value exists on the server, so the sampled devices' worst
-        interaction ε is a bound read from the sum's histogram, not a maximum."""
+        (`collected.total`): no per-device value exists on the server, so the sampled
+        devices' worst interaction ε is a bound read from the sum's histogram, not a maximum."""
+        replies, total = collected.devices, collected.total
         summed = total.metrics if total is not None else {}
 
         def count(key: str) -> float:
@@ -527,12 +522,12 @@ class FederatedRun:
         row = {
             "round": round,
             "sampled": len(replies),
-            "aggregated": aggregated,
-            "declined": declined + int(summed.get("declined", 0)),
+            "aggregated": collected.survivors,
+            "declined": collected.declined + int(summed.get("declined", 0)),
             "noise_only": int(count("noise_only")),  # idle devices that sent only their noise
-            "failed": failed,
-            "dropped": len(dropped),
-            "dropped_reasons": dropped[:5],
+            "failed": collected.failed,
+            "dropped": len(collected.dropped),
+            "dropped_reasons": collected.dropped[:5],
             "loss": loss_sum / loss_count if loss_count else None,
             "preq_count": preq,
             "preq_hr@10": count("preq_hits@10") / preq if preq else None,

@@ -27,8 +27,8 @@ appended and fsync'ed BEFORE any sampled device is asked, and never truncated. A
 crash interrupted is run again under a fresh sample (participation.jsonl keeps only the attempt
 that committed), but the devices asked in the lost attempt may have trained and charged their
 ledgers for that round, rightly: their update may have left. The audit accepts a ledger entry
-of round r from a device that any recorded attempt of round r asked (faults benchmark: every
-resumed run failed its audit without this record).
+of round r from a device that any recorded attempt of round r asked: without this record a
+resumed run's ledgers would fail their audit.
 
 Each checkpoint's `extra["run_record"]` (`round_record`) chains the run's files together:
     params_sha256   of the model arrays (`params_digest`)

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import ssl
-import subprocess
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from fedrec.common.flower_launch import (
     wait_healthy,
     write_app,
 )
+from fedrec.common.plain_log import PlainLog
 from fedrec.common.processes import run_env, stop_run_processes, watched_run
 from fedrec.common.run_config import TRANSPORT_DEFAULTS, SimulationConfig
 from fedrec.common.run_lock import RunLock
@@ -40,14 +40,14 @@ INSECURE_WARNING = (
     "NOT authenticated. Use it only on a trusted network for testing."
 )
 # Deployment defaults that differ from the simulation's: a handful of real devices, and no
-# secure aggregation, so the per-interaction guarantee is the LOCAL one. Its measured best
-# settings come with it (simulations/local_dp.toml: a device's own noise drowns every
-# per-item parameter, so only the content popularity and the year table train, at server lr
-# 0.3). With the simulation's defaults (every parameter, server lr 15, tuned for 2,700
-# devices per round under distributed noise) one device's round blew the model up: its
-# training loss went 9 -> 4,254 -> 8,404 -> 13,766 in rounds 1-4 (deployment benchmark).
+# secure aggregation, so the per-interaction guarantee is the LOCAL one. Its settings come
+# with it (simulations/local_dp.toml: a device's own noise drowns every per-item parameter,
+# so only the content popularity and the year table train, at server lr 0.3). The
+# simulation's defaults (every parameter, server lr 15) are tuned for 2,700 devices per round
+# under distributed noise: one device's noisy update, stepped up 15x, diverges
+# (docs/deployment.md).
 RUN_DEFAULTS = {
-    "dp": "local+user",
+    "dp": "user+local",
     "clients-per-round": 10,
     "rounds": 10,
     "model-text-bias": True,
@@ -107,13 +107,13 @@ def load_server_config(path: Path | None, **overrides: Any) -> ServerConfig:
     run = RUN_DEFAULTS | dict(table.get("run", {}))
     try:
         settings, flat = split_run_config(run)
-        SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
+        parsed = SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
     except ValueError as err:
         raise ServerConfigError(f"{path}: [run]: {err}") from err
-    if "distributed" in str(flat.get("dp", "")):
+    if parsed.secure_aggregation:
         raise ServerConfigError(
             f"{path}: [run] dp: 'distributed' needs secure aggregation, not available in this "
-            "deployment (see README, Deployment): use 'local' or 'local+user'"
+            "deployment (see README, Deployment): use 'local' or 'user+local'"
         )
     del settings
     return ServerConfig(**server, run=run)
@@ -184,13 +184,13 @@ def stop_stale_runs(env: dict) -> list[str]:
     run stays "running" in the SuperLink's persisted state, but the message objects it had
     sent lived in the killed SuperLink's memory. A device that was fetching one when the
     server died keeps asking for it (Flower retries object pulls for up to 2 h), and its
-    SuperNode takes no new message meanwhile: seen in the end-to-end test, where the resumed
-    round got no reply from any device. Stopped, the old run answers "Run is finished" and
-    the device drops the message at its next try.
+    SuperNode takes no new message meanwhile, so the resumed round would get no reply from
+    it. Stopped, the old run answers "Run is finished" and the device drops the message at
+    its next try.
 
     A run may finish between the listing and its stop (the SuperLink ends a run whose
     ServerApp stopped reporting): Flower then refuses the stop ("Run is already finished"),
-    and that is the state wanted, not an error. A restart died on it (faults benchmark)."""
+    and that is the state wanted, not an error to stop the restart on."""
     listing = flwr_json(env, "ls", CONNECTION, timeout=FLWR_TIMEOUT_S)
     if not listing.get("success"):
         raise RuntimeError(f"could not list the SuperLink's runs: {json.dumps(listing)[:500]}")
@@ -229,42 +229,53 @@ def write_run_catalogue(config: ServerConfig, path: Path) -> str:
 
 
 def start(
-    config: ServerConfig, *, timeout: float = 24 * 3600, echo=print, lock: RunLock | None = None
+    config: ServerConfig,
+    *,
+    timeout: float = 24 * 3600,
+    echo=print,
+    quiet: bool = False,
+    lock: RunLock | None = None,
 ) -> int:
     """Start the SuperLink, register devices, run the federation to its end; 0 completed,
     2 failed, 124 timed out. Everything started here is stopped on the way out. `lock` is the
-    run folder's, when the caller holds it (else taken here; RunLocked if held)."""
+    run folder's, when the caller holds it (else taken here; RunLocked if held).
+
+    `echo` shows the progress (the SuperLink, the devices registered, the run submitted, one
+    line per round; none when `quiet`), warnings, errors and the result. Flower's processes
+    log into OUT/flower/superlink.log and run.log, without terminal colour codes, at the
+    fedrec loggers' level of this process (FEDREC_LOG_LEVEL, `fedrec.common.console`)."""
     with watched_run(config.out.resolve(), "fedrec server start", lock) as held:
-        return _serve(config, held.token, timeout, echo)
+        return _serve(config, held.token, timeout, echo, echo if not quiet else _silent)
 
 
-def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:
+def _silent(message: str) -> None:
+    pass
+
+
+def _serve(config: ServerConfig, token: str, timeout: float, echo, say) -> int:
     out = config.out.resolve()
     work = out / "flower"
     work.mkdir(parents=True, exist_ok=True)
     digest = write_run_catalogue(config, out / PUBLIC_CATALOGUE_FILE)
-    echo(f"public catalogue for devices: {out / PUBLIC_CATALOGUE_FILE} (digest {digest[:12]})")
+    say(f"public catalogue for devices: {out / PUBLIC_CATALOGUE_FILE} (digest {digest[:12]})")
     config.database.parent.mkdir(parents=True, exist_ok=True)
     env = run_env(flower_env(work / "flwr-home", OMP_NUM_THREADS="1"), out, token)
     write_connection(Path(env["FLWR_HOME"]), config)
     app_dir = write_deployment_app(work / "app")
     if config.insecure:
         echo(INSECURE_WARNING)
-    log_file = open(work / "superlink.log", "ab")
-    link = subprocess.Popen(
-        superlink_command(config), env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    link_log = PlainLog(work / "superlink.log")
+    link = link_log.popen(superlink_command(config), env=env, start_new_session=True)
     (work / "superlink.pid").write_text(f"{link.pid}\n")
     try:
         url, context = health_check(config)
         wait_healthy(url, link, context=context)
-        echo(f"SuperLink listening on {config.host}:{config.port} (pid {link.pid})")
+        say(f"SuperLink listening on {config.host}:{config.port} (pid {link.pid})")
         if not config.insecure:
             for message in register_devices(env, config):
-                echo(message)
+                say(message)
         for message in stop_stale_runs(env):
-            echo(message)
+            say(message)
         flat = dict(config.run) | {
             "deployment": True,
             "out": str(out),
@@ -286,18 +297,18 @@ def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:
             return 2
         run_id = str(submitted["run-id"])
         (work / "run-id").write_text(run_id + "\n")
-        echo(f"run {run_id} submitted; log: {work / 'run.log'}")
-        with open(work / "run.log", "ab") as run_log:
-            logs = subprocess.Popen(
-                ["flwr", "log", run_id, CONNECTION, "--stream"], env=env, stdout=run_log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-            try:
-                status = follow(out, env, run_id, timeout, echo)
-            finally:
-                if logs.poll() is None:
-                    os.killpg(logs.pid, signal.SIGTERM)
-                    logs.wait(10)
+        say(f"run {run_id} submitted; log: {work / 'run.log'}")
+        run_log = PlainLog(work / "run.log")
+        logs = run_log.popen(
+            ["flwr", "log", run_id, CONNECTION, "--stream"], env=env, start_new_session=True
+        )
+        try:
+            status = follow(out, env, run_id, timeout, say)
+        finally:
+            if logs.poll() is None:
+                os.killpg(logs.pid, signal.SIGTERM)
+                logs.wait(10)
+            run_log.close()
         if status[0] == "timeout":
             flwr_json(env, "stop", run_id, CONNECTION, timeout=FLWR_TIMEOUT_S)
             return 124
@@ -309,7 +320,7 @@ def _serve(config: ServerConfig, token: str, timeout: float, echo) -> int:
     finally:
         stop_run_processes(token, STOP_GRACE_S)
         link.wait()
-        log_file.close()
+        link_log.close()
 
 
 def follow(out: Path, env: dict, run_id: str, timeout: float, echo) -> tuple[str, str]:

@@ -209,9 +209,9 @@ def calibrate_noise_multiplier(
                 f"no noise multiplier up to {_MAX_NOISE_MULTIPLIER} reaches ε ≤ {target_epsilon}"
             )
         eps_hi = epsilon_at(hi)
-    # Each ε costs ~0.4 s (fractional RDP orders): secant steps on log ε, which is smooth in
-    # z, close the bracket in ~4 evaluations where bisection takes ~10. The bracket invariant
-    # makes the answer the same either way.
+    # Each ε is costly (fractional RDP orders): secant steps on log ε, which is smooth in z,
+    # close the bracket in fewer evaluations than bisection. The bracket invariant makes the
+    # answer the same either way.
     last = [(lo, eps_lo), (hi, eps_hi)]
     while hi - lo > 1:
         (m1, e1), (m2, e2) = last[-2:]

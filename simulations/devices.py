@@ -76,8 +76,8 @@ def simulated_device_round(
 
 
 # A simulated device that had nothing to train stays so until something new arrives: it
-# only needs its noise (or a decline) again, not its store and ledger opened (measured: most of
-# a 1000-device round). The marker is a cache, checked against the stream: it is trusted only
+# only needs its noise (or a decline) again, not its store and ledger opened (most of a round
+# of many idle devices). The marker is a cache, checked against the stream: it is trusted only
 # while nothing was delivered since, so a stale or lost one can never skip real work.
 IDLE_FILE = "idle.json"
 

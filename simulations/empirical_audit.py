@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.common.audit.empirical import BOUNDS, audit_scores, max_certifiable
+from fedrec.common.run_config import format_dp
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class EmpiricalConfig:
     """The canary audit of one calibration (a SimulationConfig's device settings)."""
 
     # m: 2,000 perfect guesses reject ε 10.0 by the GDP test (7.7 with 5 wrong), above the
-    # shipped claims (7.16 and 7.08); each canary is one device round of ~12 ms
+    # shipped claims (7.16 and 7.08); each canary is one (short) device round
     canaries: int = 2000
     # K devices per secure sum (DISTRIBUTED): each adds σ/√K, so a sum carries the shipped σ
     devices_per_sum: int = 100
@@ -45,7 +46,7 @@ def canary_releases(sim, config: EmpiricalConfig, noise_scale: float, folder: Pa
     from fedrec.simulations.canaries import run_canaries
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend (12 ms vs ~80 ms a device)
+    torch.set_num_threads(1)  # tiny tensors: threads only contend
     try:
         return run_canaries(
             sim,
@@ -74,7 +75,7 @@ def audit_releases(sim, config: EmpiricalConfig, rel) -> dict[str, Any]:
     bound = found[method]["epsilon_lower_bound"]
     ceiling = max_certifiable(config.canaries, delta, config.confidence, method)
     return found[method] | {
-        "dp": "+".join(sorted(sim.dp)),
+        "dp": format_dp(sim.dp),
         "view": rel.view,
         "noise_scale": rel.noise_scale,
         "analytic_epsilon": rel.claimed_epsilon,

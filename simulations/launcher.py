@@ -12,9 +12,8 @@ locked for the whole run (`fedrec.common.run_lock`).
 
 Virtual SuperNodes are execution slots (about 1.3x the expected devices per round); the
 ServerApp tells each slot which user's device to play. Flower's engine polls every registered
-node every 0.1 s, so registering one node per user made a round cost grow with the number of
-users (measured: 0.3 s at 100, 1.9 s at 10k, 17 s at 100k registered nodes); with slots it is
-flat.
+node every 0.1 s, so with one node per user a round would cost more with every registered
+user; with slots it is flat (docs/results.md, "Scale").
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def simulation_env(work: Path) -> dict[str, str]:
         RAY_TMPDIR=tempfile.mkdtemp(prefix="fedrec-ray-", dir="/tmp"),
         RAY_DEDUP_LOGS="0",
         # One BLAS thread per process: the simulation process runs Flower's and Ray's threads
-        # beside ours on 2 cores, and threaded OpenBLAS stalled there for minutes.
+        # beside ours, and threaded OpenBLAS can stall when threads outnumber the cores.
         OPENBLAS_NUM_THREADS="1",
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -66,10 +65,10 @@ def simulation_env(work: Path) -> dict[str, str]:
 
 
 # Execution slots per CPU: Flower's engine runs one message per CPU at a time; a few messages
-# per CPU let the fast ones fill in behind a slow one (devices that train take ~10 ms, idle
-# ones ~1 ms). Each message costs Flower ~25 ms and every registered node is polled every
-# 0.1 s, so more slots only add overhead: 1.3 slots per device (one message of 8 devices per
-# slot) made a round of 2,700 devices cost 10 s through Flower against 4 s in one loop.
+# per CPU let the fast ones fill in behind a slow one (devices that train take longer than
+# idle ones). Each message has a fixed cost in Flower and every registered node is polled
+# every 0.1 s, so more slots only add overhead (benchmarks/results/federated_tuning.json,
+# "coverage_sweep": wall times before and after fewer slots).
 SLOTS_PER_CPU = 4
 
 

@@ -15,6 +15,7 @@ from fedrec.common.io import atomic_write_json
 from fedrec.common.privacy.accounting import Guarantee
 from fedrec.common.privacy.randomness import VOID_REASON
 from fedrec.common.reference import baseline_metrics
+from fedrec.common.run_config import format_dp
 from fedrec.server.federated_run import FederatedRun
 from fedrec.server.user_privacy import discard_delta
 
@@ -234,7 +235,7 @@ def finalize(run: FederatedRun) -> dict:
             run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
         ),
         "dp": {
-            "mode": "+".join(sorted(config.dp)) or "off",
+            "mode": format_dp(config.dp),
             "device_noise_multiplier": config.device_noise_multiplier,
             "aggregate_noise_multiplier": config.aggregate_noise_multiplier,
             "min_survivors": config.min_survivors,

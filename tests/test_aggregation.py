@@ -224,3 +224,32 @@ def test_one_user_moves_the_average_by_at_most_clip_over_denominator(others, use
         sum(float(np.sum((with_user[k] - without[k]).astype(np.float64) ** 2)) for k in GLOBAL)
     )
     assert moved <= clip / 3.0 * (1 + 1e-5) + 1e-5  # float32 rounding of the published params
+
+
+def test_a_rounds_replies_are_sorted_into_updates_and_counts():
+    """Without secure aggregation: a failure, a decline, an update past the bound and a
+    malformed one are counted, the good update is kept. Under it: the sums are added into one
+    and a device's own update is refused."""
+    from fedrec.common.replies import DeviceReply
+    from fedrec.server.round_replies import collect_updates
+
+    g = params([0, 0], [0])
+    replies = [
+        DeviceReply(1, params([0.3, 0.4], [0]), 2),  # norm 0.5
+        DeviceReply(2, params([3, 4], [0]), 2),  # norm 5
+        DeviceReply(3, {"a": f32(0, 0)}, 2),
+        DeviceReply(4, None, 0, error="crashed"),
+        DeviceReply(5, None, 0, {"declined": 1.0}),
+    ]
+    plain = collect_updates(1, replies, g, secure=False, update_bound=1.0)
+    assert [u.client_id for u in plain.updates] == ["1"]
+    assert (plain.survivors, plain.declined, plain.failed, len(plain.dropped)) == (1, 1, 1, 2)
+    assert sorted(plain.dropped_devices) == [2, 3] and plain.total is None
+    sums = [DeviceReply(7, params([1, 1], [1]), 0, {"declined": 1.0}, pooled=3)]
+    sums += [DeviceReply(9, params([2, 0], [1]), 0, {"declined": 0.0}, pooled=2)]
+    secure = collect_updates(1, [*sums, *replies[:1]], g, secure=True, update_bound=1.0)
+    assert secure.survivors == 5 and secure.total is not None
+    assert [u.client_id for u in secure.updates] == ["secure-sum"]
+    np.testing.assert_array_equal(secure.updates[0].params["a"], f32(3, 1))
+    assert secure.total.metrics == {"declined": 1.0} and list(secure.dropped_devices) == [1]
+    assert [r.user for r in secure.devices] == [1]

@@ -141,7 +141,7 @@ def test_few_survivors_acknowledged_late_push_past_the_budget(tmp_path):
     """4 < K_min survivors reported after cohorts were planned at K_min: the survivors entry
     that pushed them past the budget is named."""
     write_ledger(tmp_path, 0, late_round=2)
-    result = audit(tmp_path, AuditOptions(budget=BUDGET))
+    result = audit(tmp_path, AuditOptions(epsilon=BUDGET))
     survivors = next(e for e in lines(tmp_path.parent, tmp_path.name) if e["kind"] == "survivors")
     found = [f for f in result.findings if f.check == "budget"]
     assert found and {f.seq for f in found} == {survivors["seq"]}
@@ -229,12 +229,12 @@ def test_overspending_ledger_is_caught(tmp_path):
     entries = _forge([{"kind": "train", "round": r, "mechanism": mech, "cohorts": {"w0001": 3}}
                       for r in range(1, 8)])  # fmt: skip
     (tmp_path / "ledger.jsonl").write_text("".join(canonical(e) + "\n" for e in entries))
-    result = audit(tmp_path, AuditOptions(budget=BUDGET))
+    result = audit(tmp_path, AuditOptions(epsilon=BUDGET))
     budget = [f for f in result.findings if f.check == "budget"]
     assert len(budget) == 1 and budget[0].client == tmp_path.name
     # named by the entry that crossed the budget: recompute which one it is
     assert 0 < budget[0].seq < 7 and "w0001" in budget[0].what
-    assert audit(tmp_path, AuditOptions(budget=1e6)).findings == []
+    assert audit(tmp_path, AuditOptions(epsilon=1e6)).findings == []
 
 
 def test_retired_interaction_reused_is_caught(tmp_path):
@@ -295,7 +295,7 @@ def test_device_store_folder_and_torn_tail(run_dir, tmp_path):
     folder = Path(shutil.copytree(run_dir / "clients" / "2", tmp_path / "device"))
     with open(folder / "ledger.jsonl", "a") as f:
         f.write('{"cohorts":{"w0009"')  # a crash mid-append: never acknowledged
-    result = audit(folder, AuditOptions(budget=BUDGET))
+    result = audit(folder, AuditOptions(epsilon=BUDGET))
     assert result.exit_code == 0 and any("torn" in n for n in result.notes)
     assert write_report(result, tmp_path / "report")[0].exists()
 

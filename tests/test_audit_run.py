@@ -243,8 +243,8 @@ def test_a_round_cut_short_by_a_crash_and_run_again_passes(tmp_path):
 
 @pytest.mark.parametrize("budget", ["nan", "-1", "inf", "0"])
 def test_a_budget_that_bounds_nothing_is_refused(honest, budget):
-    out = CliRunner().invoke(app, ["audit", str(honest), "--budget", budget])
-    assert out.exit_code == 2 and "--budget" in out.output, out.output
+    out = CliRunner().invoke(app, ["audit", str(honest), "--epsilon", budget])
+    assert out.exit_code == 2 and "--epsilon" in out.output, out.output
 
 
 def test_an_unfinished_run_is_reported_as_such(copy):

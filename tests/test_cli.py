@@ -71,7 +71,8 @@ def test_unknown_dataset_is_a_usage_error(tmp_path):
         (("simulate", "--epsilon", "nan"), "epsilon must be a finite number"),
         (("simulate", "--user-epsilon", "nan"), "user-epsilon must be a finite number"),
         (("simulate", "--seed", "-1"), "seed must be in"),
-        (("simulate", "--no-dp", "--dp", "user"), "--no-dp contradicts --dp user"),
+        (("simulate", "--dp", "distributed+user+local"), "choose distributed OR local"),
+        (("simulate", "--dp", "none"), "'none' is not a DP mode; use one of off | user"),
     ],
 )
 def test_bad_values_are_usage_errors_not_tracebacks(tmp_path, args, message):
@@ -142,8 +143,8 @@ def test_the_exported_split_is_what_a_run_evaluates_on(tmp_path):
 def test_train_writes_summary_model_and_plot(tmp_path, dp):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--dataset", "synthetic"]
-    args += ["--synthetic", "num_users=200,num_items=80,seed=1", "--epochs", "2", "--dim", "8"]
-    args += ["--negatives", "10", "--batch-size", "64", "--protocol", "loo"]
+    args += ["--synthetic", "num_users=200,num_items=80,seed=1", "--epochs", "2"]
+    args += ["--model-dim", "8", "--num-negatives", "10", "--batch-size", "64", "--protocol", "loo"]
     if dp:
         args += ["--epsilon", "5"]
     proc = fedrec(*args, tmp_path=tmp_path)

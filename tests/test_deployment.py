@@ -140,7 +140,7 @@ def test_the_deployment_refuses_distributed_without_secure_aggregation(tmp_path)
     with pytest.raises(UnsupportedDeployment, match="secure aggregation"):
         run_deployment(config, DeploymentSettings(), lambda: [1], lambda *a: [])
     path = tmp_path / "run.toml"
-    path.write_text('[run]\ndp = "distributed+user"\n')
+    path.write_text('[run]\ndp = "user+distributed"\n')
     with pytest.raises(ServerConfigError, match="secure aggregation"):
         load_server_config(path)
 
@@ -530,3 +530,61 @@ def test_a_stale_run_that_finished_before_its_stop_is_no_error(monkeypatch):
     status["7"], finished = "running", "running"
     with pytest.raises(RuntimeError, match="could not stop the stale run 7"):
         superlink.stop_stale_runs({})
+
+
+def test_a_warm_executor_is_recognised_by_its_command_line_only_while_it_runs():
+    """The PID in the executor's pidfile is signalled only if it is still the executor: a
+    process whose command line names fedrec.client.warm_exec, found through psutil."""
+    import subprocess
+    import sys
+
+    from fedrec.client.supernode import is_warm_executor
+
+    code = "import time; time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code, "fedrec.client.warm_exec"])
+    other = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert is_warm_executor(child.pid)
+        assert not is_warm_executor(other.pid)
+    finally:
+        child.kill()
+        other.kill()
+        child.wait()
+        other.wait()
+    assert not is_warm_executor(child.pid)  # gone (and a process reusing its PID is not it)
+
+
+def test_server_start_under_quiet_shows_no_progress_and_logs_without_colour_codes(
+    tmp_path, monkeypatch
+):
+    """`fedrec server start --quiet` (start(quiet=True)) prints warnings, errors and results,
+    not its progress; Flower's processes log into superlink.log without terminal colour
+    codes (Flower colours its level names whatever its output is), in an environment that
+    carries the fedrec loggers' level to the ServerApp. A real SuperLink; the run's
+    submission is refused here, so nothing is trained."""
+    from fedrec.common.console import LOG_LEVEL_ENV
+    from fedrec.common.flower_launch import free_port
+    from fedrec.server import superlink
+
+    run = "\n".join(f"{key} = {json.dumps(value)}" for key, value in RUN.items())
+    path = tmp_path / "run.toml"
+    path.write_text(f"[server]\nport = {free_port()}\n\n[run]\n{run}\n")
+    config = load_server_config(path, insecure=True, out=tmp_path / "run")
+    stale = "stopped run 7, left running by a previous server"
+    monkeypatch.setattr(superlink, "stop_stale_runs", lambda env: [stale])
+    monkeypatch.setattr(superlink, "flwr_json", lambda env, *a, **k: {"success": False})
+    monkeypatch.setenv(LOG_LEVEL_ENV, "warning")
+    envs = []
+    popen = superlink.PlainLog.popen
+
+    def recording_popen(self, args, **kwargs):
+        envs.append(kwargs["env"])
+        return popen(self, args, **kwargs)
+
+    monkeypatch.setattr(superlink.PlainLog, "popen", recording_popen)
+    said: list[str] = []
+    assert superlink.start(config, echo=said.append, quiet=True) == 2
+    assert said == [superlink.INSECURE_WARNING, "error: flwr run failed: {'success': False}"]
+    assert envs and all(env[LOG_LEVEL_ENV] == "warning" for env in envs)
+    log = (tmp_path / "run" / "flower" / "superlink.log").read_bytes()
+    assert b"SuperLink" in log and b"\x1b[" not in log

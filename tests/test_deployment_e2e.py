@@ -297,4 +297,7 @@ def test_deployment_end_to_end(deployment):
     # every device that sent an update reported its ledger head with it (for audits)
     sent = [o for r in d.devices_log() for o in r["devices"] if o["outcome"] == "sent"]
     assert sent and all(len(o.get("ledger_head", "")) == 64 for o in sent)
+    for log in ("superlink.log", "run.log"):  # Flower's output, without its colour codes
+        text = (d.root / "run" / "flower" / log).read_bytes()
+        assert text and b"\x1b[" not in text, log
     print(f"deployment e2e: {time.monotonic() - started:.0f}s")

@@ -15,7 +15,7 @@ import pytest
 from fedrec.client.ledger import PrivacyLedger
 from fedrec.common.privacy.accounting import Guarantee
 from fedrec.common.replies import DeviceReply
-from fedrec.common.run_config import SimulationConfig, parse_dp
+from fedrec.common.run_config import DP_MODES, SimulationConfig, format_dp, parse_dp
 from fedrec.server.federated_run import FederatedRun, RunExistsError
 from fedrec.simulations.devices import run_in_process
 from fedrec.simulations.report import finalize
@@ -60,8 +60,21 @@ def test_config_round_trips_and_rejects_unknown_settings():
     assert parse_dp("off") == frozenset()
     with pytest.raises(ValueError, match="distributed OR local"):
         parse_dp("distributed+local")
-    with pytest.raises(ValueError, match="unknown parts"):
+    with pytest.raises(ValueError, match=re.escape("not a DP mode; use one of off | user |")):
         parse_dp("user+central")
+
+
+def test_every_dp_mode_has_one_spelling():
+    """Each mode is written one way (user-level part first); the parts in another order, as
+    older config.json files recorded them, read as the same mode; other spellings are refused."""
+    for mode in DP_MODES:
+        assert format_dp(parse_dp(mode)) == mode
+        assert SimulationConfig.from_flat({"dp": mode}).to_flat()["dp"] == mode
+    assert parse_dp("distributed+user") == parse_dp("user+distributed")
+    assert SimulationConfig.from_flat({"dp": "local+user"}).to_flat()["dp"] == "user+local"
+    for other in ("none", "", "user,distributed", "user+user", "user+"):
+        with pytest.raises(ValueError, match=re.escape("use one of " + " | ".join(DP_MODES))):
+            parse_dp(other)
 
 
 @pytest.mark.parametrize("dp", ["local", "distributed"])
@@ -867,7 +880,7 @@ def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tm
     recorded = (config.out / "config.json").read_text()
     for change, named in (
         ({"epsilon": 1000.0}, "epsilon (recorded 8.0, now 1000.0)"),
-        ({"dp": "off"}, "dp (recorded 'distributed+user', now 'off')"),
+        ({"dp": "off"}, "dp (recorded 'user+distributed', now 'off')"),
         ({"rounds": 20}, "rounds (recorded 2, now 20)"),
     ):
         with pytest.raises(SettingsError, match=re.escape(named)):

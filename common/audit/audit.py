@@ -58,7 +58,7 @@ from fedrec.common.audit.user_level import user_level
 
 @dataclass(frozen=True)
 class AuditOptions:
-    budget: float | None = None  # per-interaction ε budget (default: summary.json's)
+    epsilon: float | None = None  # per-interaction ε budget (default: summary.json's)
     budget_view: str | None = None  # "local" | "distributed" (default: from the run's DP mode)
     delta: float | None = None  # default: summary.json's, else the ledgers' recorded δ
     heads: Path | None = None  # summary.json or {client: head hash} JSON kept elsewhere
@@ -198,8 +198,8 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
 
 def _check_options(options: AuditOptions) -> None:
     """A budget or δ given on the command line must be a number that can bound anything."""
-    if options.budget is not None and not (math.isfinite(options.budget) and options.budget > 0):
-        raise RecordsError(f"--budget {options.budget}: must be a finite number > 0")
+    if options.epsilon is not None and not (math.isfinite(options.epsilon) and options.epsilon > 0):
+        raise RecordsError(f"--epsilon {options.epsilon}: must be a finite number > 0")
     if options.delta is not None and not (0 < options.delta < 1):
         raise RecordsError(f"--delta {options.delta}: must be in (0, 1)")
 
@@ -223,14 +223,14 @@ def _budget(options, summary, ledgers, calibrated, notes, run=None) -> Budget | 
 
     The view: --guarantee; else the guarantee the devices' own retirements name; else the run's
     DP mode (distributed unless a local user vector voids it, as fedrec decides); else, for bare
-    ledgers, distributed iff the devices recorded a K_min. The budget: --budget; else the
+    ledgers, distributed iff the devices recorded a K_min. The budget: --epsilon; else the
     strictest the run ever had (config.json and every checkpoint's configuration: a budget
     raised on --resume does not raise it) and summary.json's."""
     privacy = (summary or {}).get("privacy", {})
-    eps = options.budget if options.budget is not None else privacy.get("budget_epsilon")
+    eps = options.epsilon if options.epsilon is not None else privacy.get("budget_epsilon")
     if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise RecordsError(f"summary.json: budget_epsilon {eps!r} is not a finite number > 0")
-    if options.budget is None and run is not None:
+    if options.epsilon is None and run is not None:
         strictest = run.strictest("epsilon")
         if strictest is not None and (eps is None or strictest < eps):
             eps = strictest
@@ -257,7 +257,7 @@ def _budget(options, summary, ledgers, calibrated, notes, run=None) -> Budget | 
     if len(named) > 1:
         notes.append(f"retirements name several guarantees {sorted(named)}: budget in {view}")
     if eps is None or view is None:
-        notes.append("no per-interaction budget recorded or given (--budget): budgets not checked")
+        notes.append("no per-interaction budget recorded or given (--epsilon): budgets not checked")
         return None
     return Budget(float(eps), view)
 

@@ -15,9 +15,8 @@ realized mean is a few percent below mean_interactions_per_user (19.7 of 20 at 1
 Item text is drawn from per-topic vocabularies, so a text encoder can recover an item's topic
 from its title and genre alone: the cold-start signal for new items.
 
-Speed (measured on a shared 2-core box, numpy 2.4): 100k users x 20k items x 20 events/user
-(about 2M events) in 1.3-2 s; 20k users x 5k items in 0.25-0.5 s. Everything is vectorized;
-the only Python loop is over the item titles.
+Everything is vectorized, so millions of events take seconds; the only Python loop is over the
+item titles.
 """
 
 from __future__ import annotations

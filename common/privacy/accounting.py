@@ -124,7 +124,7 @@ def _parse_mechanism(items: tuple[tuple[str, type, Any], ...]) -> Mechanism:
 
 @lru_cache(maxsize=1 << 16)
 def _rdp_one_step(sample_rate: float, sigma: float) -> np.ndarray:
-    """RDP of one step over ORDERS. The expensive part (~50 ms), hence cached per (q, σ)."""
+    """RDP of one step over ORDERS. The expensive part, hence cached per (q, σ)."""
     rdp = np.asarray(
         compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=list(ORDERS)),
         dtype=np.float64,
