@@ -126,11 +126,41 @@ def simulation_config(config_file: Path | None, settings: dict) -> SimulationCon
         if value is not None and value is not False
     }
     try:
+        given = set(overrides)
         if config_file is not None:
-            return SimulationConfig.from_toml(config_file, overrides)
-        return SimulationConfig.from_flat(overrides)
+            given |= set(SimulationConfig.toml_settings(config_file))
+            config = SimulationConfig.from_toml(config_file, overrides)
+        else:
+            config = SimulationConfig.from_flat(overrides)
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from err
+    recorded = Path(config.out) / "config.json"
+    if config.resume and recorded.exists():
+        # a resumed run keeps what it recorded; only what is given now is compared with it
+        try:
+            settings = json.loads(recorded.read_text())
+            return SimulationConfig.from_flat({**settings, **overrides})
+        except (ValueError, OSError) as err:
+            raise fail(f"{recorded}: unreadable recorded configuration: {err}") from err
+    return derived_settings(config, frozenset(given))
+
+
+def derived_settings(config: SimulationConfig, given: frozenset[str]) -> SimulationConfig:
+    """The settings left out, derived from the data and the DP mode (printed, and recorded in
+    config.json with the rest); bad data is reported by the checks that follow."""
+    from fedrec.common.console import progress
+    from fedrec.server.run_settings import derive_settings
+
+    try:
+        derived = derive_settings(config, given)
+    except (ValueError, OSError):  # DataError is a ValueError: named by check_before_start
+        return config
+    if progress() != "none":
+        for name, why in derived.reasons.items():
+            value = getattr(derived.config, name)
+            shown = value if name != "model" else "content model"
+            typer.echo(f"{name.replace('_', '-')} = {shown}: {why}", err=True)
+    return derived.config
 
 
 def check_before_start(config: SimulationConfig) -> None:
@@ -210,6 +240,17 @@ def report(config: SimulationConfig) -> None:
     )
     for name, metrics in summary.get(f"{target}_baselines", {}).items():
         typer.echo(f"  {name.replace('_', ' ')}: NDCG@10 {metrics['ndcg@10']:.4f}")
+    yardstick = summary.get("yardstick")
+    if yardstick and not yardstick["beaten"]:
+        typer.secho(
+            f"warning: the model ranks no better than {yardstick['name']} (NDCG@10 "
+            f"{scores['ndcg@10']:.4f} against {yardstick['ndcg@10']:.4f}): at these budgets the "
+            "noise outweighs what the devices teach it; more devices per round "
+            "(--clients-per-round) or a larger --user-epsilon / --epsilon lower the noise share",
+            err=True,
+            fg="red",
+            bold=True,
+        )
     if "void_reason" in summary["privacy"]:
         typer.secho(f"  no privacy guarantee: {summary['privacy']['void_reason']}", fg="yellow")
     for g in summary["privacy"]["guarantees"]:

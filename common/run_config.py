@@ -327,13 +327,17 @@ class SimulationConfig:
 
     @classmethod
     def from_toml(cls, path: Path, overrides: dict[str, Any] | None = None) -> SimulationConfig:
+        return cls.from_flat({**cls.toml_settings(path), **(overrides or {})})
+
+    @staticmethod
+    def toml_settings(path: Path) -> dict[str, Any]:
+        """The settings an experiment TOML file gives (its [simulation] table, or the file)."""
         with open(path, "rb") as f:
             try:
                 table = tomllib.load(f)
             except tomllib.TOMLDecodeError as err:  # its message has the line, not the file
                 raise ValueError(f"{path}: not valid TOML: {err}") from err
-        flat = table.get("simulation", table)
-        return cls.from_flat({**flat, **(overrides or {})})
+        return table.get("simulation", table)
 
 
 def _coerce(current: Any, raw: Any) -> Any:

@@ -204,6 +204,9 @@ def finalize(run: FederatedRun) -> dict:
     eps_dist, eps_local, retired, heads = client_epsilons(run)
     budgeted = eps_dist if config.distributed_holds else eps_local
     test = run.evaluate()
+    baselines = baseline_metrics(
+        run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
+    )
     privacy = {
         "budget_epsilon": config.epsilon,
         "delta": config.delta,
@@ -231,9 +234,13 @@ def finalize(run: FederatedRun) -> dict:
         "evaluated_on": config.evaluate_on,
         config.evaluate_on: test,
         # the same target, ranked by the non-personalised yardsticks (as `fedrec train` reports)
-        f"{config.evaluate_on}_baselines": baseline_metrics(
-            run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
-        ),
+        f"{config.evaluate_on}_baselines": baselines,
+        # the least a recommender must do: rank better than the same list for everyone
+        "yardstick": {
+            "name": "popularity",
+            "ndcg@10": baselines["popularity"]["ndcg@10"],
+            "beaten": test["ndcg@10"] > baselines["popularity"]["ndcg@10"],
+        },
         "dp": {
             "mode": format_dp(config.dp),
             "device_noise_multiplier": config.device_noise_multiplier,
