@@ -64,6 +64,13 @@ def simulate(
         int | None,
         typer.Option(help="K_min: under secure aggregation a round with fewer is discarded"),
     ] = None,
+    secure_aggregation_protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="clear (simulated sum, default) | secagg (SecAgg+ over discrete Gaussian "
+            "encodings; needs --in-process and distributed in --dp)"
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (simulation only)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/simulate)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
@@ -99,6 +106,7 @@ def simulate(
         ("clients-per-round", clients_per_round), ("dp", "off" if no_dp else dp),
         ("epsilon", epsilon), ("user-epsilon", user_epsilon), ("delta", delta),
         ("min-survivors", min_survivors), ("seed", seed), ("out", out),
+        ("secure-aggregation-protocol", secure_aggregation_protocol),
     ):  # fmt: skip
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
@@ -115,6 +123,10 @@ def simulate(
             config = SimulationConfig.from_flat(overrides)
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from err
+    if config.secagg and not in_process:
+        from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
+
+        raise typer.BadParameter(SECAGG_IN_PROCESS_ONLY)
     if config.reproducible_noise:
         from fedrec.common.privacy.randomness import VOID_REASON
 

@@ -31,6 +31,7 @@ from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
 from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_model import build_model, global_parameters, load_parameters
+from fedrec.common.secagg.encoding import DDGParams
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
     ClientUpdate,
@@ -471,6 +472,11 @@ class FederatedRun:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(line)
         return row
+
+    @cached_property
+    def ddg_params(self) -> DDGParams:
+        """The rounds' discrete mechanism under "secagg" (the devices derive the same one)."""
+        return self.config.ddg_params(sum(int(v.size) for v in self.params.values()))
 
     @cached_property
     def participation(self) -> ParticipationLog:
