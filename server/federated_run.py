@@ -201,6 +201,20 @@ def preflight(config: SimulationConfig) -> None:
     check_guarantees_can_hold(
         config, registered=len(stream.clients()), interactions=len(stream.rows)
     )
+    if config.secagg:
+        params = global_parameters(build_model(config.data, config.model, stream))
+        check_ddg_params(config, sum(int(v.size) for v in params.values()))
+
+
+def check_ddg_params(config: SimulationConfig, dim: int) -> DDGParams:
+    """The run's discrete mechanism, or SettingsError when none is accurate enough to state."""
+    try:
+        return config.ddg_params(dim)
+    except ValueError as err:
+        raise SettingsError(
+            f"secure-aggregation-protocol = secagg: {err}; raise --min-survivors or lower "
+            "aggregate-noise-multiplier"
+        ) from err
 
 
 class FederatedRun:
@@ -252,6 +266,8 @@ class FederatedRun:
             self.accountant = UserLevelAccountant.from_dict(checkpoint.extra["user_privacy"])
             self.next_round = checkpoint.round + 1
         self.update_bound = config.update_norm_bound(sum(v.size for v in self.params.values()))
+        if config.secagg:
+            check_ddg_params(config, sum(int(v.size) for v in self.params.values()))
         self.out.mkdir(parents=True, exist_ok=True)
         if not recorded.exists():  # written once: a resumed run never rewrites it
             atomic_write_json(recorded, config.to_flat())
@@ -476,7 +492,7 @@ class FederatedRun:
     @cached_property
     def ddg_params(self) -> DDGParams:
         """The rounds' discrete mechanism under "secagg" (the devices derive the same one)."""
-        return self.config.ddg_params(sum(int(v.size) for v in self.params.values()))
+        return check_ddg_params(self.config, sum(int(v.size) for v in self.params.values()))
 
     @cached_property
     def participation(self) -> ParticipationLog:

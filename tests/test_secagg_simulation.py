@@ -243,3 +243,30 @@ def test_a_consistently_doubled_discrete_sigma_fails_the_audit(honest, tmp_path)
         _rewrite(copy, folder.name, entries)
     found = [f.line() for f in audit(copy).findings]
     assert any("[mechanism]" in f and "discrete Gaussian sigma" in f for f in found), found
+
+
+def test_a_noise_the_sampler_cannot_draw_accurately_is_refused_before_the_run(tmp_path):
+    from fedrec.server.federated_run import SettingsError, preflight
+
+    config = tiny(tmp_path / "run", **{"aggregate-noise-multiplier": 2000})
+    with pytest.raises(SettingsError, match="σ within 10000 integer steps"):
+        preflight(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fedrec_simulate_in_process_with_secagg_then_fedrec_audit(tmp_path):
+    toml = tmp_path / "secagg.toml"
+    body = {k: v for k, v in TINY.items() if k != "secure-aggregation-protocol"} | {"rounds": 1}
+    toml.write_text("[simulation]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in body.items()))
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["simulate", "--config", str(toml), "--in-process", "--secure-aggregation-protocol",
+         "secagg", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["secure-aggregation-protocol"] == "secagg"
+    result = runner.invoke(app, ["audit", str(out), "--no-pld"])
+    assert result.exit_code == 0, result.output
+    assert "0 violations" in result.output
