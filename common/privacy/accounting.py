@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from fedrec.common.privacy.discrete import DiscreteGaussian, discrete_rdp
+
 # Opacus's default RDP orders (`RDPAccountant.DEFAULT_ALPHAS`), fixed here so that a change of
 # Opacus's defaults cannot silently change recorded ε, and so that an auditor using Opacus's
 # defaults recomputes exactly our numbers. 1.1..10.9 in steps of 0.1, then 12..63.
@@ -62,39 +64,6 @@ def _is_int(x: Any) -> bool:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-@dataclass(frozen=True)
-class DiscreteGaussian:
-    """The distributed discrete Gaussian (DDG) a device's update went through instead of
-    continuous noise (Kairouz, Liu & Steinke 2021; `fedrec.common.secagg`): clipped to
-    `clip_norm` (update units), scaled by 1/γ, rotated, rounded WITHOUT conditioning (β = 0:
-    then an interaction's removal moves the rounded vector by at most Δ/γ + √D' under the
-    coupling of shared rounding draws, the bound `ddg_rdp` charges) and noised with N_Z(0, σ²)
-    per coordinate, σ in integer steps, mod 2^bits. `dim`: coordinates before padding.
-    `target_epsilon`: the per-round ε it was calibrated to (recorded so an audit can re-derive
-    σ); the charge itself depends only on the other fields."""
-
-    sigma: float
-    gamma: float
-    clip_norm: float
-    bits: int
-    dim: int
-    target_epsilon: float
-
-    def __post_init__(self) -> None:
-        for name in ("sigma", "gamma", "clip_norm", "target_epsilon"):
-            value = getattr(self, name)
-            _check(_is_real(value) and math.isfinite(value), f"ddg {name} must be a finite number")
-            object.__setattr__(self, name, float(value))
-        _check(self.sigma >= 0 and self.gamma > 0 and self.clip_norm > 0, "bad ddg parameters")
-        for name in ("bits", "dim"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"bad ddg {name}")
-            object.__setattr__(self, name, int(getattr(self, name)))
-
-    @property
-    def padded_dim(self) -> int:
-        return 1 << (self.dim - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -258,25 +227,7 @@ def ddg_charge(mechanism: Mechanism, guarantee: Guarantee, survivors: int | None
         n = 1
     else:
         n = k if survivors is None else min(survivors, k)
-    return _ddg_rdp(ddg, n, mechanism.sample_rate, mechanism.steps)
-
-
-@lru_cache(maxsize=1 << 10)
-def _ddg_rdp(ddg: DiscreteGaussian, n: int, q: float, steps: int) -> np.ndarray:
-    from fedrec.common.secagg.ddg_accounting import ddg_rdp  # it builds on this module
-
-    rdp = ddg_rdp(
-        sigma=ddg.sigma,
-        n=n,
-        clip_norm=ddg.clip_norm,
-        gamma=ddg.gamma,
-        beta=0.0,
-        dim=ddg.padded_dim,
-        rounds=steps,
-        sample_rate=q,
-    )
-    rdp.flags.writeable = False
-    return rdp
+    return discrete_rdp(ddg, n, mechanism.sample_rate, mechanism.steps)
 
 
 def charge_of(mechanism: Mechanism, guarantee: Guarantee, survivors: int | None) -> np.ndarray:
