@@ -270,3 +270,12 @@ def test_fedrec_simulate_in_process_with_secagg_then_fedrec_audit(tmp_path):
     result = runner.invoke(app, ["audit", str(out), "--no-pld"])
     assert result.exit_code == 0, result.output
     assert "0 violations" in result.output
+
+
+def test_a_deployed_device_refuses_to_train_without_continuous_noise():
+    from fedrec.client.device import PrivacyPolicy
+    from fedrec.client.device_round import round_settings
+
+    flat = {"dp": "user+distributed", "secure-aggregation-protocol": "secagg"}
+    with pytest.raises(ValueError, match="not implemented on a deployed device"):
+        round_settings(PrivacyPolicy(), flat)
