@@ -167,7 +167,9 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
         "budget": None if budget is None else {"epsilon": budget.epsilon, "view": budget.view},
         "accountant": {
             "rdp": "dp_accounting RdpAccountant (integer orders) + numerical integration "
-            "(fractional orders), add/remove-one, conversion of Balle et al. 2020",
+            "(fractional orders), add/remove-one, conversion of Balle et al. 2020; discrete "
+            "Gaussian (secagg) entries: fedrec's ddg_accounting (Kairouz et al. 2021, Zhu & "
+            "Wang 2019), parameters re-derived from config.json, no PLD bound",
             "orders": list(ORDERS),
             "pld": f"dp_accounting PLDAccountant, pessimistic, interval {rec.config.pld_interval:g}"
             if rec.config.pld
