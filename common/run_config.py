@@ -286,8 +286,8 @@ class SimulationConfig:
         if "user" not in self.dp or "distributed" not in self.dp:
             return 0.0
         if self.secagg:
-            # discrete noise is not a Gaussian the user-level accountant can count: the server
-            # adds all of the user-level noise itself (conservative; see fedrec.common.secagg)
+            # discrete noise is no Gaussian to add to the server's: either it pays for user-level
+            # DP alone or the server adds all of it (FederatedRun.calibrate_user_noise)
             return 0.0
         return self.aggregate_noise_multiplier / (
             self.reference_batch * math.sqrt(self.local_steps)

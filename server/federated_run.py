@@ -27,6 +27,7 @@ from fedrec.common.data.stream import load_stream
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer
+from fedrec.common.privacy.accounting import DiscreteGaussian
 from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
 from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
@@ -56,6 +57,7 @@ from fedrec.server.user_privacy import (
     client_sample_rate,
     discard_delta,
     discard_probability,
+    discrete_user_level,
     largest_min_survivors,
     user_level_mechanism,
 )
@@ -274,8 +276,26 @@ class FederatedRun:
         self.probe = self._early_window_probe()
 
     def calibrate_user_noise(self) -> None:
+        self.user_ddg: DiscreteGaussian | None = None
         if not self.user_dp:
             return
+        if self.config.secagg:
+            # the devices' discrete noise alone, when it pays for every planned round: the
+            # server then adds none (else it adds all, and the discrete noise is not counted)
+            dim = sum(int(v.size) for v in global_parameters(self.model).values())
+            ddg = self.config.discrete_mechanism(dim)
+            planned = UserLevelAccountant()
+            mechanism = discrete_user_level(
+                ddg,
+                sample_rate=self.sample_rate,
+                min_survivors=self.config.min_survivors,
+                delta=self.user_delta,
+            )
+            for r in range(self.config.rounds):
+                planned.record_round(mechanism, round=r + 1)
+            if planned.epsilon(self.user_delta) <= self.config.user_epsilon:
+                self.user_ddg = ddg
+                return
         needed = calibrate_noise_multiplier(
             target_epsilon=self.config.user_epsilon,
             delta=self.user_delta,
@@ -317,6 +337,13 @@ class FederatedRun:
         return range(self.next_round, self.config.rounds + 1)
 
     def user_mechanism(self):
+        if self.user_ddg is not None:
+            return discrete_user_level(
+                self.user_ddg,
+                sample_rate=self.sample_rate,
+                min_survivors=self.config.min_survivors,
+                delta=self.user_delta,
+            )
         return user_level_mechanism(
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,

@@ -84,16 +84,23 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                 + (
                     " and, for the part of the noise they supply, the devices of each sum "
                     "(at least K_min) to add theirs"
-                    if config.user_noise_from_devices > 0
+                    if config.user_noise_from_devices > 0 or run.user_ddg is not None
                     else ""
                 ),
                 "epsilon": user_eps,
                 "delta": run.user_delta + extra,
                 "delta_from_discarded_rounds": extra,
                 "accountant": "RDP, Poisson client sampling at rate "
-                f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g} "
-                f"(server {run.server_noise_multiplier:.4g}, devices at least "
-                f"{config.user_noise_from_devices:.4g})",
+                f"{run.sample_rate:.5f}, "
+                + (
+                    f"the devices' distributed discrete Gaussian at n = K_min "
+                    f"({config.min_survivors}; Kairouz et al. 2021, Zhu & Wang 2019), no "
+                    "server noise"
+                    if run.user_ddg is not None
+                    else f"noise multiplier {run.noise_multiplier:g} (server "
+                    f"{run.server_noise_multiplier:.4g}, devices at least "
+                    f"{config.user_noise_from_devices:.4g})"
+                ),
             }
         )
     if config.distributed_holds and config.secagg:

@@ -279,3 +279,22 @@ def test_a_deployed_device_refuses_to_train_without_continuous_noise():
     flat = {"dp": "user+distributed", "secure-aggregation-protocol": "secagg"}
     with pytest.raises(ValueError, match="not implemented on a deployed device"):
         round_settings(PrivacyPolicy(), flat)
+
+
+def test_user_level_dp_from_the_discrete_noise_alone_when_it_pays_for_the_run(tmp_path):
+    """When the devices' discrete Gaussian (at K_min, clients sampled at q) keeps every planned
+    round within the user budget, the server adds no noise and the accountant charges it; the
+    audit re-derives that and agrees."""
+    config = tiny(tmp_path / "run", rounds=2, **{"user-epsilon": 40.0})
+    run = run_in_process(config)
+    assert run.user_ddg is not None and run.server_noise_multiplier == 0.0
+    finalize(run)
+    summary = json.loads((Path(config.out) / "summary.json").read_text())
+    user = next(g for g in summary["privacy"]["guarantees"] if g["name"].startswith("user-level"))
+    assert "discrete Gaussian" in user["accountant"] and user["epsilon"] <= 40.0
+    result = audit(Path(config.out))
+    assert result.findings == [], [f.line() for f in result.findings]
+    assert result.figures["user_level"]["epsilon_rdp"] == pytest.approx(user["epsilon"])
+    # the same run at the default budget: the discrete noise does not pay, the server adds it
+    fallback = FederatedRun(tiny(tmp_path / "other", rounds=2))
+    assert fallback.user_ddg is None and fallback.server_noise_multiplier > 0
