@@ -56,7 +56,7 @@ def test_the_setting_defaults_to_clear_and_secagg_needs_distributed_and_one_step
     assert SimulationConfig().secure_aggregation_protocol == "clear"
     config = SimulationConfig.from_flat({"secure-aggregation-protocol": "secagg"})
     assert config.secagg and SimulationConfig.from_flat(config.to_flat()) == config
-    assert config.user_noise_from_devices == 0.0  # the server adds all user-level noise
+    assert config.user_noise_from_devices == 0.0  # no Gaussian share to add to the server's
     with pytest.raises(ValueError, match="secure-aggregation-protocol must be one of"):
         SimulationConfig.from_flat({"secure-aggregation-protocol": "masked"})
     with pytest.raises(ValueError, match=r"secure-aggregation-protocol.*needs distributed"):
@@ -295,6 +295,17 @@ def test_user_level_dp_from_the_discrete_noise_alone_when_it_pays_for_the_run(tm
     result = audit(Path(config.out))
     assert result.findings == [], [f.line() for f in result.findings]
     assert result.figures["user_level"]["epsilon_rdp"] == pytest.approx(user["epsilon"])
+    # the server's record doctored to twice the discrete σ: not what config.json prescribes
+    path = Path(config.out) / "checkpoints" / "round-0002.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["__meta__"].tobytes().decode())
+    for item in meta["extra"]["user_privacy"]["rounds"]:
+        item["mechanism"]["ddg"]["sigma"] *= 2
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    found = [f.line() for f in audit(Path(config.out)).findings]
+    assert any("user-level discrete Gaussian sigma" in f for f in found), found
     # the same run at the default budget: the discrete noise does not pay, the server adds it
     fallback = FederatedRun(tiny(tmp_path / "other", rounds=2))
     assert fallback.user_ddg is None and fallback.server_noise_multiplier > 0
