@@ -19,6 +19,7 @@ the whole round needs message rounds for the stages; not done: it refuses "secag
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 
@@ -27,9 +28,11 @@ from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
 from fedrec.common.secagg.counters import encode_counters
 from fedrec.common.secagg.encoding import DDGParams, encode_update
-from fedrec.common.secagg.protocol import SecAggAbort, SecAggConfig, SecAggDevice
+from fedrec.common.secagg.protocol import SecAggAbort, SecAggConfig, SecAggDevice, SecAggRefusal
 from fedrec.server.secagg_round import COUNTERS, SecAggRound, secagg_configs
 from fedrec.server.secure_aggregation import reply_counters
+
+log = logging.getLogger(__name__)
 
 SECAGG_IN_PROCESS_ONLY = (
     'secure-aggregation-protocol = "secagg" runs only in the in-process transport '
@@ -134,8 +137,10 @@ def secagg_round(
             masked[reply.user] = devices[reply.user].masked_input(routed[reply.user], *inputs)
         survivors, dropouts = server.collect_masked(masked)
         pooled.append(server.unmask({u: devices[u].unmask(survivors, dropouts) for u in survivors}))
-    except SecAggAbort:
-        pass  # the server learns nothing of the round; finish_round discards it (K_min)
+    except (SecAggAbort, SecAggRefusal) as err:
+        # the server learns nothing of the round; finish_round discards it (below K_min, or
+        # too few devices to hold a threshold of each one's shares)
+        log.warning("round %d: secure aggregation aborted, nothing unmasked: %s", round, err)
     out = [
         DeviceReply(r.user, None, 0, {}, error=errors.get(r.user), ledger_head=r.ledger_head)
         for r in replies

@@ -136,6 +136,16 @@ def test_the_server_gets_the_survivors_noisy_sum_and_nothing_per_device(tmp_path
     assert counters["declined"] == 1 and counters["loss"] == pytest.approx(15.0)
 
 
+def test_a_round_of_one_device_is_aborted_not_a_crash(tmp_path):
+    """One device cannot hold a threshold of its own shares: nothing is unmasked."""
+    config = tiny(tmp_path / "run", **{"min-survivors": 1})
+    received = {"a": np.zeros(5, np.float32)}
+    out = secagg_devices.secagg_round(
+        config, _replies(received, [4], np.random.default_rng(1)), 1, received
+    )
+    assert [(r.user, r.pooled, r.params) for r in out] == [(4, 0, None)]
+
+
 def test_fewer_than_k_min_survivors_unmask_nothing_and_the_round_is_discarded(
     tmp_path, monkeypatch
 ):
