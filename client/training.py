@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -506,17 +507,20 @@ def _train_steps(model, first, second, when, config, generator, randomness) -> t
     return new, float(np.mean(losses)) if losses else math.nan
 
 
-_PLAIN_SGD: dict[tuple[int, float], torch.optim.SGD] = {}
+_PLAIN_SGD: dict[tuple[int, float], tuple[weakref.ref, torch.optim.SGD]] = {}
 
 
 def _plain_sgd(model: RecModel, lr: float) -> torch.optim.SGD:
     """The template's SGD optimizer, built once per process: plain SGD keeps no state between
-    steps (no momentum), and building one per device round cost ~0.6 ms of ~18."""
+    steps (no momentum), and building one per device round cost ~0.6 ms of ~18. Checked
+    against the model itself, not only its id: a new model may reuse a freed one's id, and
+    the old optimizer would then step the old parameters (an update of zero)."""
     key = (id(model), lr)
-    if key not in _PLAIN_SGD:
+    cached = _PLAIN_SGD.get(key)
+    if cached is None or cached[0]() is not model:
         _PLAIN_SGD.clear()  # one template in use at a time
-        _PLAIN_SGD[key] = torch.optim.SGD(model.parameters(), lr=lr)
-    return _PLAIN_SGD[key]
+        _PLAIN_SGD[key] = (weakref.ref(model), torch.optim.SGD(model.parameters(), lr=lr))
+    return _PLAIN_SGD[key][1]
 
 
 def _step(module, optimizer, criterion, inputs, hits) -> float:

@@ -79,7 +79,7 @@ class Mechanism:
     # devices is calibrated for, and K_min (the server drops rounds with fewer survivors).
     aggregate_noise_multiplier: float | None = None
     min_survivors: int | None = None
-    # The discrete mechanism of a secure aggregation (`secure-aggregation = "secagg"`): then
+    # The discrete mechanism of SecAgg+ (`secure-aggregation-protocol = "secagg"`): then
     # noise_multiplier and aggregate_noise_multiplier are 0 (no continuous noise; code that
     # ignores this field charges ε = inf, never too little) and the charge is `ddg_rdp`'s.
     ddg: DiscreteGaussian | None = None
