@@ -63,6 +63,13 @@ def simulate(
         int | None,
         typer.Option(help="K_min: under secure aggregation a round with fewer is discarded"),
     ] = None,
+    secure_aggregation_protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="clear (simulated sum, default) | secagg (SecAgg+ over discrete Gaussian "
+            "encodings; needs --in-process and distributed in --dp)"
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (simulation only)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/simulate)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
@@ -95,8 +102,13 @@ def simulate(
         "epsilon": epsilon, "user_epsilon": user_epsilon, "delta": delta,
         "min_survivors": min_survivors, "seed": seed, "out": out, "resume": resume,
         "reproducible_noise": reproducible_noise,
+        "secure_aggregation_protocol": secure_aggregation_protocol,
     }  # fmt: skip
     config = simulation_config(config_file, settings)
+    if config.secagg and not in_process:
+        from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
+
+        raise typer.BadParameter(SECAGG_IN_PROCESS_ONLY)
     if config.reproducible_noise:
         from fedrec.common.privacy.randomness import VOID_REASON
 

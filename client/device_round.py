@@ -45,7 +45,12 @@ def round_settings(policy: PrivacyPolicy, run_flat: dict[str, Any]) -> LocalTrai
     from fedrec.common.privacy.accounting import Guarantee
     from fedrec.common.run_config import SimulationConfig
 
-    requested = local_config(SimulationConfig.from_flat(run_flat), seed=None)
+    run = SimulationConfig.from_flat(run_flat)
+    if run.secagg:  # it would train without continuous noise and send its update as is
+        raise ValueError(
+            'secure-aggregation-protocol = "secagg" is not implemented on a deployed device'
+        )
+    requested = local_config(run, seed=None)
     return dataclasses.replace(
         requested,
         budget_epsilon=policy.epsilon,

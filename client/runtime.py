@@ -21,7 +21,7 @@ from fedrec.common.data.public_catalogue import (
     read_public_catalogue,
 )
 from fedrec.common.data.stream import load_stream
-from fedrec.common.model import ModelConfig, RecModel
+from fedrec.common.model import ModelConfig, RecModel, Scope
 from fedrec.common.privacy.accounting import Guarantee
 from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_model import build_model, model_from
@@ -56,7 +56,15 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
         seed=seed,
         # a device given no seed (a real one) never derives its noise from the run's settings
         reproducible_noise=config.reproducible_noise and seed is not None,
+        discrete=config.discrete_mechanism(update_dim(config)) if config.secagg else None,
     )
+
+
+def update_dim(config: SimulationConfig) -> int:
+    """Coordinates of a device's update: the model's global parameters, flattened."""
+    model, _ = template_for(config)
+    state = model.state_dict()
+    return sum(state[name].numel() for name in model.parameter_names(Scope.GLOBAL))
 
 
 @lru_cache(maxsize=2)

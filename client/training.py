@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ from fedrec.common.data.schema import Interactions
 from fedrec.common.evaluation import rank_test_items
 from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 from fedrec.common.model import ModelScorer, RecModel, Scope, catalogue_vectors
-from fedrec.common.privacy.accounting import Guarantee, Mechanism
+from fedrec.common.privacy.accounting import DiscreteGaussian, Guarantee, Mechanism
 from fedrec.common.privacy.dpsgd import (
     CLIPPING,
     GRAD_SAMPLE_MODE,
@@ -99,6 +100,10 @@ class LocalTrainConfig:
     # this is set: then they are derived from `seed` (tests and benchmarks; voids every
     # guarantee, since whoever knows the seed can regenerate the noise)
     reproducible_noise: bool = False
+    # Under SecAgg+ with the distributed discrete Gaussian: the device clips and trains as in
+    # DP-SGD but adds no continuous noise; the encoding of its update adds this mechanism's
+    # discrete noise (fedrec.common.secagg.encoding), and the ledger charges its RDP
+    discrete: DiscreteGaussian | None = None
 
     @property
     def private(self) -> bool:
@@ -125,7 +130,10 @@ class LocalTrainConfig:
 
     def update_noise_std(self) -> float:
         """Std of the device's noise in the returned update: S steps of N(0, σ²C²) on the
-        step sums, averaged and scaled by lr/B."""
+        step sums, averaged and scaled by lr/B (0 under the discrete mechanism: its noise
+        comes with the encoding)."""
+        if self.discrete is not None:
+            return 0.0
         return (
             self.lr
             * self.noise_multiplier
@@ -134,6 +142,17 @@ class LocalTrainConfig:
         )
 
     def mechanism(self) -> Mechanism:
+        if self.discrete is not None:
+            return Mechanism(
+                noise_multiplier=0.0,
+                sample_rate=self.sample_rate,
+                steps=self.steps,
+                clip_norm=self.clip_norm,
+                delta=self.delta,
+                aggregate_noise_multiplier=0.0,
+                min_survivors=self.min_survivors,
+                ddg=self.discrete,
+            )
         return Mechanism(
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
@@ -383,7 +402,7 @@ def idle_result(
     metrics = dict(metrics or {"interactions": 0.0, "retired_cohorts": 0.0})
     metrics |= {"declined": 1.0, "examples": 0.0}
     if config.private and config.noise_only_when_idle:
-        if not draw_noise:
+        if not draw_noise or config.discrete is not None:  # the encoding draws a discrete share
             return LocalResult(None, 0, metrics | {"noise_only": 1.0}, declined=reason)
         noise = _noise_only(global_params, config, randomness or privacy_source(config, round))
         return LocalResult(noise, 0, metrics | {"noise_only": 1.0}, declined=reason)
@@ -476,7 +495,7 @@ def _train_steps(model, first, second, when, config, generator, randomness) -> t
         module.disable_hooks()  # the template is used outside DP-SGD too (inference)
     with torch.no_grad():
         delta = {n: accumulated[n] / config.steps for n in names}
-        if config.private:
+        if config.private and config.discrete is None:
             noise = randomness.normal_like(list(delta.values()), config.update_noise_std())
             for d, z in zip(delta.values(), noise, strict=True):
                 d.add_(z)
@@ -488,17 +507,20 @@ def _train_steps(model, first, second, when, config, generator, randomness) -> t
     return new, float(np.mean(losses)) if losses else math.nan
 
 
-_PLAIN_SGD: dict[tuple[int, float], torch.optim.SGD] = {}
+_PLAIN_SGD: dict[tuple[int, float], tuple[weakref.ref, torch.optim.SGD]] = {}
 
 
 def _plain_sgd(model: RecModel, lr: float) -> torch.optim.SGD:
     """The template's SGD optimizer, built once per process: plain SGD keeps no state between
-    steps (no momentum), so one serves every device round and none pays for building it."""
+    steps (no momentum), so one serves every device round and none pays for building it.
+    Checked against the model itself, not only its id: a new model may reuse a freed one's
+    id, and the old optimizer would then step the old parameters (an update of zero)."""
     key = (id(model), lr)
-    if key not in _PLAIN_SGD:
+    cached = _PLAIN_SGD.get(key)
+    if cached is None or cached[0]() is not model:
         _PLAIN_SGD.clear()  # one template in use at a time
-        _PLAIN_SGD[key] = torch.optim.SGD(model.parameters(), lr=lr)
-    return _PLAIN_SGD[key]
+        _PLAIN_SGD[key] = (weakref.ref(model), torch.optim.SGD(model.parameters(), lr=lr))
+    return _PLAIN_SGD[key][1]
 
 
 def _step(module, optimizer, criterion, inputs, hits) -> float:

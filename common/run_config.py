@@ -20,8 +20,11 @@ from typing import Any
 
 from fedrec.common.config import DataConfig, parse_key_values
 from fedrec.common.model import ModelConfig, single_interaction_parameters
+from fedrec.common.privacy.accounting import DiscreteGaussian
 from fedrec.common.privacy.dpsgd import CLIPPING
 from fedrec.common.protocols import PROTOCOLS
+from fedrec.common.secagg.encoding import DDGParams
+from fedrec.common.secagg.round_params import ddg_round_params, max_devices, per_round_target
 
 DP_PARTS = ("user", "distributed", "local")
 # Every DP mode, each with its one spelling: the user-level part first, then the devices'
@@ -32,6 +35,7 @@ DP_MODES = ("off", "user", "distributed", "local", "user+distributed", "user+loc
 # before it writes the run folder (fedrec.common.run_lock; empty: the ServerApp locks it).
 TRANSPORT_DEFAULTS: dict[str, Any] = {"expected-nodes": 0, "run-token": ""}
 TRANSPORT_KEYS = frozenset(TRANSPORT_DEFAULTS)
+SECURE_AGGREGATION_PROTOCOLS = ("clear", "secagg")
 
 
 def parse_dp(text: str) -> frozenset[str]:
@@ -87,6 +91,12 @@ class SimulationConfig:
     # below) keeps the discard rule's δ at 2e-11 (server.user_privacy.discard_delta) and the
     # sum's noise within 1.07σ
     min_survivors: int = 2350
+    # How the devices of a round reach the server under `distributed`: "clear" simulates
+    # secure aggregation (the devices' float updates, with their Gaussian noise, summed where
+    # they run; fedrec.server.secure_aggregation.secure_sum); "secagg" runs SecAgg+ over their
+    # distributed-discrete-Gaussian encodings (fedrec.common.secagg; the in-process transport
+    # only, one local step at reference batch 1: see `check_secagg`)
+    secure_aggregation_protocol: str = "clear"
     clip_norm: float = 1.0  # per-example clipping norm of DP-SGD
     # user-level privacy (server noise on clipped device updates)
     user_epsilon: float = 8.0
@@ -170,6 +180,13 @@ class SimulationConfig:
                 "other. Use dp = user (or user+distributed, user+local), or "
                 "model-user-embedding = false"
             )
+        if self.secure_aggregation_protocol not in SECURE_AGGREGATION_PROTOCOLS:
+            raise ValueError(
+                "secure-aggregation-protocol must be one of "
+                f"{', '.join(SECURE_AGGREGATION_PROTOCOLS)}, not {self.secure_aggregation_protocol!r}"
+            )
+        if self.secagg:
+            self.check_secagg()
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), not {self.seed}")
         if self.device_noise_multiplier is not None and not self.model.train_only:
@@ -177,6 +194,66 @@ class SimulationConfig:
             # bias tables get a gradient, and noise on the rest would only move it at random
             trained = ",".join(single_interaction_parameters(self.model))
             object.__setattr__(self, "model", dataclasses.replace(self.model, train_only=trained))
+
+    @property
+    def secagg(self) -> bool:
+        """Whether the round's sum is a real SecAgg+ over discrete Gaussian encodings."""
+        return self.secure_aggregation_protocol == "secagg"
+
+    def check_secagg(self) -> None:
+        """Settings under which the discrete mechanism's guarantee is stated (refused with the
+        setting to change otherwise): secure aggregation exists only under `distributed`; the
+        device's update must be ONE release of one DP-SGD step at reference batch 1, so that
+        an interaction moves it by at most lr·C, the DDG's clip (several steps would each need
+        their own discrete noise; B > 1 would clip the whole update to lr·C/B)."""
+        if "distributed" not in self.dp:
+            raise ValueError(
+                'secure-aggregation-protocol = "secagg" needs distributed in --dp (it is the '
+                f"sum of the devices' noise), not dp = {'+'.join(sorted(self.dp)) or 'off'}"
+            )
+        if self.local_steps != 1 or self.reference_batch != 1:
+            raise ValueError(
+                'secure-aggregation-protocol = "secagg" needs local-steps = 1 and '
+                f"reference-batch = 1, not {self.local_steps} and {self.reference_batch}"
+            )
+
+    def ddg_params(self, dim: int) -> DDGParams:
+        """The rounds' discrete mechanism for updates of `dim` coordinates (under "secagg"):
+        one round costs what the continuous calibration's costs
+        (`fedrec.common.secagg.round_params`), the update clipped to `user_sensitivity`."""
+        target = per_round_target(
+            aggregate_noise_multiplier=self.aggregate_noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.local_steps,
+            delta=self.delta,
+        )
+        return ddg_round_params(
+            target_epsilon=target,
+            delta=self.delta,
+            sample_rate=self.sample_rate,
+            min_survivors=self.min_survivors,
+            max_devices=max_devices(self.clients_per_round),
+            dim=dim,
+            clip_norm=self.user_sensitivity,
+        )
+
+    def discrete_mechanism(self, dim: int) -> DiscreteGaussian:
+        """`ddg_params` as the ledger records it."""
+        p = self.ddg_params(dim)
+        target = per_round_target(
+            aggregate_noise_multiplier=self.aggregate_noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.local_steps,
+            delta=self.delta,
+        )
+        return DiscreteGaussian(
+            sigma=p.sigma,
+            gamma=p.gamma,
+            clip_norm=p.clip_norm,
+            bits=p.bits,
+            dim=p.dim,
+            target_epsilon=target,
+        )
 
     @property
     def stream_protocol(self) -> str:
@@ -220,6 +297,10 @@ class SimulationConfig:
         where the noise in the sum does not depend on the user, so the server adds only what
         is missing (`FederatedRun.server_noise_multiplier`). 0 when devices add no such noise."""
         if "user" not in self.dp or "distributed" not in self.dp:
+            return 0.0
+        if self.secagg:
+            # discrete noise is no Gaussian to add to the server's: either it pays for user-level
+            # DP alone or the server adds all of it (FederatedRun.calibrate_user_noise)
             return 0.0
         return self.aggregate_noise_multiplier / (
             self.reference_batch * math.sqrt(self.local_steps)

@@ -46,6 +46,11 @@ def main(grid: Grid, context: Context) -> None:
             "start` submits it); a simulation runs fedrec.simulations.server_app:app"
         )
     config = SimulationConfig.from_flat(flat)
+    if config.secagg:
+        raise ValueError(
+            'secure-aggregation-protocol = "secagg" is not implemented in a deployment (its '
+            "devices would add no continuous noise): use clear"
+        )
     # An orphan of a killed launcher must not write a folder another run now owns.
     with WriterGuard(Path(config.out), str(context.run_config.get("run-token", ""))) as guard:
         deploy(grid, config, settings, guard)

@@ -27,10 +27,12 @@ from fedrec.common.data.stream import load_stream
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer
+from fedrec.common.privacy.accounting import DiscreteGaussian
 from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
 from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_model import build_model, global_parameters, load_parameters
+from fedrec.common.secagg.encoding import DDGParams
 from fedrec.common.train import evaluate_model
 from fedrec.server.aggregation import (
     AggregationDiagnostics,
@@ -56,6 +58,7 @@ from fedrec.server.user_privacy import (
     client_sample_rate,
     discard_delta,
     discard_probability,
+    discrete_user_level,
     largest_min_survivors,
     user_level_mechanism,
 )
@@ -201,6 +204,20 @@ def preflight(config: SimulationConfig) -> None:
     check_guarantees_can_hold(
         config, registered=len(stream.clients()), interactions=len(stream.rows)
     )
+    if config.secagg:
+        params = global_parameters(build_model(config.data, config.model, stream))
+        check_ddg_params(config, sum(int(v.size) for v in params.values()))
+
+
+def check_ddg_params(config: SimulationConfig, dim: int) -> DDGParams:
+    """The run's discrete mechanism, or SettingsError when none is accurate enough to state."""
+    try:
+        return config.ddg_params(dim)
+    except ValueError as err:
+        raise SettingsError(
+            f"secure-aggregation-protocol = secagg: {err}; raise --min-survivors or lower "
+            "aggregate-noise-multiplier"
+        ) from err
 
 
 class FederatedRun:
@@ -252,14 +269,34 @@ class FederatedRun:
             self.accountant = UserLevelAccountant.from_dict(checkpoint.extra["user_privacy"])
             self.next_round = checkpoint.round + 1
         self.update_bound = config.update_norm_bound(sum(v.size for v in self.params.values()))
+        if config.secagg:
+            check_ddg_params(config, sum(int(v.size) for v in self.params.values()))
         self.out.mkdir(parents=True, exist_ok=True)
         if not recorded.exists():  # written once: a resumed run never rewrites it
             atomic_write_json(recorded, config.to_flat())
         self.probe = self._early_window_probe()
 
     def calibrate_user_noise(self) -> None:
+        self.user_ddg: DiscreteGaussian | None = None
         if not self.user_dp:
             return
+        if self.config.secagg:
+            # the devices' discrete noise alone, when it pays for every planned round: the
+            # server then adds none (else it adds all, and the discrete noise is not counted)
+            dim = sum(int(v.size) for v in global_parameters(self.model).values())
+            ddg = self.config.discrete_mechanism(dim)
+            planned = UserLevelAccountant()
+            mechanism = discrete_user_level(
+                ddg,
+                sample_rate=self.sample_rate,
+                min_survivors=self.config.min_survivors,
+                delta=self.user_delta,
+            )
+            for r in range(self.config.rounds):
+                planned.record_round(mechanism, round=r + 1)
+            if planned.epsilon(self.user_delta) <= self.config.user_epsilon:
+                self.user_ddg = ddg
+                return
         needed = calibrate_noise_multiplier(
             target_epsilon=self.config.user_epsilon,
             delta=self.user_delta,
@@ -301,6 +338,13 @@ class FederatedRun:
         return range(self.next_round, self.config.rounds + 1)
 
     def user_mechanism(self):
+        if self.user_ddg is not None:
+            return discrete_user_level(
+                self.user_ddg,
+                sample_rate=self.sample_rate,
+                min_survivors=self.config.min_survivors,
+                delta=self.user_delta,
+            )
         return user_level_mechanism(
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
@@ -465,6 +509,11 @@ class FederatedRun:
         )
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(line)
+
+    @cached_property
+    def ddg_params(self) -> DDGParams:
+        """The rounds' discrete mechanism under "secagg" (the devices derive the same one)."""
+        return check_ddg_params(self.config, sum(int(v.size) for v in self.params.values()))
 
     @cached_property
     def participation(self) -> ParticipationLog:

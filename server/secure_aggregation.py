@@ -49,6 +49,21 @@ def epsilon_bound(counters: dict[str, float]) -> float | None:
     return max(edges) * EPS_BIN
 
 
+def reply_counters(metrics: dict[str, float]) -> dict[str, float]:
+    """What one member's reply adds to a secure sum's counters (`secure_sum`): its
+    SUMMED_METRICS, a 1 in "trained" and its finite loss if it trained, and a 1 in the bin of
+    its worst interaction ε."""
+    out = {key: float(metrics.get(key, 0.0)) for key in SUMMED_METRICS}
+    if "max_interaction_epsilon" in metrics:
+        out[epsilon_bin_key(float(metrics["max_interaction_epsilon"]))] = 1.0
+    if metrics.get("noise_only") != 1.0:
+        out["trained"] = 1.0
+        loss = float(metrics.get("loss", math.nan))
+        if math.isfinite(loss):
+            out["loss"], out["loss_count"] = loss, 1.0
+    return out
+
+
 def secure_sum(
     replies: Sequence[DeviceReply],
     received: dict[str, np.ndarray],
@@ -101,17 +116,8 @@ def secure_sum(
         else:
             for name, value in reply.params.items():
                 total[name] += value.astype(np.float64) - received[name]
-        for key in SUMMED_METRICS:
-            counters[key] += float(reply.metrics.get(key, 0.0))
-        if "max_interaction_epsilon" in reply.metrics:
-            key = epsilon_bin_key(float(reply.metrics["max_interaction_epsilon"]))
-            counters[key] = counters.get(key, 0.0) + 1
-        if reply.metrics.get("noise_only") != 1.0:
-            counters["trained"] += 1
-            loss = float(reply.metrics.get("loss", math.nan))
-            if math.isfinite(loss):
-                counters["loss"] += loss
-                counters["loss_count"] += 1
+        for key, value in reply_counters(reply.metrics).items():
+            counters[key] = counters.get(key, 0.0) + value
         members.append(reply.user)
         # a keyed commitment to its ledger's head: looks random to the server (not a count)
         out.append(DeviceReply(reply.user, None, 0, {}, ledger_head=reply.ledger_head))

@@ -36,7 +36,15 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.common.privacy.accounting import ORDERS, Mechanism, epsilon_from_rdp, rdp_of
+from fedrec.common.privacy.accounting import (
+    ORDERS,
+    DiscreteGaussian,
+    Guarantee,
+    Mechanism,
+    charge_of,
+    epsilon_from_rdp,
+    rdp_of,
+)
 from fedrec.server.checkpoint import atomic_write_json
 
 FORMAT = 1
@@ -69,6 +77,26 @@ def user_level_mechanism(
         steps=1,
         clip_norm=clip_norm,
         delta=delta,
+    )
+
+
+def discrete_user_level(
+    ddg: DiscreteGaussian, *, sample_rate: float, min_survivors: int, delta: float
+) -> Mechanism:
+    """One round of user-level DP from the devices' discrete Gaussian alone (secagg): the
+    sum of ≥ K_min shares, each device's whole update clipped to the DDG's clip (Δ₂ = c/γ + √D'
+    in integer steps under zero-out adjacency, as per interaction: one step at reference
+    batch 1), devices Poisson-sampled at `sample_rate`. Noise the server adds on top is
+    post-processing and is not counted."""
+    return Mechanism(
+        noise_multiplier=0.0,
+        sample_rate=sample_rate,
+        steps=1,
+        clip_norm=ddg.clip_norm,
+        delta=delta,
+        aggregate_noise_multiplier=0.0,
+        min_survivors=min_survivors,
+        ddg=ddg,
     )
 
 
@@ -107,10 +135,13 @@ class UserLevelAccountant:
         reaches the same ε after R rounds, to the last bit, not a rounding error above it.
         """
         counts: dict[tuple[float, float], int] = {}
+        total = np.zeros(len(ORDERS))
         for m in [r.mechanism for r in self._records] + ([extra] if extra is not None else []):
+            if m.ddg is not None:  # the devices' discrete Gaussian alone (`discrete_user_level`)
+                total = total + charge_of(m, Guarantee.DISTRIBUTED, None)
+                continue
             key = (m.sample_rate, m.noise_multiplier)
             counts[key] = counts.get(key, 0) + 1
-        total = np.zeros(len(ORDERS))
         for (q, z), steps in counts.items():
             total = total + rdp_of(_mechanism(z=z, q=q, rounds=steps))
         return total
@@ -158,7 +189,7 @@ class UserLevelAccountant:
 def _check_round_mechanism(m: Mechanism) -> None:
     if not isinstance(m, Mechanism):
         raise TypeError("expected a Mechanism (see user_level_mechanism)")
-    if m.steps != 1 or m.aggregate_noise_multiplier is not None:
+    if m.steps != 1 or (m.aggregate_noise_multiplier is not None and m.ddg is None):
         raise ValueError("a user-level round is one composition (steps=1, no distributed σ)")
 
 

@@ -72,6 +72,11 @@ def device_settings(sim, *, devices_per_sum: int, noise_scale: float):
     `noise_scale` (a control: the claim stays that of σ)."""
     from fedrec.client.runtime import local_config
 
+    if sim.secagg:
+        raise ValueError(
+            "the canary audit replays continuous Gaussian releases; the discrete Gaussian of "
+            'secure-aggregation-protocol = "secagg" is not covered by it'
+        )
     distributed = "distributed" in sim.dp
     scaled = dataclasses.replace(sim, min_survivors=devices_per_sum) if distributed else sim
     honest = local_config(scaled, None)

@@ -28,8 +28,11 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
     from fedrec.common.run_config import SimulationConfig
     from fedrec.simulations.devices import simulated_replies
+    from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
 
     config = SimulationConfig.from_flat(dict(context.run_config))
+    if config.secagg:  # its devices add no continuous noise: a clear sum would expose them
+        raise ValueError(SECAGG_IN_PROCESS_ONLY)
     instructions = msg.content["config"]
     users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
     params = parameters_from(msg.content["arrays"])

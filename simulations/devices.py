@@ -33,6 +33,7 @@ from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
 from fedrec.server.federated_run import FederatedRun, run_rounds
 from fedrec.server.secure_aggregation import secure_sum
+from fedrec.simulations.secagg_devices import secagg_round
 
 # the store's record of the windows delivered to it so far (re-delivery is idempotent)
 DELIVERED_KEY = "delivered_through_round"
@@ -233,6 +234,8 @@ def simulated_replies(
     if not config.secure_aggregation:
         return [device_reply(config, user, round, params) for user in users]
     replies = [device_reply(config, u, round, params, draw_idle_noise=False) for u in users]
+    if config.secagg:  # SecAgg+ over the round's DDG encodings, in this process
+        return secagg_round(config, replies, round, params)
     share_std = local_config(config, None).update_noise_std()
     seed = config.seed if config.reproducible_noise else None
 

@@ -85,19 +85,53 @@ def guarantees(run: FederatedRun, eps_distributed: np.ndarray, eps_local: np.nda
                 + (
                     " and, for the part of the noise they supply, the devices of each sum "
                     "(at least K_min) to add theirs"
-                    if config.user_noise_from_devices > 0
+                    if config.user_noise_from_devices > 0 or run.user_ddg is not None
                     else ""
                 ),
                 "epsilon": user_eps,
                 "delta": run.user_delta + extra,
                 "delta_from_discarded_rounds": extra,
                 "accountant": "RDP, Poisson client sampling at rate "
-                f"{run.sample_rate:.5f}, noise multiplier {run.noise_multiplier:g} "
-                f"(server {run.server_noise_multiplier:.4g}, devices at least "
-                f"{config.user_noise_from_devices:.4g})",
+                f"{run.sample_rate:.5f}, "
+                + (
+                    f"the devices' distributed discrete Gaussian at n = K_min "
+                    f"({config.min_survivors}; Kairouz et al. 2021, Zhu & Wang 2019), no "
+                    "server noise"
+                    if run.user_ddg is not None
+                    else f"noise multiplier {run.noise_multiplier:g} (server "
+                    f"{run.server_noise_multiplier:.4g}, devices at least "
+                    f"{config.user_noise_from_devices:.4g})"
+                ),
             }
         )
-    if config.distributed_holds:
+    if config.distributed_holds and config.secagg:
+        ddg = run.ddg_params
+        out.append(
+            {
+                "name": "per-interaction DP against the server, with secure aggregation",
+                "unit": "one interaction (add/remove; each is in one training example)",
+                "mechanism": "distributed discrete Gaussian under SecAgg+ (Kairouz, Liu & "
+                f"Steinke 2021; Bell et al. 2020): each device N_Z(0, {ddg.sigma:.6g}^2) per "
+                f"coordinate at granularity {ddg.gamma:.4g}, mod 2^{ddg.bits}, over "
+                f"{ddg.padded_dim} rotated coordinates",
+                "threat_model": "an honest-but-curious server that sees only what SecAgg+ "
+                "reveals: the modular sum of the surviving devices' encoded updates (and of "
+                "their counters), and nothing when fewer than "
+                f"K_min={config.min_survivors} devices survive (the devices refuse to unmask); "
+                "fewer than the threshold of a device's share holders collude with it; the "
+                "other devices add their discrete noise honestly and do not collude with the "
+                "server. The four stages run in one process (in-process transport), the "
+                "server's code receiving only the unmasked totals. Not covered: the summed "
+                "counters (declined, trained, retired, losses, prequential hits, an epsilon "
+                "histogram), released exactly as the study's instrumentation, a failed "
+                "device's error message, and the malicious-server variant of SecAgg+",
+                "epsilon": float(eps_distributed.max()) if len(eps_distributed) else 0.0,
+                "delta": delta,
+                "accountant": "RDP of the summed discrete Gaussian at n = K_min per cohort "
+                "from the device ledgers (ddg mechanism entries)",
+            }
+        )
+    elif config.distributed_holds:
         out.append(
             {
                 "name": "per-interaction DP against the server, with secure aggregation",

@@ -31,6 +31,7 @@ from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_lock import WriterGuard
 from fedrec.server.federated_run import FederatedRun, run_rounds
 from fedrec.simulations.report import finalize
+from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
 
 app = ServerApp()
 
@@ -45,6 +46,8 @@ def main(grid: Grid, context: Context) -> None:
             "runs fedrec.server.app:app, as `fedrec server start` submits it"
         )
     config = SimulationConfig.from_flat(flat)
+    if config.secagg:
+        raise ValueError(SECAGG_IN_PROCESS_ONLY)
     # An orphan of a killed launcher must not write a folder another run now owns.
     with WriterGuard(Path(config.out), str(context.run_config.get("run-token", ""))) as guard:
         simulate_rounds(grid, context, config, guard)

@@ -21,6 +21,7 @@ from fedrec.common.audit.crosscheck import (
     check_metrics_rows,
     check_participation,
     interactions,
+    mechanism_key,
 )
 from fedrec.common.audit.ledgers import (
     DISTRIBUTED,
@@ -166,7 +167,9 @@ def audit(path: str | Path, options: AuditOptions | None = None) -> AuditResult:
         "budget": None if budget is None else {"epsilon": budget.epsilon, "view": budget.view},
         "accountant": {
             "rdp": "dp_accounting RdpAccountant (integer orders) + numerical integration "
-            "(fractional orders), add/remove-one, conversion of Balle et al. 2020",
+            "(fractional orders), add/remove-one, conversion of Balle et al. 2020; discrete "
+            "Gaussian (secagg) entries: fedrec's ddg_accounting (Kairouz et al. 2021, Zhu & "
+            "Wang 2019), parameters re-derived from config.json, no PLD bound",
             "orders": list(ORDERS),
             "pld": f"dp_accounting PLDAccountant, pessimistic, interval {rec.config.pld_interval:g}"
             if rec.config.pld
@@ -267,10 +270,12 @@ def _view_figures(view, ledgers, replays, rec, delta, findings) -> dict[str, Any
     eps = [e for c in replays.values() for e in c[view].epsilons.values()]
     steps = [sum(n for _, _, n in k) for c in replays.values() for k in c[view].cohorts.values()]
     keys = {k for c in replays.values() for k in c[view].cohorts.values()}
-    worst_pld = 0.0
+    worst_pld: float | None = 0.0 if rec.config.pld else None
     for key in keys:
         rdp, pld = rec.epsilon(key, delta), rec.epsilon_pld(key, delta)
-        if pld is not None and not math.isinf(pld):
+        if pld is None:  # a discrete Gaussian's history: no PLD bound, so no maximum either
+            worst_pld = None
+        elif worst_pld is not None and not math.isinf(pld):
             worst_pld = max(worst_pld, pld)
         if not pld_below(rdp, pld):
             findings.append(
@@ -279,7 +284,7 @@ def _view_figures(view, ledgers, replays, rec, delta, findings) -> dict[str, Any
     return {
         "epsilon_rdp": quantiles(eps),
         "max_epsilon_rdp": max(eps, default=0.0),
-        "max_epsilon_pld": worst_pld if rec.config.pld else None,
+        "max_epsilon_pld": worst_pld,
         "distinct_histories": len(keys),
         "steps": quantiles(steps),
         "remaining_budget": None,
@@ -304,8 +309,11 @@ def _mechanisms(ledgers: list[Ledger]) -> list[dict[str, Any]]:
     for ledger in ledgers:
         for e in ledger.entries:
             if e.get("kind") == TRAIN and not e.get("_malformed"):
-                seen[tuple(sorted(e["mechanism"].items()))] += 1
-    return [dict(m) | {"train_entries": n} for m, n in seen.most_common()]
+                seen[mechanism_key(e["mechanism"])] += 1
+    return [
+        {k: dict(v) if isinstance(v, tuple) else v for k, v in m} | {"train_entries": n}
+        for m, n in seen.most_common()
+    ]
 
 
 def _clients(ledgers, replays, views, rec, delta) -> list[dict[str, Any]]:

@@ -39,6 +39,54 @@ def dp_parts(config: dict[str, Any]) -> frozenset[str]:
     return frozenset() if text in ("off", "none", "") else frozenset(text.split("+"))
 
 
+def mechanism_key(mechanism: dict[str, Any]) -> tuple:
+    """A recorded mechanism as a hashable, order-free key (its "ddg" mapping as items)."""
+    return tuple(
+        sorted(
+            (k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+            for k, v in mechanism.items()
+        )
+    )
+
+
+def secagg(config: dict[str, Any]) -> bool:
+    return str(config.get("secure-aggregation-protocol", "clear")) == "secagg"
+
+
+def expected_ddg(config: dict[str, Any], dim: int) -> dict[str, Any]:
+    """The discrete Gaussian a "secagg" configuration prescribes for updates of `dim`
+    coordinates (the dimension as recorded: the size of the model's global parameters, public).
+    Re-derived from config.json's keys by fedrec's deterministic rule
+    (`fedrec.common.secagg.round_params`: per-round ε of the aggregate noise multiplier, σ
+    calibrated to it at K_min, γ and the bits from the provisioned devices), so a doctored σ,
+    γ, bits or target differs from it."""
+    from fedrec.common.secagg.round_params import ddg_round_params, max_devices, per_round_target
+
+    target = per_round_target(
+        aggregate_noise_multiplier=float(config["aggregate-noise-multiplier"]),
+        sample_rate=float(config["sample-rate"]),
+        steps=int(config["local-steps"]),
+        delta=float(config["delta"]),
+    )
+    params = ddg_round_params(
+        target_epsilon=target,
+        delta=float(config["delta"]),
+        sample_rate=float(config["sample-rate"]),
+        min_survivors=int(config["min-survivors"]),
+        max_devices=max_devices(int(config["clients-per-round"])),
+        dim=dim,
+        clip_norm=float(config["local-lr"]) * float(config["clip-norm"]),
+    )
+    return {
+        "sigma": params.sigma,
+        "gamma": params.gamma,
+        "clip_norm": params.clip_norm,
+        "bits": params.bits,
+        "dim": dim,
+        "target_epsilon": target,
+    }
+
+
 def expected_mechanism(config: dict[str, Any]) -> dict[str, Any] | None:
     """The device mechanism a configuration prescribes (fedrec's definition, restated): under
     `distributed` each device adds σ = aggregate-noise-multiplier/√min-survivors so a sum of
@@ -53,6 +101,8 @@ def expected_mechanism(config: dict[str, Any]) -> dict[str, Any] | None:
         sigma = float(config["local-noise-multiplier"])
     else:
         return None
+    if "distributed" in dp and secagg(config):  # no continuous noise: the "ddg" field's
+        sigma = agg = 0.0
     return {
         "noise_multiplier": sigma,
         "sample_rate": float(config["sample-rate"]),
@@ -108,7 +158,7 @@ def check_mechanisms(ledgers: list[Ledger], run: RunRecord, findings: list[Findi
                         )
                     )
                 continue
-            key = (id(config), tuple(sorted(e["mechanism"].items())))
+            key = (id(config), mechanism_key(e["mechanism"]))
             if key not in cache:
                 cache[key] = _mechanism_differences(e["mechanism"], config)
             for what in cache[key]:
@@ -131,12 +181,31 @@ def _mechanism_differences(recorded: dict[str, Any], config: dict[str, Any]) -> 
         "clip_norm": "clipping norm",
         "delta": "δ",
     }
-    return [
+    out = [
         f"{label} {recorded.get(k)} != {want[k]:.10g} that config.json prescribes"
         if want[k] is not None
         else f"{label} {recorded.get(k)} where the configuration has none"
         for k, label in names.items()
         if not _same(recorded.get(k), want[k])
+    ]
+    return out + _ddg_differences(recorded.get("ddg"), config)
+
+
+def _ddg_differences(recorded: Any, config: dict[str, Any]) -> list[str]:
+    """The recorded discrete Gaussian against the one a "secagg" configuration prescribes."""
+    wanted = "distributed" in dp_parts(config) and secagg(config)
+    if recorded is None:
+        return ["no discrete Gaussian recorded; the configuration runs secagg"] if wanted else []
+    if not wanted:
+        return ["a discrete Gaussian recorded; the configuration runs no secagg"]
+    try:
+        want = expected_ddg(config, int(recorded["dim"]))
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"discrete Gaussian {recorded!r} cannot be re-derived: {err}"]
+    return [
+        f"discrete Gaussian {k} {recorded.get(k)} != {v:.10g} that config.json prescribes"
+        for k, v in want.items()
+        if not _same(recorded.get(k), v)
     ]
 
 

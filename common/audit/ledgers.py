@@ -6,6 +6,8 @@ A cohort (interactions that arrived together) is charged by every train entry li
   DISTRIBUTED:  σ_dev·√min(n, K_min), n from the survivors entry of that round, K_min if none;
                 a mechanism without K_min is charged as LOCAL.
 (The definition fedrec states; re-derived here from the recorded fields, not imported.)
+A discrete Gaussian entry (SecAgg+, "ddg" in the mechanism) is charged the summed discrete
+Gaussian's RDP at that n (`DDGCharge`) instead of a Gaussian σ.
 A survivors entry arriving later re-charges its train entry: ε is replayed as each entry
 arrived, so an entry that pushed a cohort past its budget is named by its own seq.
 """
@@ -17,16 +19,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedrec.common.audit.recompute import Key, Recomputer, key_of, rdp_agrees
+from fedrec.common.audit.recompute import DDGCharge, Key, Recomputer, key_of, rdp_agrees
 from fedrec.common.audit.records import RETIRE, SURVIVORS, TRAIN, Finding, Ledger
 
 LOCAL, DISTRIBUTED = "local", "distributed"
 VIEWS = (LOCAL, DISTRIBUTED)
 
 
-def effective_sigma(mechanism: dict[str, Any], view: str, survivors: int | None) -> float:
-    sigma = float(mechanism["noise_multiplier"])
+def effective_sigma(
+    mechanism: dict[str, Any], view: str, survivors: int | None
+) -> float | DDGCharge:
+    """σ of the Gaussian the view's adversary faces; for a discrete Gaussian entry ("ddg"),
+    the `DDGCharge` of n = min(survivors, K_min) devices' shares (n = 1 under LOCAL)."""
     k = mechanism["min_survivors"]
+    if mechanism.get("ddg") is not None:
+        d = mechanism["ddg"]
+        n = 1 if view == LOCAL or k is None else (k if survivors is None else min(survivors, k))
+        padded = 1 << (int(d["dim"]) - 1).bit_length()
+        return DDGCharge(float(d["sigma"]), float(d["gamma"]), float(d["clip_norm"]), padded, n)
+    sigma = float(mechanism["noise_multiplier"])
     if view == LOCAL or k is None:
         return sigma
     return sigma * math.sqrt(k if survivors is None else min(survivors, k))

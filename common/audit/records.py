@@ -39,6 +39,23 @@ MECHANISM_FIELDS = frozenset(
         "min_survivors",
     }
 )
+# A mechanism may add "ddg": the discrete Gaussian of a SecAgg+ round (then no continuous noise)
+DDG_FIELDS = frozenset({"sigma", "gamma", "clip_norm", "bits", "dim", "target_epsilon"})
+
+
+def _ddg_problem(m: dict) -> str | None:
+    d = m["ddg"]
+    if not isinstance(d, dict) or set(d) != DDG_FIELDS:
+        return "ddg fields are not those of format 1"
+    if not all(_real(d[k]) and math.isfinite(d[k]) for k in ("sigma", "gamma", "clip_norm")):
+        return "bad ddg sigma, gamma or clip_norm"
+    if not (d["sigma"] >= 0 and d["gamma"] > 0 and d["clip_norm"] > 0):
+        return "bad ddg sigma, gamma or clip_norm"
+    if not (_int(d["bits"]) and _int(d["dim"]) and d["bits"] >= 1 and d["dim"] >= 1):
+        return "bad ddg bits or dim"
+    if m["noise_multiplier"] != 0:
+        return "a ddg mechanism with continuous noise"
+    return None
 
 
 class RecordsError(RuntimeError):
@@ -119,8 +136,10 @@ def malformed(entry: Mapping[str, Any]) -> str | None:
         return "bad v, seq or round"
     if kind == TRAIN:
         m, cohorts = entry["mechanism"], entry["cohorts"]
-        if not isinstance(m, dict) or set(m) != MECHANISM_FIELDS:
+        if not isinstance(m, dict) or set(m) - {"ddg"} != MECHANISM_FIELDS:
             return "mechanism fields are not those of format 1"
+        if "ddg" in m and (reason := _ddg_problem(m)) is not None:
+            return reason
         if not (_real(m["noise_multiplier"]) and m["noise_multiplier"] >= 0):
             return "bad noise_multiplier"
         if not (_real(m["sample_rate"]) and 0 < m["sample_rate"] <= 1):

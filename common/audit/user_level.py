@@ -14,7 +14,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from fedrec.common.audit.recompute import key_of, pld_below, rdp_agrees
+from fedrec.common.audit.ledgers import DISTRIBUTED, effective_sigma
+from fedrec.common.audit.recompute import DDGCharge, key_of, pld_below, rdp_agrees
 from fedrec.common.audit.records import (
     Finding,
     RecordsError,
@@ -42,7 +43,7 @@ def user_level(root, summary, rec, findings, notes, run=None) -> dict[str, Any] 
     rounds, per_round = [], {}
     for item in record["rounds"]:
         m = item["mechanism"]
-        counts[(float(m["sample_rate"]), float(m["noise_multiplier"]))] += int(m["steps"])
+        counts[(float(m["sample_rate"]), _user_sigma(m))] += int(m["steps"])
         rounds.append(item["round"])
         per_round[item["round"]] = rec.epsilon(key_of(counts), delta)
     key = key_of(counts)
@@ -110,6 +111,14 @@ def user_level(root, summary, rec, findings, notes, run=None) -> dict[str, Any] 
                 )
             )
     return out
+
+
+def _user_sigma(m: dict[str, Any]) -> float | DDGCharge:
+    """The server's noise multiplier z, or, for a round paid by the devices' discrete
+    Gaussian alone (secagg, "ddg"), its charge at n = K_min."""
+    if m.get("ddg") is not None:
+        return effective_sigma(m, DISTRIBUTED, None)
+    return float(m["noise_multiplier"])
 
 
 def _check_metrics(root, per_round, findings, notes) -> list[int]:
@@ -206,7 +215,7 @@ def _check_against_config(rounds, run, rec, findings) -> int | None:
     update-clip-norm); z is the smallest multiple of 0.001 whose `rounds`-round ε fits the
     user budget, or the devices' own noise when that is larger (user+distributed:
     aggregate-noise-multiplier/(reference-batch·√local-steps)). Returns N."""
-    from fedrec.common.audit.crosscheck import dp_parts
+    from fedrec.common.audit.crosscheck import dp_parts, mechanism_key
 
     recorded = {item["round"] for item in rounds}
     for r in sorted(set(run.participation) - recorded):
@@ -224,7 +233,7 @@ def _check_against_config(rounds, run, rec, findings) -> int | None:
             )
             continue
         config, registered = run.config_at(r), int(part["registered"])
-        key = (id(config), registered, tuple(sorted(m.items())))
+        key = (id(config), registered, mechanism_key(m))
         if key not in cache:
             cache[key] = _user_differences(m, config, registered, rec, dp_parts(config))
         for what in cache[key]:
@@ -258,6 +267,8 @@ def _user_differences(m, config, registered, rec, dp) -> list[str]:
             f"δ {m['delta']} != {delta:.10g} from the configuration (δ less the discard "
             "rule's planned share)"
         )
+    if m.get("ddg") is not None:
+        return out + _discrete_user_differences(m, config, q, planned, delta, target, rec)
 
     def fits(zz: float) -> bool:
         return zz > 0 and rec.epsilon(((q, zz, planned),), delta) <= target * (1 + 1e-9)
@@ -269,6 +280,26 @@ def _user_differences(m, config, registered, rec, dp) -> list[str]:
         out.append(
             f"noise multiplier z {z} is not the calibration of user-epsilon {target} over "
             f"{planned} rounds at q={q:.6g} (smallest z on a 0.001 grid that fits)"
+        )
+    return out
+
+
+def _discrete_user_differences(m, config, q, planned, delta, target, rec) -> list[str]:
+    """A round paid by the devices' discrete Gaussian alone: the one the configuration
+    prescribes (`crosscheck.expected_ddg`), without server noise, at K_min, and enough for
+    every planned round within the user budget."""
+    from fedrec.common.audit.crosscheck import _ddg_differences, secagg
+
+    if not secagg(config):
+        return ["a discrete Gaussian round, but the configuration runs no secagg"]
+    out = [f"user-level {what}" for what in _ddg_differences(m["ddg"], config)]
+    if float(m["noise_multiplier"]) != 0 or m["min_survivors"] != int(config["min-survivors"]):
+        out.append("a discrete Gaussian round with server noise or another K_min")
+    charge = effective_sigma(m, DISTRIBUTED, None)
+    if rec.epsilon(((q, charge, planned),), delta) > target * (1 + 1e-9):
+        out.append(
+            f"the devices' discrete Gaussian does not pay for {planned} rounds within "
+            f"user-epsilon {target}, yet the server added no noise"
         )
     return out
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from fedrec.common.privacy.discrete import DiscreteGaussian, discrete_rdp
+
 # Opacus's default RDP orders (`RDPAccountant.DEFAULT_ALPHAS`), fixed here so that a change of
 # Opacus's defaults cannot silently change recorded ε, and so that an auditor using Opacus's
 # defaults recomputes exactly our numbers. 1.1..10.9 in steps of 0.1, then 12..63.
@@ -77,6 +79,10 @@ class Mechanism:
     # devices is calibrated for, and K_min (the server drops rounds with fewer survivors).
     aggregate_noise_multiplier: float | None = None
     min_survivors: int | None = None
+    # The discrete mechanism of SecAgg+ (`secure-aggregation-protocol = "secagg"`): then
+    # noise_multiplier and aggregate_noise_multiplier are 0 (no continuous noise; code that
+    # ignores this field charges ε = inf, never too little) and the charge is `ddg_rdp`'s.
+    ddg: DiscreteGaussian | None = None
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "sample_rate", "clip_norm", "delta"):
@@ -106,20 +112,56 @@ class Mechanism:
                 f"= {self.noise_multiplier * math.sqrt(k)}",
             )
 
+        if self.ddg is not None:
+            _check(isinstance(self.ddg, DiscreteGaussian), "ddg must be a DiscreteGaussian")
+            _check(self.noise_multiplier == 0, "a DDG mechanism adds no continuous noise")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ledger's form; "ddg" only when set (ledgers written before it stay the same)."""
+        out = asdict(self)
+        if self.ddg is None:
+            del out["ddg"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Mechanism:
         names = {f.name for f in fields(cls)}
         _check(isinstance(data, Mapping), "mechanism must be a mapping")
-        _check(set(data) == names, f"mechanism fields {sorted(data)} != {sorted(names)}")
-        return cls(**data)
+        given = set(data) | {"ddg"}
+        _check(given == names, f"mechanism fields {sorted(data)} != {sorted(names)}")
+        values = dict(data)
+        ddg = values.pop("ddg", None)
+        if ddg is not None:
+            _check(isinstance(ddg, Mapping), "ddg must be a mapping")
+            ddg_names = {f.name for f in fields(DiscreteGaussian)}
+            _check(set(ddg) == ddg_names, f"ddg fields {sorted(ddg)} != {sorted(ddg_names)}")
+            ddg = DiscreteGaussian(**ddg)
+        return cls(**values, ddg=ddg)
 
 
 @lru_cache(maxsize=1 << 12)
 def _parse_mechanism(items: tuple[tuple[str, type, Any], ...]) -> Mechanism:
-    return Mechanism.from_dict({k: v for k, _, v in items})  # validated once per distinct one
+    # validated once per distinct one; a nested mapping (ddg) comes as a tuple of its items
+    return Mechanism.from_dict(
+        {k: dict((n, v) for n, _, v in value) if t is dict else value for k, t, value in items}
+    )
+
+
+def _cache_key(value: Any) -> Any:
+    """A ledger value as a hashable key, keyed with the types too (True == 1 must not pass as
+    steps=1 from the cache)."""
+    if isinstance(value, Mapping):
+        return tuple((k, type(v), v) for k, v in sorted(value.items()))
+    return value
+
+
+def parse_mechanism(data: Mapping[str, Any]) -> Mechanism:
+    """A ledger entry's mechanism, parsed and validated (cached per distinct one)."""
+    return _parse_mechanism(
+        tuple(
+            (k, dict if isinstance(v, Mapping) else type(v), _cache_key(v)) for k, v in data.items()
+        )
+    )
 
 
 @lru_cache(maxsize=1 << 16)
@@ -171,6 +213,30 @@ def _epsilons(rdp: np.ndarray, delta: float) -> np.ndarray:
     return best
 
 
+def ddg_charge(mechanism: Mechanism, guarantee: Guarantee, survivors: int | None) -> np.ndarray:
+    """RDP over ORDERS of `mechanism.steps` rounds of its discrete Gaussian: the noise of
+    n = min(survivors, K_min) devices (K_min if none recorded) under DISTRIBUTED, of the device
+    alone (n = 1) under LOCAL, as `effective_sigma` counts the continuous one. Poisson sampling
+    of interactions at the mechanism's rate amplifies (Zhu & Wang 2019; `ddg_rdp`)."""
+    ddg = mechanism.ddg
+    assert ddg is not None
+    if mechanism.steps == 0:
+        return np.zeros(len(ORDERS))
+    k = mechanism.min_survivors
+    if guarantee is Guarantee.LOCAL or k is None:
+        n = 1
+    else:
+        n = k if survivors is None else min(survivors, k)
+    return discrete_rdp(ddg, n, mechanism.sample_rate, mechanism.steps)
+
+
+def charge_of(mechanism: Mechanism, guarantee: Guarantee, survivors: int | None) -> np.ndarray:
+    """RDP over ORDERS of one train entry's mechanism, as the adversary of `guarantee` sees it."""
+    if mechanism.ddg is not None:
+        return ddg_charge(mechanism, guarantee, survivors)
+    return rdp_of(mechanism, sigma_override=effective_sigma(mechanism, guarantee, survivors))
+
+
 def effective_sigma(mechanism: Mechanism, guarantee: Guarantee, survivors: int | None) -> float:
     """σ the adversary of `guarantee` faces.
 
@@ -209,10 +275,8 @@ def cohort_rdp(entries: Iterable[Mapping[str, Any]], guarantee: Guarantee) -> di
         _check(kind in (TRAIN, RETIRE, SURVIVORS), f"unknown entry kind {kind!r}")
         if kind != TRAIN:
             continue
-        # Keyed with the types too: True == 1 must not pass as steps=1 from the cache.
-        mechanism = _parse_mechanism(tuple((k, type(v), v) for k, v in e["mechanism"].items()))
-        sigma = effective_sigma(mechanism, guarantee, survivors.get(e["seq"]))
-        charge = rdp_of(mechanism, sigma_override=sigma)
+        mechanism = parse_mechanism(e["mechanism"])
+        charge = charge_of(mechanism, guarantee, survivors.get(e["seq"]))
         for cohort in e["cohorts"]:
             acc[cohort] = acc[cohort] + charge if cohort in acc else charge.copy()
     return acc
@@ -241,7 +305,7 @@ def epsilon_if(
 ) -> dict[str, float]:
     """ε each of `cohorts` would have after one more round of `planned` (K_min survivors)."""
     acc = cohort_rdp(entries, guarantee)
-    charge = rdp_of(planned, sigma_override=effective_sigma(planned, guarantee, None))
+    charge = charge_of(planned, guarantee, None)
     cohorts = list(cohorts)
     if not cohorts:
         return {}

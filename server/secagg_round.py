@@ -1,0 +1,115 @@
+"""The server's side of a round under SecAgg+ with the distributed discrete Gaussian.
+
+Two SecAgg+ instances over the same devices (`fedrec.common.secagg.protocol`): the updates'
+DDG encodings mod 2^b (`fedrec.common.secagg.encoding`) and the round counters, fixed point
+mod 2^62 (`fedrec.common.secagg.counters`; a separate modulus, since a wider one would reveal
+the encodings' carries). The server routes the stages' messages; after the unmask stage it
+holds each instance's modular total over the survivors and nothing else, and decodes them
+(`decode_sum`) into ONE pooled reply, the only thing `FederatedRun.finish_round` reads of the
+round. Fewer than K_min devices at any stage: `SecAggAbort`, nothing is unmasked, the round
+is discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedrec.common.replies import DeviceReply
+from fedrec.common.secagg import counters
+from fedrec.common.secagg.encoding import DDGParams, decode_sum
+from fedrec.common.secagg.protocol import DeviceId, SecAggConfig, SecAggServer
+from fedrec.server.secure_aggregation import EPS_BINS, SUMMED_METRICS
+
+log = logging.getLogger(__name__)
+
+# The counters a pooled reply carries (as `secure_sum`'s): SUMMED_METRICS, the derived ones,
+# and the histogram of the devices' worst interaction ε (`epsilon_bin_key`).
+COUNTERS: tuple[str, ...] = (
+    *SUMMED_METRICS,
+    "trained",
+    "loss",
+    "loss_count",
+    *(f"eps_bin/{edge}" for edge in range(EPS_BINS + 2)),
+)
+WRAP_WARNING = 0.01  # share of coordinates near the modulus' edge worth a warning
+
+
+def secagg_configs(
+    ddg: DDGParams, *, devices: int, min_survivors: int, public_seed: int
+) -> tuple[SecAggConfig, SecAggConfig]:
+    """(updates, counters) SecAgg+ configurations of a round of `devices` devices: k = 2⌈log₂ n⌉
+    neighbours (all others when fewer), threshold a majority t = ⌊k/2⌋ + 1 of the k + 1 share
+    holders (Bell et al. 2020 take k = O(log n))."""
+    degree = max(2, min(devices - 1, 2 * math.ceil(math.log2(max(devices, 2)))))
+    common = {
+        "degree": degree,
+        "threshold": degree // 2 + 1,
+        "min_survivors": min_survivors,
+        "public_seed": public_seed,
+    }
+    return (
+        SecAggConfig(bits=ddg.bits, length=ddg.padded_dim, **common),
+        SecAggConfig(bits=counters.BITS, length=len(COUNTERS), **common),
+    )
+
+
+class SecAggRound:
+    """Routes one round's stages for both instances; `unmask` returns the pooled reply."""
+
+    def __init__(
+        self,
+        ddg: DDGParams,
+        configs: tuple[SecAggConfig, SecAggConfig],
+        received: Mapping[str, np.ndarray],
+    ) -> None:
+        self.ddg = ddg
+        self.public_seed = configs[0].public_seed
+        self.shapes = {name: tuple(value.shape) for name, value in received.items()}
+        self.updates, self.counters = SecAggServer(configs[0]), SecAggServer(configs[1])
+        self.survivors: list[DeviceId] = []
+
+    def collect_keys(self, adverts: Mapping[DeviceId, tuple[dict, dict]]) -> dict:
+        return {
+            "updates": self.updates.collect_keys({i: a[0] for i, a in adverts.items()}),
+            "counters": self.counters.collect_keys({i: a[1] for i, a in adverts.items()}),
+        }
+
+    def route_shares(self, outgoing: Mapping[DeviceId, tuple[dict, dict]]) -> dict:
+        updates = self.updates.route_shares({i: o[0] for i, o in outgoing.items()})
+        tallies = self.counters.route_shares({i: o[1] for i, o in outgoing.items()})
+        return {i: (updates[i], tallies.get(i, {})) for i in updates}
+
+    def collect_masked(
+        self, masked: Mapping[DeviceId, tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[list[DeviceId], list[DeviceId]]:
+        survivors, dropouts = self.updates.collect_masked({i: m[0] for i, m in masked.items()})
+        self.counters.collect_masked({i: m[1] for i, m in masked.items()})
+        self.survivors = survivors
+        return survivors, dropouts
+
+    def unmask(self, responses: Mapping[DeviceId, tuple[dict, dict]]) -> DeviceReply:
+        """The survivors' modular totals, decoded: the round's sum of update changes from the
+        received parameters (float32) and its counters, as one pooled reply."""
+        update_total = self.updates.unmask({i: r[0] for i, r in responses.items()})
+        counter_total = self.counters.unmask({i: r[1] for i, r in responses.items()})
+        n = len(self.survivors)
+        changes, at_risk = decode_sum(
+            update_total, self.shapes, self.ddg, self.public_seed, survivors=n
+        )
+        if at_risk > WRAP_WARNING * self.ddg.padded_dim:
+            log.warning(
+                "secure sum: %d of %d coordinates near the modulus' edge (wrap-around risk)",
+                at_risk,
+                self.ddg.padded_dim,
+            )
+        return DeviceReply(
+            min(self.survivors),
+            {name: value.astype(np.float32) for name, value in changes.items()},
+            0,
+            counters.decode_counters(counter_total, COUNTERS),
+            pooled=n,
+        )
