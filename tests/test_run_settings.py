@@ -12,7 +12,6 @@ from fedrec.common.run_config import SimulationConfig
 from fedrec.server.federated_run import FederatedRun
 from fedrec.server.run_settings import SURVIVOR_SHARE, derive_settings
 
-
 TINY_MODEL = {"model-dim": 8, "model-text-dim": 8, "num-negatives": 10}
 
 
