@@ -40,6 +40,7 @@ VALUES = {
     "out": "runs/elsewhere",
     "resume": None,  # a switch
     "reproducible_noise": None,
+    "secure_aggregation_protocol": "secagg",
 }
 
 
