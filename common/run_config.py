@@ -87,10 +87,11 @@ class SimulationConfig:
     # with twice the signal and 1.4x the noise
     aggregate_noise_multiplier: float = 0.7
     local_noise_multiplier: float = 1.0  # σ of one device when calibrated locally
-    # K_min: below it a round reveals nothing. 2350 of 2700 expected (8 standard deviations
-    # below) keeps the discard rule's δ at 2e-11 (server.user_privacy.discard_delta) and the
-    # sum's noise within 1.07σ
-    min_survivors: int = 2350
+    # K_min: below it a round reveals nothing. 87% of the 2700 expected, the rule the command
+    # line derives for any dataset (fedrec.server.run_settings): far enough below the sample
+    # that the discard rule's δ is negligible (server.user_privacy.discard_delta), close
+    # enough that the sum's noise stays within 1.07σ of its calibration
+    min_survivors: int = 2349
     # How the devices of a round reach the server under `distributed`: "clear" simulates
     # secure aggregation (the devices' float updates, with their Gaussian noise, summed where
     # they run; fedrec.server.secure_aggregation.secure_sum); "secagg" runs SecAgg+ over their
