@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.cli.options import data_config
-from fedrec.common.data.history import UserHistories
 from fedrec.common.data.stream import Stream, build_stream
 from fedrec.common.evaluation import evaluate
 from fedrec.common.reference import baseline_metrics
+from fedrec.common.train import history_before_test
 
 # a synthetic population with strong, stable personal tastes and a mild popularity skew: a
 # model that personalizes must beat popularity here, by a margin the oracle bounds
@@ -89,7 +89,7 @@ def cornac_scorer(name: str, params: dict, stream: Stream, seed: int = 0):
 
 def ranked(scorer, stream: Stream) -> dict:
     split = stream.split
-    history = UserHistories.from_interactions(split.before_test(), stream.dataset.num_users)
+    history = history_before_test(split, stream.dataset.num_users)
     return evaluate(
         scorer, test=split.test, history=history, num_items=stream.dataset.num_items,
         sampled_negatives=0,
@@ -148,7 +148,7 @@ def oracle_scorer(stream: Stream, spec: dict[str, str]):
     return scorer
 
 
-def fedrec_rows(args, data_flags: list[str], work: Path) -> dict[str, dict]:
+def fedrec_rows(data_flags: list[str], work: Path) -> dict[str, dict]:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                         "FLWR_TELEMETRY_ENABLED": "0"}  # fmt: skip
     runs = {
@@ -229,7 +229,7 @@ def main() -> None:
             if value is not None:
                 flags += [flag, str(value)]
         with tempfile.TemporaryDirectory() as work:
-            rows |= fedrec_rows(args, flags, Path(work))
+            rows |= fedrec_rows(flags, Path(work))
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"peers-{args.dataset}"

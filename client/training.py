@@ -142,25 +142,17 @@ class LocalTrainConfig:
         )
 
     def mechanism(self) -> Mechanism:
-        if self.discrete is not None:
-            return Mechanism(
-                noise_multiplier=0.0,
-                sample_rate=self.sample_rate,
-                steps=self.steps,
-                clip_norm=self.clip_norm,
-                delta=self.delta,
-                aggregate_noise_multiplier=0.0,
-                min_survivors=self.min_survivors,
-                ddg=self.discrete,
-            )
+        # under the discrete Gaussian no continuous noise is added: both multipliers are 0
+        discrete = self.discrete is not None
         return Mechanism(
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=0.0 if discrete else self.noise_multiplier,
             sample_rate=self.sample_rate,
             steps=self.steps,
             clip_norm=self.clip_norm,
             delta=self.delta,
-            aggregate_noise_multiplier=self.aggregate_noise_multiplier,
+            aggregate_noise_multiplier=0.0 if discrete else self.aggregate_noise_multiplier,
             min_survivors=self.min_survivors,
+            ddg=self.discrete,
         )
 
 

@@ -163,7 +163,7 @@ def evaluate(
     out = metrics_from_ranks(ranks.full, ks=ks, sampled=ranks.sampled)
     for k, counts in ranks.top_k_counts.items():
         out[f"coverage@{k}"] = coverage(counts)
-    return out | segment_metrics(ranks, test=test, history=history, ks=ks)
+    return out | segment_metrics(ranks, test=test, history=history, num_items=num_items, ks=ks)
 
 
 # Segments for cold start and fairness (`segment_metrics`).
@@ -173,7 +173,12 @@ HEAD_ITEM_SHARE = 0.2  # head items: this share of the catalogue, most interacte
 
 
 def segment_metrics(
-    ranks: Ranks, *, test: Interactions, history: UserHistories, ks: Sequence[int] = (10,)
+    ranks: Ranks,
+    *,
+    test: Interactions,
+    history: UserHistories,
+    num_items: int,
+    ks: Sequence[int] = (10,),
 ) -> Metrics:
     """Quality where recommenders usually fail, and whom their lists expose.
 
@@ -191,10 +196,7 @@ def segment_metrics(
     users = np.asarray(test.user, dtype=np.int64)
     items = np.asarray(test.item, dtype=np.int64)
     known = history.lengths()
-    num_items = len(next(iter(ranks.top_k_counts.values()))) if ranks.top_k_counts else 0
-    popularity = np.bincount(
-        history.items, minlength=max(num_items, int(items.max(initial=-1)) + 1)
-    )
+    popularity = np.bincount(history.items, minlength=num_items)
     test_users = np.unique(users)
     by_known = test_users[np.lexsort((test_users, -known[test_users]))]
     heavy = by_known[: math.ceil(HEAVY_USER_SHARE * len(test_users))]
@@ -210,7 +212,7 @@ def segment_metrics(
             out[f"hr@{k}/{name}"] = _hit_rate(ranks.full[rows], k)
             out[f"ndcg@{k}/{name}"] = _ndcg(ranks.full[rows], k)
     if num_items:
-        order = np.lexsort((np.arange(num_items), -popularity[:num_items]))
+        order = np.lexsort((np.arange(num_items), -popularity))
         head = order[: math.ceil(HEAD_ITEM_SHARE * num_items)]
         for k, counts in ranks.top_k_counts.items():
             slots = counts.sum()

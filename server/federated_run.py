@@ -84,6 +84,16 @@ class SettingsError(ValueError):
 MAX_DISCARD_PROBABILITY = 0.01
 
 
+def tolerable_discard_probability(config: SimulationConfig) -> float:
+    """How often a round may be discarded below K_min: at most MAX_DISCARD_PROBABILITY, and
+    little enough that the discard rule's user-level δ (`discard_delta`, at most
+    R·(1 + e^ε)·P) stays within a tenth of the target δ."""
+    user_eps = min(config.user_epsilon, 700)
+    return min(
+        MAX_DISCARD_PROBABILITY, config.delta / (10 * config.rounds * (1 + math.exp(user_eps)))
+    )
+
+
 def check_guarantees_can_hold(
     config: SimulationConfig, *, registered: int, interactions: int
 ) -> float:
@@ -123,10 +133,7 @@ def check_guarantees_can_hold(
     suggested = largest_min_survivors(
         registered_clients=registered,
         sample_rate=sample_rate,
-        max_discard_probability=min(
-            MAX_DISCARD_PROBABILITY,
-            config.delta / (10 * config.rounds * (1 + math.exp(min(config.user_epsilon, 700)))),
-        ),
+        max_discard_probability=tolerable_discard_probability(config),
     )
     if (
         suggested < 1

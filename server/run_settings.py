@@ -23,7 +23,7 @@ from typing import Any
 
 from fedrec.common.data.stream import load_stream
 from fedrec.common.run_config import SimulationConfig, format_dp
-from fedrec.server.federated_run import MAX_DISCARD_PROBABILITY
+from fedrec.server.federated_run import MAX_DISCARD_PROBABILITY, tolerable_discard_probability
 from fedrec.server.user_privacy import client_sample_rate, largest_min_survivors
 
 MAX_CLIENTS_PER_ROUND = 2700
@@ -92,8 +92,7 @@ def derive_settings(config: SimulationConfig, given: frozenset[str]) -> Derived:
         expected = rate * devices
         bound = MAX_DISCARD_PROBABILITY
         if "user" in config.dp:
-            user_eps = min(config.user_epsilon, 700)
-            bound = min(bound, delta / (10 * config.rounds * (1 + math.exp(user_eps))))
+            bound = tolerable_discard_probability(dataclasses.replace(config, delta=delta))
         reachable = largest_min_survivors(
             registered_clients=devices, sample_rate=rate, max_discard_probability=bound
         )
