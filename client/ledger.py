@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedrec.common.privacy import accounting
 from fedrec.common.privacy.accounting import RETIRE, SURVIVORS, TRAIN, Guarantee, Mechanism
 
@@ -117,7 +119,7 @@ def check_entry(
     if not _is_real(entry["time"]) or not math.isfinite(entry["time"]):
         raise ValueError(f"time must be a finite number, got {entry['time']!r}")
     if kind == TRAIN:
-        Mechanism.from_dict(entry["mechanism"])
+        accounting.parse_mechanism(entry["mechanism"])  # validated once per distinct one
         cohorts = entry["cohorts"]
         if not isinstance(cohorts, dict):
             raise ValueError("cohorts must map cohort -> interaction count")
@@ -141,9 +143,13 @@ def check_entry(
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
         if not isinstance(epsilons, dict) or sorted(epsilons) != cohorts:
             raise ValueError("epsilons must have exactly the retired cohorts as keys")
-        spent = accounting.cohort_epsilons(history, guarantee, delta)
+        charged = accounting.cohort_rdp(history, guarantee)
+        known = [c for c in cohorts if c in charged]
+        spent = dict(
+            zip(known, accounting.epsilons_of_rdp([charged[c] for c in known], delta), strict=True)
+        )
         for c in cohorts:
-            eps, true = _eps_in(epsilons[c]), spent.get(c, 0.0)
+            eps, true = _eps_in(epsilons[c]), float(spent.get(c, 0.0))
             if eps < true and not math.isclose(eps, true, rel_tol=1e-9):
                 raise ValueError(f"recorded ε {eps} of cohort {c!r} is below its spent ε {true}")
     else:
@@ -375,6 +381,11 @@ class PrivacyLedger:
 
     def epsilons(self, guarantee: Guarantee, delta: float) -> dict[str, float]:
         return accounting.cohort_epsilons(self._entries, guarantee, delta)
+
+    def cohort_rdp(self, guarantee: Guarantee) -> dict[str, np.ndarray]:
+        """Accumulated RDP of every cohort: `epsilons` before its conversion, so a caller over
+        many ledgers converts them all at once (`accounting.epsilons_of_rdp`)."""
+        return accounting.cohort_rdp(self._entries, guarantee)
 
     def plan(
         self,

@@ -147,21 +147,30 @@ def _parse_mechanism(items: tuple[tuple[str, type, Any], ...]) -> Mechanism:
     )
 
 
-def _cache_key(value: Any) -> Any:
-    """A ledger value as a hashable key, keyed with the types too (True == 1 must not pass as
-    steps=1 from the cache)."""
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def _key_item(name: str, value: Any) -> tuple[str, type, Any]:
+    """A ledger field as a hashable cache key, keyed with its type too (True == 1 must not pass
+    as steps=1 from the cache); a nested mapping becomes a tuple of its typed items."""
+    kind = type(value)
+    if kind in _SCALARS:  # the common case first: the report parses every ledger entry
+        return name, kind, value
     if isinstance(value, Mapping):
-        return tuple((k, type(v), v) for k, v in sorted(value.items()))
-    return value
+        return name, dict, tuple((k, type(v), v) for k, v in sorted(value.items()))
+    return name, kind, value
 
 
 def parse_mechanism(data: Mapping[str, Any]) -> Mechanism:
     """A ledger entry's mechanism, parsed and validated (cached per distinct one)."""
-    return _parse_mechanism(
-        tuple(
-            (k, dict if isinstance(v, Mapping) else type(v), _cache_key(v)) for k, v in data.items()
-        )
-    )
+    if not isinstance(data, Mapping):
+        raise ValueError(f"mechanism must be a mapping, got {type(data).__name__}")
+    key = tuple(_key_item(k, v) for k, v in data.items())
+    try:
+        hash(key)
+    except TypeError:  # a list where a number belongs: the uncached path names the field
+        return Mechanism.from_dict(data)
+    return _parse_mechanism(key)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -289,7 +298,15 @@ def cohort_epsilons(
     acc = cohort_rdp(entries, guarantee)
     if not acc:
         return {}
-    return dict(zip(acc, _epsilons(np.stack(list(acc.values())), delta).tolist(), strict=True))
+    return dict(zip(acc, epsilons_of_rdp(list(acc.values()), delta).tolist(), strict=True))
+
+
+def epsilons_of_rdp(rdp: Sequence[np.ndarray], delta: float) -> np.ndarray:
+    """ε at δ of each accumulated RDP vector (as `cohort_rdp` gives them), in one vectorised
+    pass: many ledgers' cohorts at once cost one numpy call instead of one per ledger."""
+    if not len(rdp):
+        return np.zeros(0, np.float64)
+    return _epsilons(np.stack(rdp), delta)
 
 
 def retired(entries: Iterable[Mapping[str, Any]]) -> frozenset[str]:
