@@ -183,7 +183,8 @@ class SecAggDevice:
         self._key_s = X25519PrivateKey.from_private_bytes(self._sk_s)
         self._adverts = {"pk_c": _public_bytes(self._key_c), "pk_s": _public_bytes(self._key_s)}
         self._self_seed = b""
-        self._roster: dict[DeviceId, dict[str, bytes]] = {}
+        self._roster: dict[DeviceId, dict[str, bytes]] = {}  # its neighbours' and its own keys
+        self._roster_ids: frozenset[DeviceId] = frozenset()
         self.neighbours: frozenset[DeviceId] = frozenset()
         self._share_keys: dict[DeviceId, bytes] = {}  # Fernet key with each share holder
         self._seed_shares: dict[DeviceId, bytes] = {}  # b_j shares this device holds
@@ -199,13 +200,15 @@ class SecAggDevice:
         """Stage 1: {neighbour: encrypted shares of b and s for it}, from U1's keys."""
         if dict(roster.get(self.id, {})) != self._adverts:
             raise SecAggRefusal("the roster does not carry this device's keys")
-        keys = [k for entry in roster.values() for k in (entry["pk_c"], entry["pk_s"])]
-        if len(set(keys)) != len(keys):
-            raise SecAggRefusal("public keys repeat in the roster")
-        self._roster = {i: dict(entry) for i, entry in roster.items()}
+        self._roster_ids = frozenset(roster)
         self.neighbours = _graph(
-            tuple(sorted(roster)), self.config.degree, int(self.config.public_seed)
+            tuple(sorted(self._roster_ids)), self.config.degree, int(self.config.public_seed)
         )[self.id]
+        # only the neighbours' keys are ever used (shares, pairwise masks): O(k), not O(n)
+        self._roster = {i: dict(roster[i]) for i in self.neighbours | {self.id}}
+        keys = [k for entry in self._roster.values() for k in (entry["pk_c"], entry["pk_s"])]
+        if len(set(keys)) != len(keys):
+            raise SecAggRefusal("public keys repeat among this device's neighbours")
         holders = sorted(self.neighbours | {self.id})
         if len(holders) < self.config.threshold:
             raise SecAggRefusal("fewer share holders than the threshold")
@@ -265,7 +268,7 @@ class SecAggDevice:
             raise SecAggRefusal(
                 f"{len(alive)} survivors announced, fewer than K_min = {self.config.min_survivors}"
             )
-        if alive & dead or self.id not in alive or not (alive | dead) <= set(self._roster):
+        if alive & dead or self.id not in alive or not (alive | dead) <= self._roster_ids:
             raise SecAggRefusal("inconsistent survivor and dropout lists")
         self._answered = True
         return {
