@@ -182,3 +182,32 @@ def test_heuristic_gamma_fits_k_standard_deviations_in_the_range():
     assert 2**20 * g == pytest.approx(2 * 4 * spread, rel=1e-12)
     with pytest.raises(ValueError):
         heuristic_gamma(noise_std=0.3, clip_norm=1.0, bits=2, n=50, padded_dim=1024)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 128, 1024])
+def test_the_fast_transform_equals_the_dense_hadamard_product_at_every_size(n):
+    x = np.random.default_rng(n).standard_normal(n)
+    assert np.allclose(walsh_hadamard(x), hadamard(n) @ x / math.sqrt(n), atol=1e-12)
+
+
+def test_an_idle_devices_encoding_is_exactly_its_noise_share():
+    # a zero change skips the rotation and the rounding (both give 0 exactly), so the encoding
+    # is the discrete Gaussian draw mod 2^b: the same distribution as through the full path
+    from fedrec.common.secagg.discrete_gaussian import sample_discrete_gaussian
+
+    params = _params(sigma=30.0, bits=16)
+    zero = {k: np.zeros(s) for k, s in SHAPES.items()}
+    encoded = encode_update(zero, params, SEED, PrivacyRandomness.reproducible_from(5, "idle"))
+    noise = sample_discrete_gaussian(30.0, 64, PrivacyRandomness.reproducible_from(5, "idle"))
+    assert np.array_equal(encoded, np.mod(noise, 1 << 16).astype(np.uint64))
+    # negative control: a nonzero change is not just the noise
+    busy = encode_update(
+        _update(np.random.default_rng(1), 0.5),
+        params,
+        SEED,
+        PrivacyRandomness.reproducible_from(5, "idle"),
+    )
+    assert not np.array_equal(busy, encoded)
+    # and the full path on a zero vector gives the same integers in distribution: rounding
+    # 0 draws uniforms but keeps 0, so its result is the zero vector
+    assert not conditional_round(np.zeros(64), 1.0, PrivacyRandomness.secure()).any()

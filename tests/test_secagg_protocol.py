@@ -223,3 +223,22 @@ def test_expand_mask_is_deterministic_and_in_range():
     assert a.dtype == np.uint64 and int(a.max()) < 32
     assert np.array_equal(a, expand_mask(b"x" * 32, 1000, 5))
     assert not np.array_equal(a, expand_mask(b"y" * 32, 1000, 5))
+
+
+def test_shares_are_authenticated_to_their_pair():
+    cfg = _config(6)
+    inputs = _inputs(6, cfg)
+    devices = {i: SecAggDevice(i, cfg, entropy=_entropy(i)) for i in inputs}
+    server = SecAggServer(cfg)
+    roster = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+    routed = server.route_shares({i: d.share_keys(roster) for i, d in devices.items()})
+    dst = 100
+    src, other = sorted(routed[dst])[:2]
+    flipped = bytearray(routed[dst][src])
+    flipped[-1] ^= 1
+    with pytest.raises(SecAggRefusal, match=f"shares from {src} fail authentication"):
+        devices[dst].masked_input({**routed[dst], src: bytes(flipped)}, inputs[dst])
+    # a genuine ciphertext presented as another neighbour's: its pair label does not match
+    swapped = {**routed[dst], other: routed[dst][src]}
+    with pytest.raises(SecAggRefusal, match=f"shares from {other} fail authentication"):
+        devices[dst].masked_input(swapped, inputs[dst])
