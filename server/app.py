@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -46,11 +47,6 @@ def main(grid: Grid, context: Context) -> None:
             "start` submits it); a simulation runs fedrec.simulations.server_app:app"
         )
     config = SimulationConfig.from_flat(flat)
-    if config.secagg:
-        raise ValueError(
-            'secure-aggregation-protocol = "secagg" is not implemented in a deployment (its '
-            "devices would add no continuous noise): use clear"
-        )
     # An orphan of a killed launcher must not write a folder another run now owns.
     with WriterGuard(Path(config.out), str(context.run_config.get("run-token", ""))) as guard:
         deploy(grid, config, settings, guard)
@@ -118,10 +114,63 @@ def deploy(
             for node in nodes
         ]
 
+    def exchange(stage, requests):
+        """One SecAgg+ stage: a message to each node, its reply unpacked (plain values)."""
+        from fedrec.server.secagg_deployment import StageReply
+
+        guard.check()
+        nodes = list(requests)
+        messages = []
+        for node in nodes:
+            fields, params = requests[node]
+            content = RecordDict({"config": ConfigRecord(fields)})
+            if params is not None:
+                content["arrays"] = parameters_record(params)
+            messages.append(Message(content, dst_node_id=node, message_type="train"))
+        out = {
+            node: StageReply(status={"error": f"no reply in {settings.round_timeout_s:g}s"})
+            for node in nodes
+        }
+        for node, reply in send_and_receive(grid, messages, settings.round_timeout_s):
+            out[node] = unpack_stage(reply)
+        answered = sum(not r.error for r in out.values())
+        print(f"[fedrec] secure aggregation {stage}: {answered} of {len(nodes)}", flush=True)
+        return out
+
+    def send_secagg(nodes, params, round_):
+        from fedrec.server.secagg_deployment import secagg_deployed_round
+
+        ddg = config.ddg_params(sum(int(v.size) for v in params.values()))
+        return secagg_deployed_round(exchange, config, ddg, nodes, params, round_)
+
     def on_round(row: dict) -> None:
         print(f"[fedrec] round {row['round']}: {row}", flush=True)
 
-    run_deployment(config, settings, lambda: list(grid.get_node_ids()), send, on_round)
+    run_deployment(
+        config,
+        settings,
+        lambda: list(grid.get_node_ids()),
+        send_secagg if config.secagg else send,
+        on_round,
+    )
+
+
+def unpack_stage(reply: Message):
+    """A device's reply to a SecAgg+ stage as plain values (`StageReply`)."""
+    from fedrec.common.secagg.wire import MASKED_KEY, SECAGG_KEY
+    from fedrec.server.secagg_deployment import StageReply
+
+    if reply.has_error():
+        return StageReply(status={"error": str(reply.error.reason)})
+    content = reply.content
+    if REPLY_KEY not in content:
+        return StageReply(status={"error": f"reply without its {REPLY_KEY!r} record"})
+    _, status = split_reply(dict(content[REPLY_KEY]))
+    fields = dict(content[SECAGG_KEY]) if SECAGG_KEY in content else {}
+    arrays = {}
+    if MASKED_KEY in content:
+        arrays = {k: np.asarray(v.numpy()) for k, v in content[MASKED_KEY].items()}
+    return StageReply(fields, arrays, {k: v for k, v in status.items() if v})
 
 
 # Flower's own send_and_receive polls every 3 s: most of a short round. A reply waits half

@@ -40,7 +40,8 @@ INSECURE_WARNING = (
     "NOT authenticated. Use it only on a trusted network for testing."
 )
 # Deployment defaults that differ from the simulation's: a handful of real devices, and no
-# secure aggregation, so the per-interaction guarantee is the LOCAL one. Its settings come
+# secure aggregation by default (it needs K_min devices per round: `secure-aggregation-
+# protocol = "secagg"` with dp 'distributed'), so the per-interaction guarantee is the LOCAL one. Its settings come
 # with it (simulations/local_dp.toml: a device's own noise drowns every per-item parameter,
 # so only the content popularity and the year table train, at server lr 0.3). The
 # simulation's defaults (every parameter, server lr 15) are tuned for 2,700 devices per round
@@ -110,10 +111,11 @@ def load_server_config(path: Path | None, **overrides: Any) -> ServerConfig:
         parsed = SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
     except ValueError as err:
         raise ServerConfigError(f"{path}: [run]: {err}") from err
-    if parsed.secure_aggregation:
+    if parsed.secure_aggregation and not parsed.secagg:
         raise ServerConfigError(
-            f"{path}: [run] dp: 'distributed' needs secure aggregation, not available in this "
-            "deployment (see README, Deployment): use 'local' or 'user+local'"
+            f"{path}: [run] dp: 'distributed' needs secure aggregation: set "
+            'secure-aggregation-protocol = "secagg" (SecAgg+ with the distributed discrete '
+            "Gaussian, see README, Deployment), or use 'local' or 'user+local'"
         )
     del settings
     return ServerConfig(**server, run=run)
