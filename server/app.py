@@ -86,6 +86,8 @@ def deploy(
 
     shorten_pull_backoff()
 
+    traffic = {"to": 0, "from": 0}  # the round's message bytes, both ways
+
     def send(nodes, params, round_):
         guard.check()
         arrays = parameters_record(params)
@@ -97,8 +99,10 @@ def deploy(
             )
             for node in nodes
         ]
+        traffic["to"] += sum(content_bytes(m.content) for m in messages)
         answered = {}
         for node, reply in send_and_receive(grid, messages, settings.round_timeout_s):
+            traffic["from"] += content_bytes(reply.content) if not reply.has_error() else 0
             declined = ""
             if not reply.has_error() and REPLY_KEY in reply.content:
                 declined = str(reply.content[REPLY_KEY].get("declined", ""))
@@ -127,12 +131,14 @@ def deploy(
             if params is not None:
                 content["arrays"] = parameters_record(params)
             messages.append(Message(content, dst_node_id=node, message_type="train"))
+        traffic["to"] += sum(content_bytes(m.content) for m in messages)
         out = {
             node: StageReply(status={"error": f"no reply in {settings.round_timeout_s:g}s"})
             for node in nodes
         }
         for node, reply in send_and_receive(grid, messages, settings.round_timeout_s):
             out[node] = unpack_stage(reply)
+            traffic["from"] += content_bytes(reply.content) if not reply.has_error() else 0
         answered = sum(not r.error for r in out.values())
         print(f"[fedrec] secure aggregation {stage}: {answered} of {len(nodes)}", flush=True)
         return out
@@ -145,6 +151,13 @@ def deploy(
 
     def on_round(row: dict) -> None:
         print(f"[fedrec] round {row['round']}: {row}", flush=True)
+        # what the messages of the round weighed (benchmarks/deployment.py reads it)
+        print(
+            f"[fedrec] traffic round {row['round']}: {traffic['to']} bytes to devices, "
+            f"{traffic['from']} bytes from devices, {row['sampled']} sampled",
+            flush=True,
+        )
+        traffic.update({"to": 0, "from": 0})
 
     run_deployment(
         config,
@@ -153,6 +166,13 @@ def deploy(
         send_secagg if config.secagg else send,
         on_round,
     )
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The serialised size of a message's content (its records), as the transport carries it."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
 
 
 def unpack_stage(reply: Message):

@@ -237,7 +237,8 @@ def write_summary(run: FederatedRun) -> dict:
     summary = {
         "rounds": [r["round"] for r in rows],
         "summed_per_round": {r["round"]: r["aggregated"] for r in rows},
-        "declined": int(sum(r["declined"] for r in rows)),
+        # a discarded round has no counters: they are part of the sum it did not reveal
+        "declined": int(sum(r.get("declined", 0) for r in rows)),
         "failed": int(sum(r["failed"] for r in rows)),
         "secure_aggregation": "secagg" if run.config.secagg else False,
         "discarded_rounds": [r["round"] for r in rows if r.get("discarded")],

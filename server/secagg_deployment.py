@@ -114,7 +114,7 @@ def secagg_deployed_round(
             if {"updates", "counters"} <= set(r.arrays)
         }
         survivors, dropouts = server.collect_masked(masked)
-        log.warning(
+        log.info(
             "round %d: %d masked inputs, %d dropped after sharing keys: unmasking",
             round,
             len(survivors),

@@ -362,7 +362,8 @@ def secagg_deployment(tmp_path):
         (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
         d.fedrec("client", "ingest", "--config", f"{name}.toml", f"{name}.csv")
     yield d
-    d.stop()
+    for proc in d.procs:  # SIGKILL: a device whose executor the test stopped ignores SIGTERM
+        kill_tree(proc, signal.SIGKILL)
 
 
 def test_secagg_deployment_end_to_end(secagg_deployment):
@@ -409,7 +410,9 @@ def test_secagg_deployment_end_to_end(secagg_deployment):
         poll=0.01,
     )
     os.kill(executor_of(victim), signal.SIGSTOP)  # its worker still sends the masked input
-    d.wait_for(lambda: run_says(d, "run-b", "masked inputs"), 60, "masked inputs collected")
+    d.wait_for(
+        lambda: run_says(d, "run-b", "secure aggregation masked: 6 of 6"), 60, "inputs collected"
+    )
     kill_tree(d.devices.pop("sa5"))
     assert d.server.wait(300) == 0, (d.root / "server.log").read_text()[-5000:]
     (row,) = [json.loads(x) for x in (d.root / "run-b" / "metrics.jsonl").read_text().splitlines()]
