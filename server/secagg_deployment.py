@@ -58,6 +58,18 @@ Exchange = Callable[
 ]
 
 
+def masked_inputs(reply: StageReply, configs) -> tuple[np.ndarray, np.ndarray]:
+    """A device's two masked vectors, checked (a malformed one drops that device, not the
+    round)."""
+    out = []
+    for name, cfg in zip(wire.INSTANCES, configs, strict=True):
+        y = reply.arrays.get(name)
+        if y is None or y.shape != (cfg.length,) or y.dtype != np.uint64:
+            raise wire.MalformedStage(f"masked {name}: not uint64 of shape ({cfg.length},)")
+        out.append(y)
+    return out[0], out[1]
+
+
 def secagg_deployed_round(
     exchange: Exchange,
     config: SimulationConfig,
@@ -79,40 +91,47 @@ def secagg_deployed_round(
     errors: dict[int, str] = {}
     status: dict[int, dict[str, str]] = {}
 
-    def ask(stage: str, requests: dict[int, tuple[dict, dict | None]]) -> dict[int, StageReply]:
-        """Send one stage to the protocol ids in `requests`; the answers that are not errors."""
+    def ask(stage: str, requests: dict[int, tuple[dict, dict | None]], decode) -> dict[int, Any]:
+        """Send one stage to the protocol ids in `requests`; each answer decoded, for those
+        that are not errors, declines or malformed (the device drops out of the round)."""
         sent = {
             node_of[k]: ({"round": round, "stage": stage, **f}, p) for k, (f, p) in requests.items()
         }
         answered = {}
         for node, reply in exchange(stage, sent).items():
-            if reply.status.get("ledger_head"):
-                status.setdefault(node, {})["ledger_head"] = reply.status["ledger_head"]
-            if reply.status.get("declined"):
-                status.setdefault(node, {})["declined"] = reply.status["declined"]
+            mine = status.setdefault(node, {})
+            for key in ("ledger_head", "declined"):
+                if reply.status.get(key):
+                    mine[key] = reply.status[key]
             if reply.error:
                 errors[node] = f"{stage}: {reply.error}"
             elif not reply.status.get("declined"):
-                answered[index[node]] = reply
+                try:
+                    answered[index[node]] = decode(reply)
+                except (wire.MalformedStage, KeyError) as err:
+                    errors[node] = f"{stage}: malformed reply: {err}"
         return answered
 
     pooled: list[tuple[DeviceReply, str | None]] = []
     try:
         common = {"devices": len(nodes), "public-seed": seed}
-        keys = ask("keys", {k: (common | {"index": k}, None) for k in node_of})
-        adverts = {k: wire.unpack_keys(r.fields) for k, r in keys.items()}
-        roster = wire.pack_roster(server.collect_keys(adverts))
-        shares = ask("shares", {k: (roster, None) for k in adverts})
-        outgoing = {k: wire.unpack_pair("shares", r.fields) for k, r in shares.items()}
-        routed = server.route_shares(outgoing)
-        masked_replies = ask(
-            "masked", {k: (wire.pack_pair("routed", routed[k]), params) for k in routed}
+        adverts = ask(
+            "keys",
+            {k: (common | {"index": k}, None) for k in node_of},
+            lambda r: wire.unpack_keys(r.fields),
         )
-        masked = {
-            k: (r.arrays["updates"], r.arrays["counters"])
-            for k, r in masked_replies.items()
-            if {"updates", "counters"} <= set(r.arrays)
-        }
+        roster = wire.pack_roster(server.collect_keys(adverts))
+        outgoing = ask(
+            "shares",
+            {k: (roster, None) for k in adverts},
+            lambda r: wire.unpack_pair("shares", r.fields),
+        )
+        routed = server.route_shares(outgoing)
+        masked = ask(
+            "masked",
+            {k: (wire.pack_pair("routed", routed[k]), params) for k in routed},
+            lambda r: masked_inputs(r, configs),
+        )
         survivors, dropouts = server.collect_masked(masked)
         log.info(
             "round %d: %d masked inputs, %d dropped after sharing keys: unmasking",
@@ -121,10 +140,13 @@ def secagg_deployed_round(
             len(dropouts),
         )
         request = {"survivors": survivors, **({"dropouts": dropouts} if dropouts else {})}
-        unmasked = ask("unmask", {k: (request, None) for k in survivors})
-        reply = server.unmask({k: wire.unpack_unmask(r.fields) for k, r in unmasked.items()})
-        pooled.append((reply, None))
-    except (SecAggAbort, SecAggRefusal, wire.MalformedStage) as err:
+        responses = ask(
+            "unmask",
+            {k: (request, None) for k in survivors},
+            lambda r: wire.unpack_unmask(r.fields),
+        )
+        pooled.append((server.unmask(responses), None))
+    except (SecAggAbort, SecAggRefusal) as err:
         log.warning("round %d: secure aggregation aborted, nothing unmasked: %s", round, err)
     out = []
     for node in nodes:

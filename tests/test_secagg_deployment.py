@@ -160,3 +160,20 @@ def test_the_wire_format_refuses_mismatched_lists():
     assert wire.unpack_map("x", {}) == {}
     with pytest.raises(wire.MalformedStage, match="2 ids for 1 values"):
         wire.unpack_map("x", {"x/ids": [1, 2], "x/data": [b"a"]})
+
+
+def test_a_malformed_masked_input_drops_that_device_not_the_round():
+    devices = Devices()
+
+    def exchange(stage, requests):
+        out = devices.exchange(stage, requests)
+        if stage == "masked":
+            out[12].arrays["updates"] = out[12].arrays["updates"][:-1]
+        return out
+
+    out = secagg_deployed_round(exchange, CONFIG, DDG, [11, 12, 13, 14, 15], RECEIVED, 1)
+    pooled = next(r for r, _ in out if r.pooled)
+    assert pooled.pooled == 4
+    changes, _ = expected(devices, [11, 13, 14, 15])
+    np.testing.assert_array_equal(pooled.params["a"], changes["a"].astype(np.float32))
+    assert "malformed" in next(r.error for r, _ in out if r.user == 12)
