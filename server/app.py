@@ -189,7 +189,10 @@ def unpack_stage(reply: Message):
     fields = dict(content[SECAGG_KEY]) if SECAGG_KEY in content else {}
     arrays = {}
     if MASKED_KEY in content:
-        arrays = {k: np.asarray(v.numpy()) for k, v in content[MASKED_KEY].items()}
+        try:
+            arrays = {k: np.asarray(v.numpy()) for k, v in content[MASKED_KEY].items()}
+        except Exception as err:  # a device's malformed arrays end its round, not the run
+            return StageReply(status={"error": f"malformed masked input: {err}"})
     return StageReply(fields, arrays, {k: v for k, v in status.items() if v})
 
 

@@ -396,6 +396,7 @@ def test_secagg_deployment_end_to_end(secagg_deployment):
     charged = [e for e in ledger if e.get("mechanism", {}).get("ddg")]
     assert charged and charged[-1]["mechanism"]["min_survivors"] == 4, ledger[-1]
     assert [s["stage"] for s in stages(d, "sa0")] == ["keys", "shares", "masked", "unmask"] * 2
+    assert d.status("sa0")["guarantee"].startswith("distributed")  # the budget's view
     audit = d.fedrec("audit", "sa0", "--guarantee", "distributed", "--no-pld", check=False)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     # -- (b) sa5 sends its masked input, then stops answering and is killed --------------
