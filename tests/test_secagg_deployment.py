@@ -177,3 +177,15 @@ def test_a_malformed_masked_input_drops_that_device_not_the_round():
     changes, _ = expected(devices, [11, 13, 14, 15])
     np.testing.assert_array_equal(pooled.params["a"], changes["a"].astype(np.float32))
     assert "malformed" in next(r.error for r, _ in out if r.user == 12)
+
+
+@pytest.mark.parametrize("devices", range(3, 40))
+def test_every_round_size_gets_a_strict_majority_threshold(devices):
+    """n - 1 odd and below 2⌈log₂ n⌉ (n = 4, 6) gives an odd degree, whose majority needs
+    ⌊(k+1)/2⌋ + 1 (⌊k/2⌋ + 1 would be refused by SecAggConfig)."""
+    from fedrec.common.secagg.round_inputs import secagg_configs
+
+    updates, tallies = secagg_configs(DDG, devices=devices, min_survivors=2, public_seed=1)
+    k, t = updates.degree, updates.threshold
+    assert (k + 1) / 2 < t <= k + 1 and tallies.threshold == t
+    assert t == k // 2 + 1 or k % 2 == 1  # even degrees keep the simulation's threshold
