@@ -366,6 +366,7 @@ def secagg_deployment(tmp_path):
         kill_tree(proc, signal.SIGKILL)
 
 
+@pytest.mark.timeout(1500)  # three server runs; ~14 min measured at load average 12-14
 def test_secagg_deployment_end_to_end(secagg_deployment):
     """(a) a user+distributed SecAgg+ run over 6 SuperNodes (TLS, node authentication)
     completes, its summary and the devices' ledgers describe the discrete mechanism and
