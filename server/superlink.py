@@ -334,6 +334,12 @@ def follow(out: Path, env: dict, run_id: str, timeout: float, echo) -> tuple[str
             lines = metrics.read_text().splitlines()
             for line in lines[seen:]:
                 row = json.loads(line)
+                if row.get("discarded"):  # below K_min: its counters were never revealed
+                    echo(
+                        f"round {row['round']}: discarded (fewer than K_min survived secure "
+                        f"aggregation), failed {row['failed']}"
+                    )
+                    continue
                 echo(
                     f"round {row['round']}: summed {row['aggregated']}, declined "
                     f"{row['declined']}, failed {row['failed']}"

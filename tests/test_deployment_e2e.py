@@ -438,6 +438,7 @@ def test_secagg_deployment_end_to_end(secagg_deployment):
     (row,) = [json.loads(x) for x in (d.root / "run-c" / "metrics.jsonl").read_text().splitlines()]
     assert row["discarded"] and row["aggregated"] == 0, row
     assert run_says(d, "run-c", "secure aggregation aborted, nothing unmasked")
+    assert d.server_says("round 1: discarded (fewer than K_min survived secure aggregation)")
     summary = json.loads((d.root / "run-c" / "summary.json").read_text())
     assert summary["discarded_rounds"] == [1]
     checkpoint = json.loads((d.root / "run-c" / "checkpoints" / "latest.json").read_text())
