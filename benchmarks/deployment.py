@@ -13,8 +13,16 @@ Flower's transport and polling.
     python benchmarks/deployment.py --devices 3 --rounds 3 --mode warm
     python benchmarks/deployment.py --devices 10 --rounds 3 --mode warm
     python benchmarks/deployment.py --devices 1 --rounds 10 --poll-s 0.1 --tag poll-0.1
+    python benchmarks/deployment.py --devices 10 --rounds 3 --tag same-model
+    python benchmarks/deployment.py --devices 10 --rounds 3 --dp user+distributed --secagg
 
-Writes benchmarks/results/deployment-<mode>-<devices>[-<tag>].json.
+--secagg runs `secure-aggregation-protocol = "secagg"` (SecAgg+ with the distributed discrete
+Gaussian: four message exchanges per round) at K_min = --min-survivors (default: all but two
+of the devices); --dp user+local without it is the plain round it is compared with, at the
+same model and devices. Each round's message bytes (both ways, as serialised records) come
+from the ServerApp's log.
+
+Writes benchmarks/results/deployment-<mode>-<devices>[-secagg][-<tag>].json.
 """
 
 from __future__ import annotations
@@ -40,7 +48,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=("warm", "cold"), default="warm")
     parser.add_argument("--poll-s", type=float, default=None, help="fedrec client start --poll-s")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--dp", default="user+local")
+    parser.add_argument("--secagg", action="store_true", help="SecAgg+ (needs --dp ...distributed)")
+    parser.add_argument("--min-survivors", type=int, default=None)
     args = parser.parse_args()
+    k_min = args.min_survivors if args.min_survivors is not None else max(1, args.devices - 2)
 
     from fedrec.client.device import ingest
     from fedrec.client.runtime import template_for
@@ -69,7 +81,12 @@ def main() -> None:
     (root / "run.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nout = "run"\ndatabase = "state.db"\n'
         f"[run]\nrounds = {args.rounds}\nclients-per-round = {args.devices}\n"
-        f'dp = "user+local"\nuser-epsilon = 10000.0\nmin-nodes = {args.devices}\n'
+        f'dp = "{args.dp}"\nuser-epsilon = 10000.0\nmin-nodes = {args.devices}\n'
+        + (
+            f'secure-aggregation-protocol = "secagg"\nmin-survivors = {k_min}\nlocal-steps = 1\n'
+            if args.secagg
+            else ""
+        )
     )
     env = os.environ | {
         "FLWR_HOME": str(root / "flwr-home"),
@@ -144,10 +161,24 @@ def main() -> None:
                 "summed": devs["summed"],
             }
         )
+    traffic = {}
+    for line in (root / "run" / "flower" / "run.log").read_text().splitlines():
+        if "[fedrec] traffic round" in line:
+            words = line.split("[fedrec] traffic round ", 1)[1].replace(",", "").split()
+            traffic[int(words[0].rstrip(":"))] = (int(words[1]), int(words[5]), int(words[9]))
+    for r in rounds:
+        to, back, sampled = traffic.get(r["round"], (0, 0, 0))
+        r["bytes_to_devices"], r["bytes_from_devices"] = to, back
+        r["bytes_per_device"] = (to + back) / sampled if sampled else None
     later = rounds[1:] or rounds  # round 1 includes the devices' first start
     result = {
         "mode": args.mode,
         "devices": args.devices,
+        "dp": args.dp,
+        "secure_aggregation": "secagg" if args.secagg else None,
+        "min_survivors": k_min if args.secagg else None,
+        "mean_bytes_per_device_per_round": sum(r["bytes_per_device"] or 0 for r in rounds)
+        / len(rounds),
         "exit": code,
         "total_s": total,
         "rounds": rounds,
@@ -163,7 +194,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = f"-{args.tag}" if args.tag else ""
+    suffix = ("-secagg" if args.secagg else "") + (f"-{args.tag}" if args.tag else "")
     out = RESULTS / f"deployment-{args.mode}-{args.devices}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

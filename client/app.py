@@ -12,7 +12,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedrec.client.device_app import STORE_KEY, is_device, train_on_device
+from fedrec.client.device_app import STORE_KEY, is_device, secagg_on_device, train_on_device
+from fedrec.common.secagg.wire import STAGE_KEY
 
 app = ClientApp()
 
@@ -31,4 +32,6 @@ def train(msg: Message, context: Context) -> Message:
             f"{STORE_KEY!r} folder (`fedrec client start` names it; a simulation runs "
             "fedrec.simulations.client_app:app)"
         )
+    if STAGE_KEY in msg.content["config"]:  # a stage of a SecAgg+ round
+        return secagg_on_device(msg, context)
     return train_on_device(msg, context)

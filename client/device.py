@@ -53,8 +53,9 @@ class PrivacyPolicy:
     """What this device accepts, whatever the server asks (its own config file decides).
 
     The per-interaction budget is enforced under the LOCAL guarantee (the device's own noise,
-    against anyone who sees its update): without secure aggregation in the deployment that is
-    the guarantee that holds against the server (see README, Deployment)."""
+    against anyone who sees its update), the one that holds against the server without secure
+    aggregation; in a SecAgg+ run under DISTRIBUTED, at the K_min the device itself enforces
+    when unmasking (see README, Deployment)."""
 
     epsilon: float = 8.0  # per-interaction budget
     delta: float = 1e-5
@@ -266,9 +267,15 @@ def status(store_dir: Path, policy: PrivacyPolicy) -> dict[str, Any]:
     with ClientStore(store_dir, verify=True) as store:
         data = store.interactions()
     with _open_ledger(store_dir, PrivacyLedger) as ledger:
-        eps_by_cohort = ledger.epsilons(Guarantee.LOCAL, policy.delta)
-        retired = ledger.retired_cohorts()
         entries = ledger.entries
+        # under SecAgg+ the budget is enforced under DISTRIBUTED (a round without K_min is
+        # charged as LOCAL there too, so one view covers a ledger with both kinds)
+        secagg = any(
+            isinstance(e.get("mechanism"), dict) and e["mechanism"].get("ddg") for e in entries
+        )
+        guarantee = Guarantee.DISTRIBUTED if secagg else Guarantee.LOCAL
+        eps_by_cohort = ledger.epsilons(guarantee, policy.delta)
+        retired = ledger.retired_cohorts()
         head = ledger.head_hash
     eps = np.array([eps_by_cohort.get(c, 0.0) for c in data.cohort.tolist()], dtype=np.float64)
     is_retired = np.array([c in retired for c in data.cohort.tolist()], dtype=bool)
@@ -282,7 +289,12 @@ def status(store_dir: Path, policy: PrivacyPolicy) -> dict[str, Any]:
     return {
         "store": str(store_dir),
         "interactions": len(data),
-        "guarantee": "local (the device's own noise, against anyone who sees its update)",
+        "guarantee": (
+            "distributed (SecAgg+ over at least K_min devices' discrete Gaussian noise, "
+            "against an honest-but-curious server)"
+            if secagg
+            else "local (the device's own noise, against anyone who sees its update)"
+        ),
         "delta": policy.delta,
         "budget_epsilon": policy.epsilon,
         "epsilon": quantiles,

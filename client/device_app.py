@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedrec.common.deployment import REPLY_KEY, parameters_record, reply_record
+from fedrec.common.secagg.wire import MASKED_KEY, SECAGG_KEY, STAGE_KEY
 
 STORE_KEY, CONFIG_KEY = "store", "device-config"
 # The run settings (and the device's catalogue file) of the last message handled in this
@@ -76,4 +77,83 @@ def train_on_device(msg: Message, context: Context) -> Message:
     content = RecordDict({REPLY_KEY: ConfigRecord(reply_record(metrics, status))})
     if params_out is not None:
         content["arrays"] = parameters_record(params_out)
+    return Message(content, reply_to=msg)
+
+
+SESSION_KEY = "fedrec-secagg"  # context.state: this device's SecAgg+ session of the round
+
+
+def secagg_on_device(msg: Message, context: Context) -> Message:
+    """One SecAgg+ stage (`fedrec.client.secagg_device`): the session is kept in
+    `context.state` between the round's messages (the device's own SuperNode). Any failure
+    becomes an error in the reply: the server counts the device as dropped at that stage."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedrec.client import secagg_device as sa
+    from fedrec.client.device import load_device_config
+    from fedrec.client.device_round import device_round
+    from fedrec.client.runtime import device_template, model_update_dim
+    from fedrec.common.deployment import parameters_from, split_run_config
+    from fedrec.common.run_config import SimulationConfig
+
+    status = {"error": "", "declined": ""}
+    content = RecordDict()
+    request = dict(msg.content["config"])
+    stage, round_ = str(request.get(STAGE_KEY, "")), int(request.get("round", 0))
+    try:
+        config_file = str(context.node_config.get(CONFIG_KEY, "") or "")
+        device = load_device_config(
+            Path(config_file) if config_file else None, Path(str(context.node_config[STORE_KEY]))
+        )
+        settings, run_flat = split_run_config(dict(context.run_config))
+        if stage == "keys":
+            run = SimulationConfig.from_flat(run_flat)
+            if not run.secagg:
+                raise ValueError("a secure-aggregation stage in a run without secagg")
+            model, _ = device_template(run, device.catalogue, settings.catalogue_digest)
+            session, fields = sa.start_session(
+                round_, request, run.ddg_params(model_update_dim(model)), run.min_survivors
+            )
+            details: dict = {}
+        else:
+            if SESSION_KEY not in context.state:
+                raise sa.SecAggRefusal(f"stage {stage!r} without a session (keys not exchanged)")
+            session = sa.SecAggSession.from_bytes(context.state[SESSION_KEY]["session"])
+            session.expect(round_, stage)
+            details = {}
+            if stage == "shares":
+                fields = sa.share_keys(session, request)
+            elif stage == "masked":
+                received = parameters_from(msg.content["arrays"])
+                result = device_round(device, run_flat, round_, received, settings.catalogue_digest)
+                status["ledger_head"] = ledger_head(Path(device.store))
+                idle = result.params is None and result.metrics.get("noise_only") == 1.0
+                if result.params is None and not idle:  # a policy decline: no share to send
+                    status["declined"] = result.declined or "declined"
+                    fields, details = {}, {"declined": status["declined"]}
+                else:
+                    change = sa.change_from(result.params, received)
+                    masked = sa.masked_input(session, request, change, dict(result.metrics))
+                    content[MASKED_KEY] = ArrayRecord({k: Array(v) for k, v in masked.items()})
+                    fields = {}
+            elif stage == "unmask":
+                fields = sa.unmask(session, request)
+                details = {
+                    "survivors": len(request.get("survivors", [])),
+                    "dropouts": len(request.get("dropouts", [])),
+                }
+            else:
+                raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+        if stage == "unmask":
+            del context.state[SESSION_KEY]  # answered once: nothing more to reveal
+        else:
+            context.state[SESSION_KEY] = ConfigRecord({"session": session.to_bytes()})
+        sa.record_stage(Path(device.store), round_, stage, **details)
+        if fields:
+            content[SECAGG_KEY] = ConfigRecord(fields)
+    except Exception as err:  # the reply carries it; the device stays as it was
+        status["error"] = f"{type(err).__name__}: {err}"
+        if SESSION_KEY in context.state:
+            del context.state[SESSION_KEY]  # a failed stage ends the device's round
+    content[REPLY_KEY] = ConfigRecord(reply_record({}, status))
     return Message(content, reply_to=msg)

@@ -22,10 +22,13 @@ from fedrec.client.training import LocalResult, LocalTrainConfig
 
 
 def policy_violation(policy: PrivacyPolicy, requested: LocalTrainConfig) -> str | None:
-    """Why the round's requested settings break the device's policy, or None if they fit."""
+    """Why the round's requested settings break the device's policy, or None if they fit.
+    Under the discrete mechanism (SecAgg+) the noise is the sum's, not the device's own: its
+    per-interaction charge against the budget is what the ledger checks (the device refuses
+    to unmask below the K_min that charge assumes), so the minimum σ does not apply."""
     if not requested.private:
         return "the run asks for training without DP-SGD; this device's policy requires it"
-    if requested.noise_multiplier < policy.min_noise_multiplier:
+    if requested.discrete is None and requested.noise_multiplier < policy.min_noise_multiplier:
         return (
             f"requested noise multiplier {requested.noise_multiplier:g} is below this device's "
             f"minimum {policy.min_noise_multiplier:g}"
@@ -38,23 +41,24 @@ def policy_violation(policy: PrivacyPolicy, requested: LocalTrainConfig) -> str 
     return None
 
 
-def round_settings(policy: PrivacyPolicy, run_flat: dict[str, Any]) -> LocalTrainConfig:
+def round_settings(
+    policy: PrivacyPolicy, run_flat: dict[str, Any], dim: int | None = None
+) -> LocalTrainConfig:
     """The run's requested local settings with the DEVICE's budget, δ and guarantee, and fresh
-    entropy for its noise (never a seed the server chose)."""
+    entropy for its noise (never a seed the server chose). The guarantee is LOCAL, or under
+    SecAgg+ (whose sum the device takes part in, and unmasks only at K_min survivors or
+    more) DISTRIBUTED. `dim`: the update's coordinates (from the device's own model)."""
     from fedrec.client.runtime import local_config
     from fedrec.common.privacy.accounting import Guarantee
     from fedrec.common.run_config import SimulationConfig
 
     run = SimulationConfig.from_flat(run_flat)
-    if run.secagg:  # it would train without continuous noise and send its update as is
-        raise ValueError(
-            'secure-aggregation-protocol = "secagg" is not implemented on a deployed device'
-        )
-    requested = local_config(run, seed=None)
+    requested = local_config(run, seed=None, dim=dim)
+    guarantee = Guarantee.DISTRIBUTED if run.secagg else Guarantee.LOCAL
     return dataclasses.replace(
         requested,
         budget_epsilon=policy.epsilon,
-        budget_guarantee=Guarantee.LOCAL if requested.private else None,
+        budget_guarantee=guarantee if requested.private else None,
         delta=policy.delta,
         seed=None,
         reproducible_noise=False,
@@ -72,12 +76,15 @@ def device_round(
     the requested settings break the policy. Raises StoreError on an unreadable store and
     PublicCatalogueError on a catalogue file that is unreadable or not the run's."""
     from fedrec.client.ledger import PrivacyLedger
-    from fedrec.client.runtime import device_template
+    from fedrec.client.runtime import device_template, model_update_dim
     from fedrec.client.training import local_round
     from fedrec.common.run_config import SimulationConfig
 
-    settings = round_settings(device.policy, run_flat)
     config = SimulationConfig.from_flat(run_flat)
+    dim = None
+    if config.secagg:  # the discrete mechanism is sized to the device's own model
+        dim = model_update_dim(device_template(config, device.catalogue, catalogue_digest)[0])
+    settings = round_settings(device.policy, run_flat, dim)
     reason = policy_violation(device.policy, settings)
     if reason is None and not config.per_interaction_holds:
         reason = (

@@ -27,8 +27,11 @@ from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_model import build_model, model_from
 
 
-def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig:
-    """The device-side settings a federated run asks for (one place maps one to the other)."""
+def local_config(
+    config: SimulationConfig, seed: int | None, dim: int | None = None
+) -> LocalTrainConfig:
+    """The device-side settings a federated run asks for (one place maps one to the other);
+    `dim`: the update's coordinates, when the caller has the model (else the run's template)."""
     if config.distributed_holds:
         guarantee = Guarantee.DISTRIBUTED
     elif "distributed" in config.dp or "local" in config.dp:
@@ -56,13 +59,21 @@ def local_config(config: SimulationConfig, seed: int | None) -> LocalTrainConfig
         seed=seed,
         # a device given no seed (a real one) never derives its noise from the run's settings
         reproducible_noise=config.reproducible_noise and seed is not None,
-        discrete=config.discrete_mechanism(update_dim(config)) if config.secagg else None,
+        discrete=(
+            config.discrete_mechanism(update_dim(config) if dim is None else dim)
+            if config.secagg
+            else None
+        ),
     )
 
 
 def update_dim(config: SimulationConfig) -> int:
     """Coordinates of a device's update: the model's global parameters, flattened."""
-    model, _ = template_for(config)
+    return model_update_dim(template_for(config)[0])
+
+
+def model_update_dim(model: RecModel) -> int:
+    """Coordinates of `model`'s global parameters, flattened."""
     state = model.state_dict()
     return sum(state[name].numel() for name in model.parameter_names(Scope.GLOBAL))
 

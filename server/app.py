@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -46,11 +47,6 @@ def main(grid: Grid, context: Context) -> None:
             "start` submits it); a simulation runs fedrec.simulations.server_app:app"
         )
     config = SimulationConfig.from_flat(flat)
-    if config.secagg:
-        raise ValueError(
-            'secure-aggregation-protocol = "secagg" is not implemented in a deployment (its '
-            "devices would add no continuous noise): use clear"
-        )
     # An orphan of a killed launcher must not write a folder another run now owns.
     with WriterGuard(Path(config.out), str(context.run_config.get("run-token", ""))) as guard:
         deploy(grid, config, settings, guard)
@@ -90,6 +86,8 @@ def deploy(
 
     shorten_pull_backoff()
 
+    traffic = {"to": 0, "from": 0}  # the round's message bytes, both ways
+
     def send(nodes, params, round_):
         guard.check()
         arrays = parameters_record(params)
@@ -101,8 +99,10 @@ def deploy(
             )
             for node in nodes
         ]
+        traffic["to"] += sum(content_bytes(m.content) for m in messages)
         answered = {}
         for node, reply in send_and_receive(grid, messages, settings.round_timeout_s):
+            traffic["from"] += content_bytes(reply.content) if not reply.has_error() else 0
             declined = ""
             if not reply.has_error() and REPLY_KEY in reply.content:
                 declined = str(reply.content[REPLY_KEY].get("declined", ""))
@@ -118,10 +118,82 @@ def deploy(
             for node in nodes
         ]
 
+    def exchange(stage, requests):
+        """One SecAgg+ stage: a message to each node, its reply unpacked (plain values)."""
+        from fedrec.server.secagg_deployment import StageReply
+
+        guard.check()
+        nodes = list(requests)
+        messages = []
+        for node in nodes:
+            fields, params = requests[node]
+            content = RecordDict({"config": ConfigRecord(fields)})
+            if params is not None:
+                content["arrays"] = parameters_record(params)
+            messages.append(Message(content, dst_node_id=node, message_type="train"))
+        traffic["to"] += sum(content_bytes(m.content) for m in messages)
+        out = {
+            node: StageReply(status={"error": f"no reply in {settings.round_timeout_s:g}s"})
+            for node in nodes
+        }
+        for node, reply in send_and_receive(grid, messages, settings.round_timeout_s):
+            out[node] = unpack_stage(reply)
+            traffic["from"] += content_bytes(reply.content) if not reply.has_error() else 0
+        answered = sum(not r.error for r in out.values())
+        print(f"[fedrec] secure aggregation {stage}: {answered} of {len(nodes)}", flush=True)
+        return out
+
+    def send_secagg(nodes, params, round_):
+        from fedrec.server.secagg_deployment import secagg_deployed_round
+
+        ddg = config.ddg_params(sum(int(v.size) for v in params.values()))
+        return secagg_deployed_round(exchange, config, ddg, nodes, params, round_)
+
     def on_round(row: dict) -> None:
         print(f"[fedrec] round {row['round']}: {row}", flush=True)
+        # what the messages of the round weighed (benchmarks/deployment.py reads it)
+        print(
+            f"[fedrec] traffic round {row['round']}: {traffic['to']} bytes to devices, "
+            f"{traffic['from']} bytes from devices, {row['sampled']} sampled",
+            flush=True,
+        )
+        traffic.update({"to": 0, "from": 0})
 
-    run_deployment(config, settings, lambda: list(grid.get_node_ids()), send, on_round)
+    run_deployment(
+        config,
+        settings,
+        lambda: list(grid.get_node_ids()),
+        send_secagg if config.secagg else send,
+        on_round,
+    )
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The serialised size of a message's content (its records), as the transport carries it."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
+
+
+def unpack_stage(reply: Message):
+    """A device's reply to a SecAgg+ stage as plain values (`StageReply`)."""
+    from fedrec.common.secagg.wire import MASKED_KEY, SECAGG_KEY
+    from fedrec.server.secagg_deployment import StageReply
+
+    if reply.has_error():
+        return StageReply(status={"error": str(reply.error.reason)})
+    content = reply.content
+    if REPLY_KEY not in content:
+        return StageReply(status={"error": f"reply without its {REPLY_KEY!r} record"})
+    _, status = split_reply(dict(content[REPLY_KEY]))
+    fields = dict(content[SECAGG_KEY]) if SECAGG_KEY in content else {}
+    arrays = {}
+    if MASKED_KEY in content:
+        try:
+            arrays = {k: np.asarray(v.numpy()) for k, v in content[MASKED_KEY].items()}
+        except Exception as err:  # a device's malformed arrays end its round, not the run
+            return StageReply(status={"error": f"malformed masked input: {err}"})
+    return StageReply(fields, arrays, {k: v for k, v in status.items() if v})
 
 
 # Flower's own send_and_receive polls every 3 s: most of a short round. A reply waits half

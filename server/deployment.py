@@ -25,6 +25,7 @@ from fedrec.common.deployment import DeploymentSettings
 from fedrec.common.io import atomic_write_json
 from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
+from fedrec.common.secagg.round_params import per_round_target
 from fedrec.server.federated_run import RESUMABLE_SETTINGS, FederatedRun, run_rounds
 from fedrec.server.user_privacy import client_sample_rate
 
@@ -52,10 +53,12 @@ class DeploymentRun(FederatedRun):
     resumable_settings = RESUMABLE_SETTINGS | {"rounds"}
 
     def __init__(self, config: SimulationConfig):
-        if "distributed" in config.dp:
+        if "distributed" in config.dp and not config.secagg:
             raise UnsupportedDeployment(
-                "dp 'distributed' needs secure aggregation, which this deployment does not "
-                "provide (see README, Deployment): use 'local' (+user)"
+                "dp 'distributed' needs secure aggregation: set secure-aggregation-protocol = "
+                '"secagg" (SecAgg+ with the distributed discrete Gaussian, see README, '
+                'Deployment); with "clear" the server would see each device\'s update, so '
+                "use 'local' (+user) instead"
             )
         if config.reproducible_noise:
             raise UnsupportedDeployment(
@@ -77,7 +80,16 @@ class DeploymentRun(FederatedRun):
             expected_clients=min(self.config.clients_per_round, len(nodes)),
             registered_clients=len(nodes),
         )
+        self.nodes_known = True
+        self.user_delta = self.config.delta - self.discard_delta_allowance()
         self.calibrate_user_noise()
+
+    def discard_delta_allowance(self) -> float:
+        """Checked against the connected devices (`use_nodes`), not the dataset's users: before
+        they are known, nothing is set aside."""
+        if not getattr(self, "nodes_known", False):
+            return 0.0
+        return super().discard_delta_allowance()
 
     def device_name(self, user: int) -> str:
         return str(user)  # the node: its ledger lives on the device, not in the run folder
@@ -117,7 +129,7 @@ def run_deployment(
         return [reply for reply, _ in answered]
 
     def finished(row: dict) -> None:
-        record_devices(run, row["round"], answered)
+        record_devices(run, row["round"], answered, secure=config.secagg)
         if on_round is not None:
             on_round(row)
 
@@ -127,13 +139,23 @@ def run_deployment(
 
 
 def record_devices(
-    run: FederatedRun, round: int, answered: Sequence[tuple[DeviceReply, str | None]]
+    run: FederatedRun,
+    round: int,
+    answered: Sequence[tuple[DeviceReply, str | None]],
+    *,
+    secure: bool = False,
 ) -> None:
     """devices.jsonl: per round, every sampled device's outcome (with the reason it declined,
-    failed or was dropped by the server) and how many devices' updates survived into the sum."""
+    failed or was dropped by the server) and how many devices' updates survived into the sum.
+    Under SecAgg+ (`secure`) a device "sent" its masked input and the sum is the pooled
+    reply's (none: the round was aborted, "summed" 0)."""
     outcomes = []
+    pooled = [r for r, _ in answered if r.pooled]
     for r, declined in answered:
-        outcome = "failed" if r.error else ("declined" if r.params is None else "sent")
+        if r.pooled:
+            continue
+        sent = not declined if secure else r.params is not None
+        outcome = "failed" if r.error else ("sent" if sent else "declined")
         verdict = run.dropped_devices.get(r.user) if outcome == "sent" else None
         if verdict is not None:  # sent, but the server refused it (`FederatedRun.finish_round`)
             outcome = "dropped"
@@ -151,21 +173,57 @@ def record_devices(
                 entry[key] = r.metrics[key]
         outcomes.append(entry)
     sent = sum(o["outcome"] == "sent" for o in outcomes)
+    if secure:
+        sent = sum(r.pooled for r in pooled)
     with open(run.out / "devices.jsonl", "a") as f:
         f.write(json.dumps({"round": round, "summed": sent, "devices": outcomes}) + "\n")
 
 
+def secagg_guarantee(run: FederatedRun) -> dict:
+    """The per-interaction guarantee of a deployment under SecAgg+: the mechanism the devices
+    ran, the ε one round costs an interaction at K_min survivors (the calibration target each
+    device's ledger charges), and the threat model (README, Deployment)."""
+    config, ddg = run.config, run.ddg_params
+    return {
+        "name": "per-interaction DP against the server, with secure aggregation (SecAgg+)",
+        "unit": "one interaction (add/remove; each is in one training example)",
+        "mechanism": "distributed discrete Gaussian under SecAgg+ (Kairouz, Liu & Steinke "
+        f"2021; Bell et al. 2020): each device N_Z(0, {ddg.sigma:.6g}^2) per coordinate at "
+        f"granularity {ddg.gamma:.4g}, mod 2^{ddg.bits}, over {ddg.padded_dim} rotated "
+        "coordinates",
+        "threat_model": "an honest-but-curious server that sees only the modular sum of the "
+        "surviving devices' encoded updates and counters, and nothing when fewer than "
+        f"K_min={config.min_survivors} survive (each device refuses to unmask below it); "
+        "fewer than the threshold of a device's share holders collude with the server; "
+        "devices add their discrete noise honestly. Not covered: a malicious server (it "
+        "could announce inconsistent survivor sets to different devices), the summed "
+        "counters, a failed device's error message",
+        "epsilon_per_round": per_round_target(
+            aggregate_noise_multiplier=config.aggregate_noise_multiplier,
+            sample_rate=config.sample_rate,
+            steps=config.local_steps,
+            delta=config.delta,
+        ),
+        "delta": config.delta,
+        "accountant": "each device's ledger: RDP of the summed discrete Gaussian at n = K_min "
+        "(ddg mechanism entries; `fedrec audit STORE --guarantee distributed`)",
+    }
+
+
 def write_summary(run: FederatedRun) -> dict:
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
-    guarantees = [
-        {
-            "name": "per-interaction DP of each device's update (the device's own noise)",
-            "unit": "one interaction",
-            "threat_model": "anyone who sees the device's update, the server included; "
-            "enforced by each device's own policy and ledger (`fedrec client status`)",
-            "note": SECURE_AGGREGATION_NOTE,
-        }
-    ]
+    if run.config.secagg:
+        guarantees = [secagg_guarantee(run)]
+    else:
+        guarantees = [
+            {
+                "name": "per-interaction DP of each device's update (the device's own noise)",
+                "unit": "one interaction",
+                "threat_model": "anyone who sees the device's update, the server included; "
+                "enforced by each device's own policy and ledger (`fedrec client status`)",
+                "note": SECURE_AGGREGATION_NOTE,
+            }
+        ]
     if run.user_dp:
         guarantees.append(
             {
@@ -179,9 +237,11 @@ def write_summary(run: FederatedRun) -> dict:
     summary = {
         "rounds": [r["round"] for r in rows],
         "summed_per_round": {r["round"]: r["aggregated"] for r in rows},
-        "declined": int(sum(r["declined"] for r in rows)),
+        # a discarded round has no counters: they are part of the sum it did not reveal
+        "declined": int(sum(r.get("declined", 0) for r in rows)),
         "failed": int(sum(r["failed"] for r in rows)),
-        "secure_aggregation": False,
+        "secure_aggregation": "secagg" if run.config.secagg else False,
+        "discarded_rounds": [r["round"] for r in rows if r.get("discarded")],
         "privacy": {"guarantees": guarantees},
     }
     atomic_write_json(run.out / "summary.json", summary)

@@ -255,9 +255,7 @@ class FederatedRun:
         # of the devices' own noise (SimulationConfig.user_noise_from_devices)
         # δ the user-level accountant may use: the target less what discarding rounds below
         # K_min can add (`discard_delta`), so the stated total never exceeds the target
-        self.user_delta = config.delta - check_guarantees_can_hold(
-            config, registered=len(self.registered), interactions=len(self.stream.rows)
-        )
+        self.user_delta = config.delta - self.discard_delta_allowance()
         self.noise_multiplier = self.server_noise_multiplier = 0.0
         self.calibrate_user_noise()
         checkpoint = load_latest(self.out) if (self.out / "checkpoints").exists() else None
@@ -282,6 +280,13 @@ class FederatedRun:
         if not recorded.exists():  # written once: a resumed run never rewrites it
             atomic_write_json(recorded, config.to_flat())
         self.probe = self._early_window_probe()
+
+    def discard_delta_allowance(self) -> float:
+        """`check_guarantees_can_hold` over the registered devices: the δ that discarding
+        rounds below K_min may add (SettingsError when K_min is out of reach)."""
+        return check_guarantees_can_hold(
+            self.config, registered=len(self.registered), interactions=len(self.stream.rows)
+        )
 
     def calibrate_user_noise(self) -> None:
         self.user_ddg: DiscreteGaussian | None = None

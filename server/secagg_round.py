@@ -13,7 +13,6 @@ is discarded.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,39 +21,11 @@ from fedrec.common.replies import DeviceReply
 from fedrec.common.secagg import counters
 from fedrec.common.secagg.encoding import DDGParams, decode_sum
 from fedrec.common.secagg.protocol import DeviceId, SecAggConfig, SecAggServer
-from fedrec.server.secure_aggregation import EPS_BINS, SUMMED_METRICS
+from fedrec.common.secagg.round_inputs import COUNTERS, secagg_configs  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-# The counters a pooled reply carries (as `secure_sum`'s): SUMMED_METRICS, the derived ones,
-# and the histogram of the devices' worst interaction ε (`epsilon_bin_key`).
-COUNTERS: tuple[str, ...] = (
-    *SUMMED_METRICS,
-    "trained",
-    "loss",
-    "loss_count",
-    *(f"eps_bin/{edge}" for edge in range(EPS_BINS + 2)),
-)
 WRAP_WARNING = 0.01  # share of coordinates near the modulus' edge worth a warning
-
-
-def secagg_configs(
-    ddg: DDGParams, *, devices: int, min_survivors: int, public_seed: int
-) -> tuple[SecAggConfig, SecAggConfig]:
-    """(updates, counters) SecAgg+ configurations of a round of `devices` devices: k = 2⌈log₂ n⌉
-    neighbours (all others when fewer), threshold a majority t = ⌊k/2⌋ + 1 of the k + 1 share
-    holders (Bell et al. 2020 take k = O(log n))."""
-    degree = max(2, min(devices - 1, 2 * math.ceil(math.log2(max(devices, 2)))))
-    common = {
-        "degree": degree,
-        "threshold": degree // 2 + 1,
-        "min_survivors": min_survivors,
-        "public_seed": public_seed,
-    }
-    return (
-        SecAggConfig(bits=ddg.bits, length=ddg.padded_dim, **common),
-        SecAggConfig(bits=counters.BITS, length=len(COUNTERS), **common),
-    )
 
 
 class SecAggRound:

@@ -8,36 +8,19 @@ anything (`fedrec.server.federated_run.FederatedRun.finish_round`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from fedrec.common.replies import DeviceReply
-from fedrec.server.aggregation import validate_update
-
-# What a device's reply may add to a secure sum besides its update (`secure_sum`): counters
-# that add up. "trained" and "loss_count" are derived when summing; the rest are its metrics.
-SUMMED_METRICS = (
-    "declined",
-    "noise_only",
-    "examples",
-    "retired_now",
-    "preq_count",
-    "preq_hits@10",
-    "preq_ndcg@10",
+from fedrec.common.secagg.round_inputs import (  # noqa: F401 (re-exported)
+    EPS_BIN,
+    EPS_BINS,
+    SUMMED_METRICS,
+    epsilon_bin_key,
+    reply_counters,
 )
-
-
-# A maximum does not add up: under secure aggregation each device adds a 1 to the bin of its
-# worst interaction ε (bins EPS_BIN wide up to EPS_BINS * EPS_BIN, then one open bin), and the
-# round reports the upper edge of the highest non-empty bin, a bound on the sampled maximum.
-EPS_BIN, EPS_BINS = 0.25, 64
-
-
-def epsilon_bin_key(epsilon: float) -> str:
-    edge = min(math.ceil(epsilon / EPS_BIN), EPS_BINS + 1)
-    return f"eps_bin/{edge}"
+from fedrec.server.aggregation import validate_update
 
 
 def epsilon_bound(counters: dict[str, float]) -> float | None:
@@ -47,21 +30,6 @@ def epsilon_bound(counters: dict[str, float]) -> float | None:
     if not edges or max(edges) > EPS_BINS:
         return None
     return max(edges) * EPS_BIN
-
-
-def reply_counters(metrics: dict[str, float]) -> dict[str, float]:
-    """What one member's reply adds to a secure sum's counters (`secure_sum`): its
-    SUMMED_METRICS, a 1 in "trained" and its finite loss if it trained, and a 1 in the bin of
-    its worst interaction ε."""
-    out = {key: float(metrics.get(key, 0.0)) for key in SUMMED_METRICS}
-    if "max_interaction_epsilon" in metrics:
-        out[epsilon_bin_key(float(metrics["max_interaction_epsilon"]))] = 1.0
-    if metrics.get("noise_only") != 1.0:
-        out["trained"] = 1.0
-        loss = float(metrics.get("loss", math.nan))
-        if math.isfinite(loss):
-            out["loss"], out["loss_count"] = loss, 1.0
-    return out
 
 
 def secure_sum(

@@ -40,7 +40,8 @@ INSECURE_WARNING = (
     "NOT authenticated. Use it only on a trusted network for testing."
 )
 # Deployment defaults that differ from the simulation's: a handful of real devices, and no
-# secure aggregation, so the per-interaction guarantee is the LOCAL one. Its settings come
+# secure aggregation by default (it needs K_min devices per round: `secure-aggregation-
+# protocol = "secagg"` with dp 'distributed'), so the per-interaction guarantee is the LOCAL one. Its settings come
 # with it (simulations/local_dp.toml: a device's own noise drowns every per-item parameter,
 # so only the content popularity and the year table train, at server lr 0.3). The
 # simulation's defaults (every parameter, server lr 15) are tuned for 2,700 devices per round
@@ -110,10 +111,11 @@ def load_server_config(path: Path | None, **overrides: Any) -> ServerConfig:
         parsed = SimulationConfig.from_flat(flat)  # fail here, not in the ServerApp
     except ValueError as err:
         raise ServerConfigError(f"{path}: [run]: {err}") from err
-    if parsed.secure_aggregation:
+    if parsed.secure_aggregation and not parsed.secagg:
         raise ServerConfigError(
-            f"{path}: [run] dp: 'distributed' needs secure aggregation, not available in this "
-            "deployment (see README, Deployment): use 'local' or 'user+local'"
+            f"{path}: [run] dp: 'distributed' needs secure aggregation: set "
+            'secure-aggregation-protocol = "secagg" (SecAgg+ with the distributed discrete '
+            "Gaussian, see README, Deployment), or use 'local' or 'user+local'"
         )
     del settings
     return ServerConfig(**server, run=run)
@@ -332,6 +334,12 @@ def follow(out: Path, env: dict, run_id: str, timeout: float, echo) -> tuple[str
             lines = metrics.read_text().splitlines()
             for line in lines[seen:]:
                 row = json.loads(line)
+                if row.get("discarded"):  # below K_min: its counters were never revealed
+                    echo(
+                        f"round {row['round']}: discarded (fewer than K_min survived secure "
+                        f"aggregation), failed {row['failed']}"
+                    )
+                    continue
                 echo(
                     f"round {row['round']}: summed {row['aggregated']}, declined "
                     f"{row['declined']}, failed {row['failed']}"

@@ -11,14 +11,14 @@ or whose update cannot be encoded, drops out after the key stages (its pairwise 
 removed through its neighbours' shares: the protocol's dropout path). Fewer than K_min survivors
 at any stage: nothing is unmasked and the server's run discards the round.
 
-The Flower transport runs a message's devices in separate slots, so one SecAgg+ instance over
-the whole round needs message rounds for the stages; not done: it refuses "secagg"
-(`fedrec.simulations.launcher`).
+The Flower transport of the simulation runs a message's devices in separate slots, so one
+SecAgg+ instance over the whole round needs message rounds for the stages; not done there: it
+refuses "secagg" (`fedrec.simulations.launcher`). A deployment runs the stages over real
+devices (`fedrec.server.secagg_deployment`, `fedrec.client.secagg_device`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import numpy as np
@@ -29,6 +29,7 @@ from fedrec.common.run_config import SimulationConfig
 from fedrec.common.secagg.counters import encode_counters
 from fedrec.common.secagg.encoding import DDGParams, encode_update
 from fedrec.common.secagg.protocol import SecAggAbort, SecAggConfig, SecAggDevice, SecAggRefusal
+from fedrec.common.secagg.round_inputs import round_public_seed
 from fedrec.server.secagg_round import COUNTERS, SecAggRound, secagg_configs
 from fedrec.server.secure_aggregation import reply_counters
 
@@ -43,8 +44,7 @@ SECAGG_IN_PROCESS_ONLY = (
 
 def public_seed(config: SimulationConfig, round: int) -> int:
     """The round's public randomness (rotation signs, neighbour graph): known to everyone."""
-    digest = hashlib.sha256(f"fedrec secagg round {config.seed} {round}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return round_public_seed(config.seed, round)
 
 
 class SimulatedSecAggDevice:

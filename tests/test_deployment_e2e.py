@@ -301,3 +301,160 @@ def test_deployment_end_to_end(deployment):
         text = (d.root / "run" / "flower" / log).read_bytes()
         assert text and b"\x1b[" not in text, log
     print(f"deployment e2e: {time.monotonic() - started:.0f}s")
+
+
+# -- SecAgg+ with the distributed discrete Gaussian over real devices --------------------------
+SECAGG_DEVICES = tuple(f"sa{k}" for k in range(6))
+SECAGG_STAGE_TIMEOUT_S = 30  # a stage waits this long for a stopped device (and a slow one)
+
+
+def write_secagg_run(d: Deployment, out: str, *, rounds: int, min_survivors: int) -> None:
+    (d.root / "run.toml").write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {d.port}\ncertificates = "certs"\n'
+        f'devices = "registered"\nout = "{out}"\ndatabase = "state.db"\n'
+        f"[run]\nrounds = {rounds}\nclients-per-round = {len(SECAGG_DEVICES)}\n"
+        'dp = "user+distributed"\nsecure-aggregation-protocol = "secagg"\n'
+        f"min-survivors = {min_survivors}\nuser-epsilon = 1000.0\nlocal-steps = 1\n"
+        f"min-nodes = {len(SECAGG_DEVICES)}\nround-timeout-s = {SECAGG_STAGE_TIMEOUT_S}\n"
+        "wait-nodes-s = 240\n"
+    )
+
+
+def executor_of(proc: subprocess.Popen) -> int:
+    """The device's warm executor (it forks one worker per message)."""
+    for pid in descendants(proc.pid):
+        if b"warm_exec" in _cmdline(pid) and b"warm_exec" not in _cmdline(_parent(pid)):
+            return pid
+    raise AssertionError("no warm executor under the device")
+
+
+def stages(d: Deployment, name: str) -> list[dict]:
+    path = d.root / name / "secagg.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture()
+def secagg_deployment(tmp_path):
+    from fedrec.client.runtime import template_for
+    from fedrec.common.data.loaders import load_builtin
+    from fedrec.common.run_config import SimulationConfig
+
+    template_for(SimulationConfig.from_flat({"rounds": 2}))
+    d = Deployment(tmp_path)
+    items = [str(i) for i in load_builtin().catalogue.item_ids]
+    d.fedrec("certs", "server", "--host", "127.0.0.1", "--out", "certs")
+    d.fedrec("certs", "device", *SECAGG_DEVICES, "--out", "certs")
+    (tmp_path / "registered").mkdir()
+    for name in SECAGG_DEVICES:
+        (tmp_path / "certs" / "devices" / f"{name}.pub").rename(
+            tmp_path / "registered" / f"{name}.pub"
+        )
+    for k, name in enumerate(SECAGG_DEVICES):
+        (tmp_path / f"{name}.toml").write_text(
+            f'[device]\nstore = "{name}"\n[policy]\nepsilon = 200.0\n'
+            f'[connection]\nsuperlink = "127.0.0.1:{d.port}"\n'
+            f'root-certificates = "certs/ca.pem"\nkey = "certs/devices/{name}.key"\n'
+        )
+        rnd = random.Random(100 + k)
+        lines = ["item,timestamp"] + [
+            f"{item},{1_400_000_000 + 3600 * j}" for j, item in enumerate(rnd.sample(items, 12))
+        ]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        d.fedrec("client", "ingest", "--config", f"{name}.toml", f"{name}.csv")
+    yield d
+    for proc in d.procs:  # SIGKILL: a device whose executor the test stopped ignores SIGTERM
+        kill_tree(proc, signal.SIGKILL)
+
+
+@pytest.mark.timeout(1500)  # three server runs; ~14 min measured at load average 12-14
+def test_secagg_deployment_end_to_end(secagg_deployment):
+    """(a) a user+distributed SecAgg+ run over 6 SuperNodes (TLS, node authentication)
+    completes, its summary and the devices' ledgers describe the discrete mechanism and
+    `fedrec audit` passes on a device; (b) a device stopped after sending its masked input
+    and killed before unmasking leaves the round aggregated over all six (its self mask
+    rebuilt from its neighbours' shares); (c) with two devices silent from the start, fewer
+    than K_min = 5 advertise keys and the round is discarded, and the records say so."""
+    d = secagg_deployment
+    started = time.monotonic()
+    # -- (a) two rounds, every device in the sum ------------------------------------------
+    write_secagg_run(d, "run-a", rounds=2, min_survivors=4)
+    d.start_server()
+    d.wait_for(lambda: d.server_says("submitted"), 120, "server started")
+    for name in SECAGG_DEVICES:
+        d.start_device(name)
+    assert d.server.wait(300) == 0, (d.root / "server.log").read_text()[-5000:]
+    rows = [json.loads(x) for x in (d.root / "run-a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["aggregated"] for r in rows] == [6, 6] and not any(r["discarded"] for r in rows)
+    log = [json.loads(x) for x in (d.root / "run-a" / "devices.jsonl").read_text().splitlines()]
+    assert all(e["summed"] == 6 and len(e["devices"]) == 6 for e in log), log
+    summary = json.loads((d.root / "run-a" / "summary.json").read_text())
+    assert summary["secure_aggregation"] == "secagg" and summary["discarded_rounds"] == []
+    per_interaction = summary["privacy"]["guarantees"][0]
+    assert "discrete Gaussian under SecAgg+" in per_interaction["mechanism"]
+    assert "K_min=4" in per_interaction["threat_model"]
+    ledger = [json.loads(x) for x in (d.root / "sa0" / "ledger.jsonl").read_text().splitlines()]
+    charged = [e for e in ledger if e.get("mechanism", {}).get("ddg")]
+    assert charged and charged[-1]["mechanism"]["min_survivors"] == 4, ledger[-1]
+    assert [s["stage"] for s in stages(d, "sa0")] == ["keys", "shares", "masked", "unmask"] * 2
+    assert d.status("sa0")["guarantee"].startswith("distributed")  # the budget's view
+    audit = d.fedrec("audit", "sa0", "--guarantee", "distributed", "--no-pld", check=False)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    # -- (b) sa5 sends its masked input, then stops answering and is killed --------------
+    write_secagg_run(d, "run-b", rounds=1, min_survivors=4)
+    d.start_server()
+    victim = d.devices["sa5"]
+    before = len(stages(d, "sa5"))
+    d.wait_for(
+        lambda: any(s["stage"] == "masked" for s in stages(d, "sa5")[before:]),
+        240,
+        "sa5 answered the masked-input stage",
+        poll=0.01,
+    )
+    os.kill(executor_of(victim), signal.SIGSTOP)  # its worker still sends the masked input
+    d.wait_for(
+        lambda: run_says(d, "run-b", "secure aggregation masked: 6 of 6"), 60, "inputs collected"
+    )
+    kill_tree(d.devices.pop("sa5"))
+    assert d.server.wait(300) == 0, (d.root / "server.log").read_text()[-5000:]
+    (row,) = [json.loads(x) for x in (d.root / "run-b" / "metrics.jsonl").read_text().splitlines()]
+    assert row["aggregated"] == 6 and not row["discarded"], row  # sa5's input is in the sum
+    (entry,) = [
+        json.loads(x) for x in (d.root / "run-b" / "devices.jsonl").read_text().splitlines()
+    ]
+    failed = [x for x in entry["devices"] if x["outcome"] == "failed"]
+    assert len(failed) == 1 and failed[0]["reason"].startswith("unmask:"), entry
+    assert stages(d, "sa5")[-1]["stage"] == "masked"  # it never answered the unmask request
+    # -- (c) K_min = 5, two of the six devices silent (connected, never answering) --------
+    d.start_device("sa5")
+    for name in ("sa4", "sa5"):
+        d.wait_for(lambda n=name: _has_executor(d.devices[n]), 120, f"{name} executor up")
+        os.kill(executor_of(d.devices[name]), signal.SIGSTOP)
+    write_secagg_run(d, "run-c", rounds=1, min_survivors=5)
+    d.start_server()
+    assert d.server.wait(300) == 0, (d.root / "server.log").read_text()[-5000:]
+    for name in ("sa4", "sa5"):
+        kill_tree(d.devices.pop(name))  # SIGKILL: a stopped process ignores SIGTERM
+    (row,) = [json.loads(x) for x in (d.root / "run-c" / "metrics.jsonl").read_text().splitlines()]
+    assert row["discarded"] and row["aggregated"] == 0, row
+    assert run_says(d, "run-c", "secure aggregation aborted, nothing unmasked")
+    assert d.server_says("round 1: discarded (fewer than K_min survived secure aggregation)")
+    summary = json.loads((d.root / "run-c" / "summary.json").read_text())
+    assert summary["discarded_rounds"] == [1]
+    checkpoint = json.loads((d.root / "run-c" / "checkpoints" / "latest.json").read_text())
+    assert checkpoint["round"] == 1  # the discarded round is committed as discarded
+    print(f"secagg deployment e2e: {time.monotonic() - started:.0f}s")
+
+
+def run_says(d: Deployment, out: str, text: str) -> bool:
+    """Whether the server's or its ServerApp's output holds `text`."""
+    logs = [d.root / "server.log", d.root / out / "flower" / "run.log"]
+    return any(p.exists() and text in p.read_text() for p in logs)
+
+
+def _has_executor(proc: subprocess.Popen) -> bool:
+    try:
+        executor_of(proc)
+    except AssertionError:
+        return False
+    return True

@@ -282,13 +282,23 @@ def test_fedrec_simulate_in_process_with_secagg_then_fedrec_audit(tmp_path):
     assert "0 violations" in result.output
 
 
-def test_a_deployed_device_refuses_to_train_without_continuous_noise():
+def test_a_deployed_device_under_secagg_is_charged_the_discrete_mechanism_under_distributed():
+    """Its policy's least σ is for its own noise and does not apply to the sum's discrete
+    noise; the clipping bound still does, and the ledger checks the budget under DISTRIBUTED."""
     from fedrec.client.device import PrivacyPolicy
-    from fedrec.client.device_round import round_settings
+    from fedrec.client.device_round import policy_violation, round_settings
 
     flat = {"dp": "user+distributed", "secure-aggregation-protocol": "secagg"}
-    with pytest.raises(ValueError, match="not implemented on a deployed device"):
-        round_settings(PrivacyPolicy(), flat)
+    settings = round_settings(PrivacyPolicy(min_noise_multiplier=5.0), flat, dim=100)
+    assert settings.discrete is not None and settings.discrete.dim == 100
+    assert settings.budget_guarantee is Guarantee.DISTRIBUTED
+    assert settings.mechanism().noise_multiplier == 0.0 and settings.seed is None
+    assert policy_violation(PrivacyPolicy(min_noise_multiplier=5.0), settings) is None
+    assert "clipping norm" in policy_violation(PrivacyPolicy(max_clip_norm=0.1), settings)
+    # without secagg the device's own σ is what its policy checks
+    local = round_settings(PrivacyPolicy(), {"dp": "user+local"})
+    assert local.discrete is None and local.budget_guarantee is Guarantee.LOCAL
+    assert "noise multiplier" in policy_violation(PrivacyPolicy(min_noise_multiplier=5.0), local)
 
 
 def test_user_level_dp_from_the_discrete_noise_alone_when_it_pays_for_the_run(tmp_path):
