@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -94,6 +95,24 @@ def test_no_dropouts_gives_the_plain_modular_sum():
     assert total.dtype == np.uint64
     assert np.array_equal(total, _plain_sum(inputs, inputs, cfg.bits))
     assert not any(np.array_equal(masked[i], inputs[i]) for i in masked)
+
+
+def test_a_device_pickled_between_stages_gives_the_same_sum():
+    """A deployed device keeps its session as bytes between the round's messages."""
+    cfg = _config(8)
+    inputs = _inputs(8, cfg)
+    revive = lambda d: pickle.loads(pickle.dumps(d))  # noqa: E731
+    devices = {i: SecAggDevice(i, cfg) for i in inputs}  # os.urandom, as deployed
+    server = SecAggServer(cfg)
+    roster = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+    devices = {i: revive(d) for i, d in devices.items()}
+    routed = server.route_shares({i: d.share_keys(roster) for i, d in devices.items()})
+    devices = {i: revive(d) for i, d in devices.items()}
+    masked = {i: devices[i].masked_input(routed[i], inputs[i]) for i in routed}
+    devices = {i: revive(d) for i, d in devices.items()}
+    survivors, dropouts = server.collect_masked(masked)
+    total = server.unmask({i: devices[i].unmask(survivors, dropouts) for i in survivors})
+    assert np.array_equal(total, _plain_sum(inputs, inputs, cfg.bits))
 
 
 def test_dropouts_at_every_stage_are_recovered_by_shamir():

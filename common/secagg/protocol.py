@@ -210,6 +210,19 @@ class SecAggDevice:
         self._partners: frozenset[DeviceId] = frozenset()  # neighbours it masked with
         self._answered = False
 
+    def __getstate__(self) -> dict:
+        # A deployed device keeps its session between the round's messages as bytes
+        # (`context.state`); the key and cipher objects do not pickle, their secrets do.
+        state = self.__dict__.copy()
+        del state["_key_c"], state["_key_s"]
+        state["_share_keys"] = {}  # rebuilt from the secret when a stage needs it
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._key_c = X25519PrivateKey.from_private_bytes(self._sk_c)
+        self._key_s = X25519PrivateKey.from_private_bytes(self._sk_s)
+
     def advertise_keys(self) -> dict[str, bytes]:
         """Stage 0: the public keys c (share encryption) and s (pairwise masks)."""
         return dict(self._adverts)
