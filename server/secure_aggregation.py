@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fedrec.common.replies import DeviceReply
-from fedrec.server.aggregation import validate_update
+from fedrec.server.aggregation import check_reply_fields, check_update
 
 # What a device's reply may add to a secure sum besides its update (`secure_sum`): counters
 # that add up. "trained" and "loss_count" are derived when summing; the rest are its metrics.
@@ -96,7 +96,11 @@ def secure_sum(
     members: list[int] = []
     idle_shares = 0  # members whose noise share `idle_noise` draws
     for reply in replies:
-        error = reply.error
+        error, rejected = reply.error, None
+        if error is None:  # what it adds to the counters must be numbers
+            rejection = check_reply_fields(reply)
+            if rejection is not None:
+                error, rejected = f"invalid reply: {rejection.reason}", rejection.kind
         share_owed = (
             idle_noise is not None
             and error is None
@@ -104,11 +108,20 @@ def secure_sum(
             and reply.metrics.get("noise_only") == 1.0
         )
         if error is None and reply.params is not None:
-            reason = validate_update(reply.params, received, max_change)
-            error = None if reason is None else f"invalid update: {reason}"
+            rejection = check_update(reply.params, received, max_change)
+            if rejection is not None:
+                error, rejected = f"invalid update: {rejection.reason}", rejection.kind
         if error is not None or (reply.params is None and not share_owed):
             out.append(
-                DeviceReply(reply.user, None, 0, {}, error=error, ledger_head=reply.ledger_head)
+                DeviceReply(
+                    reply.user,
+                    None,
+                    0,
+                    {},
+                    error=error,
+                    ledger_head=reply.ledger_head,
+                    rejected=rejected,
+                )
             )
             continue
         if share_owed:
