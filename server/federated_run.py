@@ -39,6 +39,7 @@ from fedrec.server.aggregation import (
     ClientUpdate,
     ServerOptConfig,
     aggregate,
+    check_reply_fields,
     init_server_state,
 )
 from fedrec.server.checkpoint import load_latest, save_checkpoint
@@ -604,7 +605,9 @@ class FederatedRun:
         """The round's row. Under secure aggregation every count comes from the round's sum
         (`collected.total`): no per-device value exists on the server, so the sampled
         devices' worst interaction ε is a bound read from the sum's histogram, not a maximum."""
-        replies, total = collected.devices, collected.total
+        # a reply whose metrics are no numbers was refused for it: nothing of it is counted
+        replies = [r for r in collected.devices if check_reply_fields(r) is None]
+        total = collected.total
         summed = total.metrics if total is not None else {}
 
         def count(key: str) -> float:
