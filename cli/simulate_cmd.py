@@ -78,6 +78,27 @@ def simulate(
             "encodings; needs --in-process and distributed in --dp)"
         ),
     ] = None,
+    bias_change_cap: Annotated[
+        float | None,
+        typer.Option(help="largest per-round change of an item's served bias (0: off)"),
+    ] = None,
+    bias_anomaly: Annotated[
+        float | None,
+        typer.Option(
+            help="damp an item's bias rise beyond what its bias sustains by more than this "
+            "many robust standard deviations (0: off)"
+        ),
+    ] = None,
+    robust_aggregation: Annotated[
+        str | None,
+        typer.Option(help="off | trimmed-mean | median per item row (dp off or local only)"),
+    ] = None,
+    robust_trim: Annotated[
+        float | None, typer.Option(help="share cut from each end by trimmed-mean")
+    ] = None,
+    row_clip_norm: Annotated[
+        float | None, typer.Option(help="bound on a device's change of one item row (0: off)")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (simulation only)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/simulate)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
@@ -111,6 +132,9 @@ def simulate(
         "min_survivors": min_survivors, "seed": seed, "out": out, "resume": resume,
         "reproducible_noise": reproducible_noise,
         "secure_aggregation_protocol": secure_aggregation_protocol,
+        "bias_change_cap": bias_change_cap, "bias_anomaly": bias_anomaly,
+        "robust_aggregation": robust_aggregation, "robust_trim": robust_trim,
+        "row_clip_norm": row_clip_norm,
     }  # fmt: skip
     config = simulation_config(config_file, settings, scenario)
     if config.secagg and not in_process:

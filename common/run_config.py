@@ -249,14 +249,6 @@ class SimulationConfig:
             raise ValueError(
                 "row-clip-norm, bias-change-cap and bias-anomaly must be >= 0 (0: off)"
             )
-        per_update = self.robust_aggregation != "off" or self.row_clip_norm > 0
-        if per_update and (self.secure_aggregation or "user" in self.dp):
-            raise ValueError(
-                f"robust-aggregation / row-clip-norm with dp = {format_dp(self.dp)}: they read "
-                "each device's update, which secure aggregation hides, and change the sum "
-                "whose sensitivity user-level noise is calibrated to; use them with dp = off "
-                "or local (bias-change-cap and bias-anomaly hold under every dp)"
-            )
 
     @property
     def secagg(self) -> bool:

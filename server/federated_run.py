@@ -30,7 +30,7 @@ from fedrec.common.model import ModelScorer, served_bias_weights
 from fedrec.common.privacy.accounting import DiscreteGaussian
 from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
 from fedrec.common.replies import DeviceReply
-from fedrec.common.run_config import SimulationConfig
+from fedrec.common.run_config import SimulationConfig, format_dp
 from fedrec.common.run_model import build_model, global_parameters, load_parameters
 from fedrec.common.secagg.encoding import DDGParams
 from fedrec.common.train import evaluate_model
@@ -207,8 +207,22 @@ def refuse_changed_settings(
         )
 
 
+def check_defences(config: SimulationConfig) -> None:
+    """Defences that read each device's update need a server that sees it, and a sum whose
+    sensitivity no noise was calibrated to: refused otherwise, naming what holds instead."""
+    per_update = config.robust_aggregation != "off" or config.row_clip_norm > 0
+    if per_update and (config.secure_aggregation or "user" in config.dp):
+        raise SettingsError(
+            f"robust-aggregation / row-clip-norm with dp = {format_dp(config.dp)}: they read "
+            "each device's update, which secure aggregation hides, and change the sum whose "
+            "sensitivity user-level noise is calibrated to; use them with dp = off or local "
+            "(bias-change-cap and bias-anomaly hold under every dp)"
+        )
+
+
 def preflight(config: SimulationConfig) -> None:
     """Load the run's stream and check its settings before anything starts (Flower included)."""
+    check_defences(config)
     stream = load_stream(config.data, config.rounds, config.stream_protocol)
     check_guarantees_can_hold(
         config, registered=len(stream.clients()), interactions=len(stream.rows)
@@ -235,6 +249,7 @@ class FederatedRun:
 
     def __init__(self, config: SimulationConfig):
         self.config = config
+        check_defences(config)
         self.out = Path(config.out)
         recorded = self.out / "config.json"
         if config.resume and recorded.exists():

@@ -41,6 +41,11 @@ VALUES = {
     "resume": None,  # a switch
     "reproducible_noise": None,
     "secure_aggregation_protocol": "secagg",
+    "bias_change_cap": "0.5",
+    "bias_anomaly": "3.0",
+    "robust_aggregation": "median",
+    "robust_trim": "0.2",
+    "row_clip_norm": "0.3",
 }
 
 

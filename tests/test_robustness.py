@@ -14,7 +14,7 @@ from fedrec.common.evaluation import exposure_ratio
 from fedrec.common.model import served_bias_weights
 from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
-from fedrec.server.federated_run import FederatedRun
+from fedrec.server.federated_run import FederatedRun, SettingsError
 from fedrec.server.robustness import cap_bias_change, damp_bias_jumps, robust_delta
 from fedrec.server.secure_aggregation import secure_sum
 from fedrec.simulations.attacks import malicious_devices, malicious_reply, run_targets
@@ -186,8 +186,8 @@ def test_malicious_devices_and_targets_come_from_the_seed_and_scenarios_ship(tmp
         scenario_settings("promote-50")
     with pytest.raises(ValueError, match="attack must be one of"):
         small(tmp_path, attack="boom")
-    with pytest.raises(ValueError, match="secure aggregation hides"):
-        small(tmp_path, **{"robust-aggregation": "median"})  # under user+distributed
+    with pytest.raises(SettingsError, match="secure aggregation hides"):
+        FederatedRun(small(tmp_path, **{"robust-aggregation": "median"}))  # user+distributed
 
 
 def test_exposure_ratio_counts_users_with_a_target_in_their_top_k():
