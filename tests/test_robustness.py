@@ -4,6 +4,7 @@ and bias damping on tiny inputs with exact numbers, and an attack scenario end t
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from fedrec.server.robustness import cap_bias_change, damp_bias_jumps, robust_de
 from fedrec.server.secure_aggregation import secure_sum
 from fedrec.simulations.attacks import malicious_devices, malicious_reply, run_targets
 from fedrec.simulations.devices import run_in_process
-from fedrec.simulations.report import finalize
+from fedrec.simulations.report import robustness
 from fedrec.simulations.scenario import builtin_scenarios, scenario_settings
 
 SMALL = {
@@ -207,13 +208,18 @@ def test_exposure_ratio_counts_users_with_a_target_in_their_top_k():
                           targets=[3], k=4) == pytest.approx(2 / 3)  # fmt: skip
 
 
+def measured(run: FederatedRun) -> dict:
+    """The summary's robustness block of a finished run (`finalize` without its plots)."""
+    lines = (run.out / "metrics.jsonl").read_text().splitlines()
+    return robustness(run, [json.loads(line) for line in lines])
+
+
 def test_a_promotion_attack_runs_end_to_end_and_the_bias_cap_lowers_its_exposure(tmp_path):
     """Under the default calibration (the server sees only the secure sum): 6 of 120 devices
     promote two items; capping each item's per-round bias change lowers their ER@10."""
     attack = {"attack": "promote", "malicious-share": 0.05, "rounds": 2}
-    undefended = finalize(run_in_process(small(tmp_path / "a", **attack)))["robustness"]
-    capped = small(tmp_path / "d", **attack, **{"bias-change-cap": 0.1})
-    defended = finalize(run_in_process(capped))["robustness"]
+    undefended = measured(run_in_process(small(tmp_path / "a", **attack)))
+    defended = measured(run_in_process(small(tmp_path / "d", **attack, **{"bias-change-cap": 0.1})))
     assert undefended["malicious_devices"] == 6 and len(undefended["targets"]) == 2
     assert undefended["target_er@10"] > 0.5  # the attack works
     assert defended["target_er@10"] < undefended["target_er@10"]
