@@ -34,6 +34,7 @@ ARMS: dict[str, tuple[list[str], str]] = {
         ["--bias-anomaly", "3"],
         "no attack, bias jump damping on: its price in quality",
     ),
+    "clean+cap": (["--bias-change-cap", "1"], "no attack, bias change cap on: its price"),
     "attacked": (["--scenario", "promote-5"], "5% promoting devices, defences off"),
     "attacked+damping": (
         ["--scenario", "promote-5", "--bias-anomaly", "3"],
