@@ -27,6 +27,14 @@ def simulate(
     config_file: Annotated[
         Path | None, typer.Option("--config", help="experiment TOML (see simulations/*.toml)")
     ] = None,
+    scenario: Annotated[
+        str | None,
+        typer.Option(
+            "--scenario",
+            help="attack scenario: a name of simulations/scenarios (promote-5, random, nan, "
+            "...) or a TOML file; its settings go over --config's, under the options given",
+        ),
+    ] = None,
     dataset: Annotated[
         str | None, typer.Option(help="builtin | movielens | csv | synthetic")
     ] = None,
@@ -70,6 +78,27 @@ def simulate(
             "encodings; needs --in-process and distributed in --dp)"
         ),
     ] = None,
+    bias_change_cap: Annotated[
+        float | None,
+        typer.Option(help="largest per-round change of an item's served bias (0: off)"),
+    ] = None,
+    bias_anomaly: Annotated[
+        float | None,
+        typer.Option(
+            help="damp an item's bias rise beyond what its bias sustains by more than this "
+            "many robust standard deviations (0: off)"
+        ),
+    ] = None,
+    robust_aggregation: Annotated[
+        str | None,
+        typer.Option(help="off | trimmed-mean | median per item row (dp off or local only)"),
+    ] = None,
+    robust_trim: Annotated[
+        float | None, typer.Option(help="share cut from each end by trimmed-mean")
+    ] = None,
+    row_clip_norm: Annotated[
+        float | None, typer.Option(help="bound on a device's change of one item row (0: off)")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (simulation only)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/simulate)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
@@ -103,8 +132,11 @@ def simulate(
         "min_survivors": min_survivors, "seed": seed, "out": out, "resume": resume,
         "reproducible_noise": reproducible_noise,
         "secure_aggregation_protocol": secure_aggregation_protocol,
+        "bias_change_cap": bias_change_cap, "bias_anomaly": bias_anomaly,
+        "robust_aggregation": robust_aggregation, "robust_trim": robust_trim,
+        "row_clip_norm": row_clip_norm,
     }  # fmt: skip
-    config = simulation_config(config_file, settings)
+    config = simulation_config(config_file, settings, scenario)
     if config.secagg and not in_process:
         from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
 
@@ -124,7 +156,9 @@ def simulate(
         run_locked(config, in_process, lock)
 
 
-def simulation_config(config_file: Path | None, settings: dict) -> SimulationConfig:
+def simulation_config(
+    config_file: Path | None, settings: dict, scenario: str | None = None
+) -> SimulationConfig:
     """The run's settings: the experiment TOML (or the defaults) under the options given.
 
     Each option is the setting of the same name: `--clients-per-round` is the key
@@ -139,6 +173,12 @@ def simulation_config(config_file: Path | None, settings: dict) -> SimulationCon
     }
     try:
         given = set(overrides)
+        if scenario is not None:
+            from fedrec.simulations.scenario import scenario_settings
+
+            attack = scenario_settings(scenario)
+            given |= set(attack)
+            overrides = {**attack, **overrides}
         if config_file is not None:
             given |= set(SimulationConfig.toml_settings(config_file))
             config = SimulationConfig.from_toml(config_file, overrides)
@@ -252,6 +292,17 @@ def report(config: SimulationConfig) -> None:
     )
     for name, metrics in summary.get(f"{target}_baselines", {}).items():
         typer.echo(f"  {name.replace('_', ' ')}: NDCG@10 {metrics['ndcg@10']:.4f}")
+    robust = summary["robustness"]
+    attack = robust["attack"]
+    typer.echo(
+        f"attack {attack}"
+        + (f" ({robust['malicious_devices']} malicious devices)" if attack != "none" else "")
+        + f": target ER@10 {robust['target_er@10']:.4f} ({', '.join(robust['targets'])}), "
+        f"benign NDCG@10 {robust['benign_ndcg@10']:.4f}"
+    )
+    if robust["dropped_by_kind"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(robust["dropped_by_kind"].items()))
+        typer.echo(f"  refused updates: {kinds}")
     yardstick = summary.get("yardstick")
     if yardstick and not yardstick["beaten"]:
         typer.secho(

@@ -166,6 +166,42 @@ def evaluate(
     return out | segment_metrics(ranks, test=test, history=history, num_items=num_items, ks=ks)
 
 
+def exposure_ratio(
+    scorer: Scorer,
+    *,
+    users: np.ndarray,
+    history: UserHistories,
+    num_items: int,
+    targets: Sequence[int],
+    k: int = 10,
+    batch_size: int = 1024,
+) -> float:
+    """ER@K of `targets`: the share of `users` with at least one target in their full-ranking
+    top K over the catalogue minus their known items, under the module's tie rule (score
+    descending, then item index ascending). A target the user knows is not recommended to
+    them. The measure of a promotion attack (FedRecAttack, Rong et al. 2022)."""
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    targets = np.asarray(targets, dtype=np.int64)
+    if not len(users) or not len(targets):
+        return 0.0
+    if targets.min() < 0 or targets.max() >= num_items:
+        raise ValueError(f"targets must lie in [0, {num_items})")
+    exposed = 0
+    for lo in range(0, len(users), batch_size):
+        batch = users[lo : lo + batch_size]
+        scores = _batch_scores(scorer, batch, num_items)  # (B, I)
+        known = _excluded_mask(history, batch, None, num_items)
+        scores[known] = -np.inf
+        hit = np.zeros(len(batch), dtype=bool)
+        index = np.arange(num_items)
+        for t in targets:
+            s = scores[:, t : t + 1]  # (B, 1)
+            ahead = np.count_nonzero((scores > s) | ((scores == s) & (index < t)), axis=1)
+            hit |= (ahead < k) & ~known[:, t]
+        exposed += int(np.count_nonzero(hit))
+    return exposed / len(users)
+
+
 # Segments for cold start and fairness (`segment_metrics`).
 LIGHT_USER_MAX_KNOWN = 3  # a light user has at most this many known interactions
 HEAVY_USER_SHARE = 0.1  # heavy users: this share of the test's users, most known first
@@ -255,16 +291,17 @@ def _batch_scores(scorer: Scorer, users: np.ndarray, num_items: int) -> np.ndarr
 
 
 def _excluded_mask(
-    history: UserHistories, users: np.ndarray, targets: np.ndarray, num_items: int
+    history: UserHistories, users: np.ndarray, targets: np.ndarray | None, num_items: int
 ) -> np.ndarray:
-    """(B, I) bool: each row's history items other than its own test item."""
+    """(B, I) bool: each row's history items other than its own test item (None: all)."""
     starts = history.indptr[users]
     lengths = history.indptr[users + 1] - starts
     rows = np.repeat(np.arange(len(users)), lengths)
     offsets = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     mask = np.zeros((len(users), num_items), dtype=bool)
     mask[rows, history.items[np.repeat(starts, lengths) + offsets]] = True
-    mask[np.arange(len(users)), targets] = False
+    if targets is not None:
+        mask[np.arange(len(users)), targets] = False
     return mask
 
 

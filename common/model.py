@@ -346,6 +346,17 @@ def single_interaction_parameters(config: ModelConfig) -> tuple[str, ...]:
     return names + (("text_bias.weight",) if config.text_bias else ())
 
 
+def served_bias_weights(model: RecModel) -> np.ndarray:
+    """(columns of the item table,) weights whose product with an item's row is its served
+    bias at the serving time (`RecModel.item_vectors`, without the text and year terms)."""
+    columns = model.item_columns
+    w = np.zeros(model.item_table.weight.shape[1])
+    w[columns["bias"]] = 1.0
+    now = torch.tensor([model.serving_time], dtype=torch.int64)
+    w[columns["time_bias"]] = model.knot_weights(now)[0].numpy()
+    return w * model.config.bias_scale
+
+
 def history_weights(lengths: np.ndarray, half_life: float) -> np.ndarray:
     """Recency weights for concatenated histories: the k-th most recent item gets 2^(-k/h)."""
     total = int(lengths.sum())

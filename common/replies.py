@@ -28,3 +28,6 @@ class DeviceReply:
     # `fedrec.server.secure_aggregation.secure_sum`), summed where they were computed; each
     # of those devices also has its own reply, with nothing in it
     pooled: int = 0
+    # the kind of check a secure sum's input validation refused the device's reply by
+    # (`fedrec.server.aggregation.REJECTION_KINDS`), with `error` saying why
+    rejected: str | None = None

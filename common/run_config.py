@@ -36,6 +36,8 @@ DP_MODES = ("off", "user", "distributed", "local", "user+distributed", "user+loc
 TRANSPORT_DEFAULTS: dict[str, Any] = {"expected-nodes": 0, "run-token": ""}
 TRANSPORT_KEYS = frozenset(TRANSPORT_DEFAULTS)
 SECURE_AGGREGATION_PROTOCOLS = ("clear", "secagg")
+ATTACKS = ("none", "promote", "random", "scale", "sign-flip", "nan", "inf", "shape", "malformed")
+ROBUST_AGGREGATIONS = ("off", "trimmed-mean", "median")
 
 
 def parse_dp(text: str) -> frozenset[str]:
@@ -134,6 +136,32 @@ class SimulationConfig:
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(id_embeddings=False, time_knots=1, bias_scale=15.0)
     )
+    # Defences against poisoning devices (fedrec.server.robustness; README, "Malicious
+    # devices"). Per-item-row robust aggregation needs the server to see each update, so only
+    # without secure aggregation and without user-level noise (whose sensitivity is the
+    # clipped sum's): "off" | "trimmed-mean" | "median" over the devices that changed a row.
+    robust_aggregation: str = "off"
+    robust_trim: float = 0.1  # share cut from each end per coordinate by "trimmed-mean"
+    row_clip_norm: float = 0.0  # each device's change of one item row at most this L2 (0: off)
+    # Post-processing of the published aggregate, so under every calibration: the largest
+    # change of an item's served bias (the popularity term, in score units) one round may
+    # make (0: off) ...
+    bias_change_cap: float = 0.0
+    # ... and a rise beyond what the item's own bias sustains by more than this many robust
+    # standard deviations of the round's bias changes is flagged and damped to it (0: off).
+    bias_anomaly: float = 0.0
+    # Simulated attack (simulation only; `fedrec simulate --scenario`): which devices are
+    # malicious is drawn from `seed` (part of the simulation, not DP randomness).
+    # "none" | "promote" (targeted) | "random" | "scale" | "sign-flip" | "nan" | "inf" |
+    # "shape" | "malformed" (untargeted)
+    attack: str = "none"
+    malicious_share: float = 0.05  # share of the registered devices that are malicious
+    # promoted items: the first a brand-new item (no interaction in the stream: cold start),
+    # the others the least interacted with
+    attack_targets: int = 2
+    # "promote" and "random": the update's norm as a multiple of the bound the server or the
+    # secure sum's input check enforces (or of an honest device's lr·C where nothing does)
+    attack_boost: float = 1.0
     # data generation, splits, simulation order and the public negatives; never DP noise or
     # sampling, unless `reproducible_noise`
     seed: int = 0
@@ -188,6 +216,7 @@ class SimulationConfig:
             )
         if self.secagg:
             self.check_secagg()
+        self.check_robustness()
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), not {self.seed}")
         if self.device_noise_multiplier is not None and not self.model.train_only:
@@ -195,6 +224,31 @@ class SimulationConfig:
             # bias tables get a gradient, and noise on the rest would only move it at random
             trained = ",".join(single_interaction_parameters(self.model))
             object.__setattr__(self, "model", dataclasses.replace(self.model, train_only=trained))
+
+    def check_robustness(self) -> None:
+        """The attack and defence settings, each refused with what is wrong."""
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, not {self.attack!r}")
+        if not 0 <= self.malicious_share < 1:
+            raise ValueError(f"malicious-share must be in [0, 1), not {self.malicious_share}")
+        if self.attack_targets < 1 or self.attack_boost <= 0:
+            raise ValueError("attack-targets must be >= 1 and attack-boost > 0")
+        if self.attack != "none" and self.secagg:
+            raise ValueError(
+                "attack: the simulated attackers send float updates; with secure-aggregation-"
+                'protocol = "secagg" the DDG encoding bounds them instead (not simulated)'
+            )
+        if self.robust_aggregation not in ROBUST_AGGREGATIONS:
+            raise ValueError(
+                f"robust-aggregation must be one of {', '.join(ROBUST_AGGREGATIONS)}, "
+                f"not {self.robust_aggregation!r}"
+            )
+        if not 0 <= self.robust_trim < 0.5:
+            raise ValueError(f"robust-trim must be in [0, 0.5), not {self.robust_trim}")
+        if min(self.row_clip_norm, self.bias_change_cap, self.bias_anomaly) < 0:
+            raise ValueError(
+                "row-clip-norm, bias-change-cap and bias-anomaly must be >= 0 (0: off)"
+            )
 
     @property
     def secagg(self) -> bool:

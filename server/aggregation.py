@@ -33,6 +33,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from fedrec.common.privacy.randomness import PrivacyRandomness
+    from fedrec.common.replies import DeviceReply
 
 Params: TypeAlias = dict[str, np.ndarray]  # parameter name -> float32 array (GLOBAL scope only)
 ClientId: TypeAlias = str
@@ -41,11 +42,44 @@ Weighting: TypeAlias = Literal["examples", "uniform"]
 OptimizerName: TypeAlias = Literal["fedavg", "fedadam"]
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """Why the server refused an update: a `kind` to count rounds by, and the detail."""
+
+    kind: str  # one of REJECTION_KINDS
+    reason: str
+
+
+# Every kind of refused reply, counted per round (`RoundReplies.dropped_kinds`)
+REJECTION_KINDS = (
+    "malformed",  # not a mapping of name to numpy array, or unreadable
+    "names",  # missing or unexpected parameters
+    "dtype",
+    "shape",
+    "non-finite",  # NaN or inf
+    "norm",  # moves the model further than any honest device could
+    "num-examples",  # not a count
+    "metrics",  # not a mapping of name to finite number
+    "duplicate",  # a second reply of the same device in one round
+    "secure-aggregation",  # a device's own update or metrics under secure aggregation
+)
+
+
 def validate_update(
     update: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
     max_change: float | None = None,
 ) -> str | None:
+    """None if `update` passes `check_update`; else why not."""
+    rejection = check_update(update, reference, max_change)
+    return None if rejection is None else rejection.reason
+
+
+def check_update(
+    update: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    max_change: float | None = None,
+) -> Rejection | None:
     """None if `update` has exactly `reference`'s names, shapes, float32 and finite values, and
     (with `max_change`) moves the parameters by at most that L2 norm; else why not.
 
@@ -55,28 +89,38 @@ def validate_update(
     """
     try:
         if not isinstance(update, Mapping):
-            return f"update is a {type(update).__name__}, not a mapping of parameter name to array"
+            return Rejection(
+                "malformed",
+                f"update is a {type(update).__name__}, not a mapping of parameter name to array",
+            )
         missing = [name for name in reference if name not in update]
         if missing:
-            return f"missing parameter(s): {', '.join(map(repr, missing))}"
+            return Rejection("names", f"missing parameter(s): {', '.join(map(repr, missing))}")
         extra = sorted(repr(name) for name in update if name not in reference)
         if extra:
-            return f"unexpected parameter(s): {', '.join(extra)}"
+            return Rejection("names", f"unexpected parameter(s): {', '.join(extra)}")
         for name, ref in reference.items():
             value = update[name]
             if not isinstance(value, np.ndarray):
-                return f"parameter {name!r}: a {type(value).__name__}, not a numpy array"
+                return Rejection(
+                    "malformed", f"parameter {name!r}: a {type(value).__name__}, not a numpy array"
+                )
             if value.dtype != np.float32:
-                return f"parameter {name!r}: dtype {value.dtype}, expected float32"
+                return Rejection(
+                    "dtype", f"parameter {name!r}: dtype {value.dtype}, expected float32"
+                )
             if value.shape != ref.shape:
-                return f"parameter {name!r}: shape {value.shape}, expected {ref.shape}"
+                return Rejection(
+                    "shape", f"parameter {name!r}: shape {value.shape}, expected {ref.shape}"
+                )
             finite = np.isfinite(value)
             if not finite.all():
                 nan = int(np.count_nonzero(np.isnan(value)))
                 bad = value.size - int(np.count_nonzero(finite))
-                return (
+                return Rejection(
+                    "non-finite",
                     f"parameter {name!r}: {bad} non-finite value(s) of {value.size} "
-                    f"({nan} NaN, {bad - nan} inf)"
+                    f"({nan} NaN, {bad - nan} inf)",
                 )
         if max_change is not None:
             norm = math.sqrt(
@@ -86,10 +130,28 @@ def validate_update(
                 )
             )
             if not norm <= max_change:
-                return f"update norm {norm:.4g} exceeds the bound {max_change:.4g} of the run"
+                return Rejection(
+                    "norm", f"update norm {norm:.4g} exceeds the bound {max_change:.4g} of the run"
+                )
         return None
     except Exception as exc:  # anything odd a client could send (bad keys, broken array objects)
-        return f"update could not be checked: {type(exc).__name__}: {exc}"
+        return Rejection("malformed", f"update could not be checked: {type(exc).__name__}: {exc}")
+
+
+def check_reply_fields(reply: DeviceReply) -> Rejection | None:
+    """A device's example count and metrics are what the server adds up: a count that is no
+    count, or a metric that is no number, would crash the round. (A NaN loss is an honest
+    device's with no non-empty batch; the row's figures skip non-finite values.)"""
+    n = reply.num_examples
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        return Rejection("num-examples", f"num_examples {n!r} is not a count >= 0")
+    if not isinstance(reply.metrics, Mapping):
+        return Rejection("metrics", f"metrics are a {type(reply.metrics).__name__}, not a mapping")
+    for key, value in reply.metrics.items():
+        ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if not (isinstance(key, str) and ok):
+            return Rejection("metrics", f"metric {key!r} = {value!r} is not a number")
+    return None
 
 
 @dataclass(frozen=True, eq=False)

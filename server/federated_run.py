@@ -26,11 +26,11 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.data.stream import load_stream
 from fedrec.common.evaluation import evaluate
 from fedrec.common.io import atomic_write_json
-from fedrec.common.model import ModelScorer
+from fedrec.common.model import ModelScorer, served_bias_weights
 from fedrec.common.privacy.accounting import DiscreteGaussian
 from fedrec.common.privacy.randomness import VOID_REASON, privacy_randomness
 from fedrec.common.replies import DeviceReply
-from fedrec.common.run_config import SimulationConfig
+from fedrec.common.run_config import SimulationConfig, format_dp
 from fedrec.common.run_model import build_model, global_parameters, load_parameters
 from fedrec.common.secagg.encoding import DDGParams
 from fedrec.common.train import evaluate_model
@@ -39,9 +39,11 @@ from fedrec.server.aggregation import (
     ClientUpdate,
     ServerOptConfig,
     aggregate,
+    check_reply_fields,
     init_server_state,
 )
 from fedrec.server.checkpoint import load_latest, save_checkpoint
+from fedrec.server.robustness import BiasDamping, cap_bias_change, damp_bias_jumps, robust_delta
 from fedrec.server.round_replies import RoundReplies, collect_updates
 from fedrec.server.run_record import (
     PARTICIPATION_FILE,
@@ -205,8 +207,22 @@ def refuse_changed_settings(
         )
 
 
+def check_defences(config: SimulationConfig) -> None:
+    """Defences that read each device's update need a server that sees it, and a sum whose
+    sensitivity no noise was calibrated to: refused otherwise, naming what holds instead."""
+    per_update = config.robust_aggregation != "off" or config.row_clip_norm > 0
+    if per_update and (config.secure_aggregation or "user" in config.dp):
+        raise SettingsError(
+            f"robust-aggregation / row-clip-norm with dp = {format_dp(config.dp)}: they read "
+            "each device's update, which secure aggregation hides, and change the sum whose "
+            "sensitivity user-level noise is calibrated to; use them with dp = off or local "
+            "(bias-change-cap and bias-anomaly hold under every dp)"
+        )
+
+
 def preflight(config: SimulationConfig) -> None:
     """Load the run's stream and check its settings before anything starts (Flower included)."""
+    check_defences(config)
     stream = load_stream(config.data, config.rounds, config.stream_protocol)
     check_guarantees_can_hold(
         config, registered=len(stream.clients()), interactions=len(stream.rows)
@@ -233,6 +249,7 @@ class FederatedRun:
 
     def __init__(self, config: SimulationConfig):
         self.config = config
+        check_defences(config)
         self.out = Path(config.out)
         recorded = self.out / "config.json"
         if config.resume and recorded.exists():
@@ -280,6 +297,7 @@ class FederatedRun:
         if not recorded.exists():  # written once: a resumed run never rewrites it
             atomic_write_json(recorded, config.to_flat())
         self.probe = self._early_window_probe()
+        self.damping: BiasDamping | None = None  # what bias damping did in the last round
 
     def discard_delta_allowance(self) -> float:
         """`check_guarantees_can_hold` over the registered devices: the δ that discarding
@@ -398,7 +416,9 @@ class FederatedRun:
         )
         self.dropped_devices = collected.dropped_devices
         discarded = self._discards(round, collected)
+        before = self.params
         diag = None if discarded else self._aggregate(round, collected.updates)
+        self.damping = None if discarded else self._damp_item_biases(before)
         if not discarded and self.config.server_bias_decay > 0:
             self._decay_item_biases(self.config.server_bias_decay)
         self._refuse_non_finite(round)
@@ -430,6 +450,8 @@ class FederatedRun:
         aggregation a plain sum over a fixed denominator, with the server's share of the
         user-level noise."""
         if not (self.user_dp or self.config.secure_aggregation):
+            if self.config.robust_aggregation != "off" or self.config.row_clip_norm > 0:
+                updates = [self._robust_update(updates)] if updates else []
             self.params, self.opt_state, diag = aggregate(
                 self.params, updates, opt_cfg=self.opt_config, opt_state=self.opt_state
             )
@@ -456,6 +478,45 @@ class FederatedRun:
             opt_state=self.opt_state,
         )
         return diag
+
+    def _robust_update(self, updates: list[ClientUpdate]) -> ClientUpdate:
+        """The round's updates as ONE update whose change is their per-item-row robust
+        aggregate (`fedrec.server.robustness.robust_delta`), for the server step."""
+        method = self.config.robust_aggregation
+        delta = robust_delta(
+            self.params,
+            [u.params for u in updates],
+            row_tables=("item_table.weight",),
+            method="mean" if method == "off" else method,
+            trim=self.config.robust_trim,
+            row_clip_norm=self.config.row_clip_norm,
+        )
+        moved = {n: (g + delta[n]).astype(np.float32) for n, g in self.params.items()}
+        return ClientUpdate("robust-aggregate", moved, 1)
+
+    def _damp_item_biases(self, before: dict[str, np.ndarray]) -> BiasDamping | None:
+        """The round's change of each item's served bias (score units: the bias columns of
+        the item table at the serving time, times the bias scale), flagged and damped
+        (`bias-anomaly`) and capped (`bias-change-cap`); the correction moves only the bias
+        columns. Reads the published aggregate alone: post-processing, under every dp."""
+        cap, k = self.config.bias_change_cap, self.config.bias_anomaly
+        name = "item_table.weight"
+        if not (cap > 0 or k > 0) or name not in self.params:
+            return None
+        old, new = before[name].astype(np.float64), self.params[name].astype(np.float64)
+        w = served_bias_weights(self.model)
+        change = (new - old) @ w  # (R,) score units
+        damped, flagged, threshold, capped = change, [], 0.0, 0
+        if k > 0:
+            decay = self.config.server_bias_decay
+            damped, flagged, threshold = damp_bias_jumps(
+                damped, old @ w, sustained=decay / (1 - decay), k=k
+            )
+        if cap > 0:
+            damped, capped = cap_bias_change(damped, cap)
+        corrected = new + np.outer(damped - change, w / (w @ w))
+        self.params = {**self.params, name: corrected.astype(np.float32)}
+        return BiasDamping(capped=capped, flagged=flagged, threshold=threshold)
 
     def _refuse_non_finite(self, round: int) -> None:
         """Nothing of a non-finite model is saved or published: the last checkpoint stays."""
@@ -485,6 +546,9 @@ class FederatedRun:
         row["early_window_ndcg@10"] = self.early_window_ndcg()
         row["discarded"] = discarded
         row["server_diagnostics"] = diag.as_metrics() if diag is not None else {}
+        row["dropped_kinds"] = dict(collected.dropped_kinds)
+        if self.damping is not None:
+            row |= self.damping.as_row()
         return _json_safe(row)
 
     def _discarded_row(self, round: int, collected: RoundReplies) -> dict:
@@ -561,7 +625,9 @@ class FederatedRun:
         """The round's row. Under secure aggregation every count comes from the round's sum
         (`collected.total`): no per-device value exists on the server, so the sampled
         devices' worst interaction ε is a bound read from the sum's histogram, not a maximum."""
-        replies, total = collected.devices, collected.total
+        # a reply whose metrics are no numbers was refused for it: nothing of it is counted
+        replies = [r for r in collected.devices if check_reply_fields(r) is None]
+        total = collected.total
         summed = total.metrics if total is not None else {}
 
         def count(key: str) -> float:

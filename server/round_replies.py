@@ -1,20 +1,21 @@
 """A round's replies sorted into what the server may aggregate and what it only counts.
 
 The first step of `FederatedRun.finish_round`, as a plain function: every reply is checked
-(`validate_update`) before anything is added, a device that failed is counted, and under
+(`check_update`) before anything is added, a device that failed is counted, and under
 secure aggregation the server takes nothing from a device but the round's sum.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedrec.common.replies import DeviceReply
-from fedrec.server.aggregation import ClientUpdate, validate_update
+from fedrec.server.aggregation import ClientUpdate, Rejection, check_reply_fields, check_update
 from fedrec.server.secure_aggregation import add_pooled
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,15 @@ class RoundReplies:
     # the server's verdict on each device whose reply it refused (device -> reason), for
     # per-device records such as a deployment's devices.jsonl
     dropped_devices: dict[int, str] = field(default_factory=dict)
+    # how many refused replies of each kind (`fedrec.server.aggregation.REJECTION_KINDS`)
+    dropped_kinds: Counter[str] = field(default_factory=Counter)
+    accepted: set[int] = field(default_factory=set)  # devices whose own update is in `updates`
+
+    def drop(self, rejection: Rejection, user: int | None = None) -> None:
+        self.dropped.append(rejection.reason)
+        self.dropped_kinds[rejection.kind] += 1
+        if user is not None:
+            self.dropped_devices[user] = rejection.reason
 
 
 def collect_updates(
@@ -53,17 +63,21 @@ def collect_updates(
     whether it failed (`fedrec.server.secure_aggregation.secure_sum`)."""
     pooled = [r for r in replies if r.pooled]
     devices = [r for r in replies if not r.pooled]
-    dropped: list[str] = []
+    rejected: list[Rejection] = []
     valid = []
     for reply in pooled:
-        reason = validate_update(reply.params or {}, params)
-        if reason is not None:
-            dropped.append(reason)
-            log.warning("round %d: dropped a sum of %d devices: %s", round, reply.pooled, reason)
+        rejection = check_update(reply.params or {}, params)
+        if rejection is not None:
+            rejected.append(rejection)
+            log.warning(
+                "round %d: dropped a sum of %d devices: %s", round, reply.pooled, rejection.reason
+            )
             continue
         valid.append(reply)
     total = add_pooled(valid)
-    collected = RoundReplies(updates=[], devices=devices, total=total, dropped=dropped)
+    collected = RoundReplies(updates=[], devices=devices, total=total)
+    for rejection in rejected:
+        collected.drop(rejection)
     if total is not None:
         shares = {n: params[n] + total.params[n] for n in params}
         collected.updates.append(ClientUpdate("secure-sum", shares, 0))
@@ -85,23 +99,37 @@ def _collect_device(
     """One device's own reply, counted into `collected`."""
     if reply.error is not None:
         collected.failed += 1
+        if reply.rejected is not None:  # refused by the secure sum's input check
+            collected.dropped_kinds[reply.rejected] += 1
         log.warning("round %d: device %d failed: %s", round, reply.user, reply.error)
         return
     if secure and (reply.params is not None or reply.metrics):
         reason = "a device's own update or metrics under secure aggregation"
-        collected.dropped.append(reason)
-        collected.dropped_devices[reply.user] = reason
+        collected.drop(Rejection("secure-aggregation", reason), reply.user)
         log.warning("round %d: dropped device %d: %s", round, reply.user, reason)
+        return
+    rejection = check_reply_fields(reply)
+    if rejection is not None:
+        collected.drop(rejection, reply.user)
+        log.warning("round %d: dropped device %d: %s", round, reply.user, rejection.reason)
         return
     if reply.metrics.get("declined") == 1.0:
         collected.declined += 1  # under secure aggregation counted in the sum instead
     if reply.params is None:
         return
-    reason = validate_update(reply.params, params, bound)
-    if reason is not None:
-        collected.dropped.append(reason)
-        collected.dropped_devices[reply.user] = reason
-        log.warning("round %d: dropped update of device %d: %s", round, reply.user, reason)
+    rejection = check_update(reply.params, params, bound)
+    if rejection is not None:
+        collected.drop(rejection, reply.user)
+        log.warning(
+            "round %d: dropped update of device %d: %s", round, reply.user, rejection.reason
+        )
+        return
+    if reply.user in collected.accepted:
+        # counting a device twice would double its influence
+        rejection = Rejection("duplicate", f"a second update of device {reply.user}")
+        collected.drop(rejection)
+        log.warning("round %d: dropped %s", round, rejection.reason)
         return
     collected.updates.append(ClientUpdate(str(reply.user), reply.params, reply.num_examples))
+    collected.accepted.add(reply.user)
     collected.survivors += 1

@@ -20,7 +20,7 @@ from fedrec.common.secagg.round_inputs import (  # noqa: F401 (re-exported)
     epsilon_bin_key,
     reply_counters,
 )
-from fedrec.server.aggregation import validate_update
+from fedrec.server.aggregation import check_reply_fields, check_update
 
 
 def epsilon_bound(counters: dict[str, float]) -> float | None:
@@ -64,7 +64,11 @@ def secure_sum(
     members: list[int] = []
     idle_shares = 0  # members whose noise share `idle_noise` draws
     for reply in replies:
-        error = reply.error
+        error, rejected = reply.error, None
+        if error is None:  # what it adds to the counters must be numbers
+            rejection = check_reply_fields(reply)
+            if rejection is not None:
+                error, rejected = f"invalid reply: {rejection.reason}", rejection.kind
         share_owed = (
             idle_noise is not None
             and error is None
@@ -72,11 +76,20 @@ def secure_sum(
             and reply.metrics.get("noise_only") == 1.0
         )
         if error is None and reply.params is not None:
-            reason = validate_update(reply.params, received, max_change)
-            error = None if reason is None else f"invalid update: {reason}"
+            rejection = check_update(reply.params, received, max_change)
+            if rejection is not None:
+                error, rejected = f"invalid update: {rejection.reason}", rejection.kind
         if error is not None or (reply.params is None and not share_owed):
             out.append(
-                DeviceReply(reply.user, None, 0, {}, error=error, ledger_head=reply.ledger_head)
+                DeviceReply(
+                    reply.user,
+                    None,
+                    0,
+                    {},
+                    error=error,
+                    ledger_head=reply.ledger_head,
+                    rejected=rejected,
+                )
             )
             continue
         if share_owed:

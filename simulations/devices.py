@@ -33,6 +33,7 @@ from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig
 from fedrec.server.federated_run import FederatedRun, run_rounds
 from fedrec.server.secure_aggregation import secure_sum
+from fedrec.simulations.attacks import malicious_devices, malicious_reply
 from fedrec.simulations.secagg_devices import secagg_round
 
 # the store's record of the windows delivered to it so far (re-delivery is idempotent)
@@ -226,14 +227,26 @@ def simulated_replies(
 ) -> list[DeviceReply]:
     """The devices of `users` play round `round`, and their replies become what the server may
     see: each device's own, or under secure aggregation their secure sum (`secure_sum`).
+    Malicious devices (`fedrec.simulations.attacks`) send the attack's reply instead, which
+    meets the same checks.
 
     Under secure aggregation most sampled devices are idle and send only a noise share; the
     server sees only the sum, so the idle devices' shares are drawn as one Gaussian vector
     (`secure_sum`'s `idle_noise`): the same distribution at a fraction of the cost. The
     draw is from the privacy randomness like each device's own (`privacy_source`)."""
+    attackers = malicious_devices(config)
+
+    def reply(user: int, draw_idle_noise: bool = True) -> DeviceReply:
+        if user not in attackers:
+            return device_reply(config, user, round, params, draw_idle_noise=draw_idle_noise)
+        honest = None
+        if config.attack in ("scale", "sign-flip"):  # the update it distorts
+            honest = device_reply(config, user, round, params)
+        return malicious_reply(config, user, round, params, honest)
+
     if not config.secure_aggregation:
-        return [device_reply(config, user, round, params) for user in users]
-    replies = [device_reply(config, u, round, params, draw_idle_noise=False) for u in users]
+        return [reply(user) for user in users]
+    replies = [reply(u, draw_idle_noise=False) for u in users]
     if config.secagg:  # SecAgg+ over the round's DDG encodings, in this process
         return secagg_round(config, replies, round, params)
     share_std = local_config(config, None).update_noise_std()

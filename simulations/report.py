@@ -10,14 +10,17 @@ import numpy as np
 from fedrec.client.ledger import GENESIS, PrivacyLedger
 from fedrec.common.baselines import popularity_scorer
 from fedrec.common.data.history import UserHistories
-from fedrec.common.evaluation import evaluate
+from fedrec.common.evaluation import evaluate, exposure_ratio, metrics_from_ranks, rank_test_items
 from fedrec.common.io import atomic_write_json
+from fedrec.common.model import ModelScorer
 from fedrec.common.privacy.accounting import Guarantee, epsilons_of_rdp
 from fedrec.common.privacy.randomness import VOID_REASON
 from fedrec.common.reference import baseline_metrics
 from fedrec.common.run_config import format_dp
+from fedrec.common.train import history_before_test
 from fedrec.server.federated_run import FederatedRun
 from fedrec.server.user_privacy import discard_delta
+from fedrec.simulations.attacks import malicious_draw, run_targets
 
 LEDGER_HEADS_FILE = "ledger_heads.json"
 
@@ -298,6 +301,7 @@ def finalize(run: FederatedRun) -> dict:
         "prequential_baselines_ndcg@10": prequential_baselines(run),
         # forgetting: NDCG@10 on window 2 (from window-1 histories), re-measured every round
         "early_window_ndcg@10": [r.get("early_window_ndcg@10") for r in rows],
+        "robustness": robustness(run, rows),
         "config": config.to_flat(),
     }
     # head hashes of the ledgers that hold entries, in their own file (an auditor compares
@@ -307,6 +311,45 @@ def finalize(run: FederatedRun) -> dict:
     plot_rounds(rows, run.out / "rounds.png")
     plot_epsilons(budgeted, config.epsilon, run.out / "epsilon.png")
     return summary
+
+
+def robustness(run: FederatedRun, rows: list[dict]) -> dict:
+    """The attack's measures, in every run (a clean run gives the values to compare with):
+    ER@10 of the promotion targets over the benign users (those the attack's draw leaves
+    honest) and the benign users' NDCG@10 on the evaluated rows, with the rounds' refused
+    updates by kind and what bias damping flagged."""
+    config, stream = run.config, run.stream
+    benign = np.ones(stream.dataset.num_users, dtype=bool)
+    benign[list(malicious_draw(config))] = False
+    run.load_into_model()
+    history = history_before_test(stream.split, stream.dataset.num_users)
+    scorer = ModelScorer(run.model, history)
+    test = stream.split.test
+    rows_benign = test.select(benign[test.user])
+    ranks = rank_test_items(
+        scorer, test=rows_benign, history=history, num_items=run.model.num_items,
+        sampled_negatives=0,
+    )  # fmt: skip
+    targets = run_targets(config)
+    users = np.unique(rows_benign.user)
+    dropped: dict[str, int] = {}
+    for row in rows:
+        for kind, count in (row.get("dropped_kinds") or {}).items():
+            dropped[kind] = dropped.get(kind, 0) + int(count)
+    return {
+        "attack": config.attack,
+        "malicious_share": config.malicious_share if config.attack != "none" else 0.0,
+        "malicious_devices": len(malicious_draw(config)) if config.attack != "none" else 0,
+        "targets": [str(stream.dataset.catalogue.item_ids[t]) for t in targets],
+        "target_er@10": exposure_ratio(
+            scorer, users=users, history=history, num_items=run.model.num_items, targets=targets
+        ),
+        "benign_users": len(users),
+        "benign_ndcg@10": metrics_from_ranks(ranks.full)["ndcg@10"],
+        "dropped_by_kind": dropped,
+        "bias_flagged": int(sum(r.get("bias_flagged", 0) for r in rows)),
+        "bias_capped": int(sum(r.get("bias_capped", 0) for r in rows)),
+    }
 
 
 def plot_rounds(rows: list[dict], path: Path) -> None:

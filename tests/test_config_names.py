@@ -19,7 +19,7 @@ from fedrec.common.run_config import DP_MODES, TRANSPORT_KEYS, SimulationConfig
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # options of `simulate` that are not settings of the run
-NOT_SETTINGS = {"config_file", "items_file", "in_process"}
+NOT_SETTINGS = {"config_file", "items_file", "in_process", "scenario"}
 # a value other than the default for each setting option, as typed on the command line
 VALUES = {
     "dataset": "synthetic",
@@ -41,6 +41,11 @@ VALUES = {
     "resume": None,  # a switch
     "reproducible_noise": None,
     "secure_aggregation_protocol": "secagg",
+    "bias_change_cap": "0.5",
+    "bias_anomaly": "3.0",
+    "robust_aggregation": "median",
+    "robust_trim": "0.2",
+    "row_clip_norm": "0.3",
 }
 
 
@@ -72,7 +77,7 @@ def test_each_simulate_option_sets_the_config_key_of_its_name(name, monkeypatch,
     config's flat mapping) records it under that same key."""
     seen = {}
 
-    def capture(config_file, settings):
+    def capture(config_file, settings, scenario=None):
         seen.update(settings)
         raise typer.Exit(0)
 
