@@ -52,8 +52,12 @@ def train(
     ] = 0.001,
     model_dim: Annotated[int, typer.Option(help="embedding size")] = 64,
     num_negatives: Annotated[
-        int, typer.Option(help="catalogue-sampled negatives per example")
-    ] = 100,
+        int | None,
+        typer.Option(
+            help="catalogue-sampled negatives per example (default: 1000 without DP, drawn once "
+            "per batch; 100 under DP-SGD, drawn per example)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     reproducible_noise: Annotated[
         bool,
@@ -95,7 +99,11 @@ def train(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            num_negatives=num_negatives,
+            # Shared by the batch, plain training scores 1000 negatives at little cost, and
+            # more of them keep Adam's item-bias steps even (benchmarks/results/train-speed.json)
+            num_negatives=num_negatives
+            if num_negatives is not None
+            else (1000 if dp is None else 100),
             seed=seed,
             reproducible_noise=reproducible_noise,
             model=ModelConfig(dim=model_dim),
