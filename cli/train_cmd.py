@@ -45,8 +45,12 @@ def train(
     ] = None,
     epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping on validation)")] = 20,
     batch_size: Annotated[
-        int, typer.Option(help="batch size (expected size under Poisson sampling)")
-    ] = 256,
+        int | None,
+        typer.Option(
+            help="batch size (default: 512 without DP; 256 under DP-SGD, the expected size "
+            "under Poisson sampling)"
+        ),
+    ] = None,
     lr: Annotated[
         float, typer.Option(help="Adam learning rate of the embeddings (biases: x20)")
     ] = 0.001,
@@ -97,7 +101,7 @@ def train(
             )
         config = TrainConfig(
             epochs=epochs,
-            batch_size=batch_size,
+            batch_size=batch_size if batch_size is not None else (512 if dp is None else 256),
             lr=lr,
             # Shared by the batch, plain training scores 1000 negatives at little cost, and
             # more of them keep Adam's item-bias steps even (benchmarks/results/train-speed.json)
