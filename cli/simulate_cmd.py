@@ -122,10 +122,9 @@ def simulate(
     summary.json (test, privacy, dp, the run folder's size), metrics.jsonl, checkpoints/,
     clients/*/ledger.jsonl, rounds.png and epsilon.png, and flower.log. Shows a progress bar on
     a terminal, one line per round otherwise. Interrupted runs continue with --resume."""
-    if items_file is not None:
-        raise typer.BadParameter("--items-file is not supported by simulate yet; use --columns")
     settings = {
-        "dataset": dataset, "data_dir": data_dir, "columns": columns, "synthetic": synthetic,
+        "dataset": dataset, "data_dir": data_dir, "columns": columns, "items_file": items_file,
+        "synthetic": synthetic,
         "text_encoder": text_encoder, "rounds": rounds, "protocol": protocol,
         "evaluate_on": evaluate_on, "clients_per_round": clients_per_round, "dp": dp,
         "epsilon": epsilon, "user_epsilon": user_epsilon, "delta": delta,

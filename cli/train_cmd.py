@@ -45,15 +45,23 @@ def train(
     ] = None,
     epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping on validation)")] = 20,
     batch_size: Annotated[
-        int, typer.Option(help="batch size (expected size under Poisson sampling)")
-    ] = 256,
+        int | None,
+        typer.Option(
+            help="batch size (default: 512 without DP; 256 under DP-SGD, the expected size "
+            "under Poisson sampling)"
+        ),
+    ] = None,
     lr: Annotated[
         float, typer.Option(help="Adam learning rate of the embeddings (biases: x20)")
     ] = 0.001,
     model_dim: Annotated[int, typer.Option(help="embedding size")] = 64,
     num_negatives: Annotated[
-        int, typer.Option(help="catalogue-sampled negatives per example")
-    ] = 100,
+        int | None,
+        typer.Option(
+            help="catalogue-sampled negatives per example (default: 1000 without DP, drawn once "
+            "per batch; 100 under DP-SGD, drawn per example)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     reproducible_noise: Annotated[
         bool,
@@ -93,9 +101,13 @@ def train(
             )
         config = TrainConfig(
             epochs=epochs,
-            batch_size=batch_size,
+            batch_size=batch_size if batch_size is not None else (512 if dp is None else 256),
             lr=lr,
-            num_negatives=num_negatives,
+            # Shared by the batch, plain training scores 1000 negatives at little cost, and
+            # more of them keep Adam's item-bias steps even (benchmarks/results/train-speed.json)
+            num_negatives=num_negatives
+            if num_negatives is not None
+            else (1000 if dp is None else 100),
             seed=seed,
             reproducible_noise=reproducible_noise,
             model=ModelConfig(dim=model_dim),

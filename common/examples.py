@@ -69,11 +69,18 @@ def sample_negatives(
     num_items: int,
     num_negatives: int,
     generator: torch.Generator,
+    *,
+    shared: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform catalogue negatives (B, N), shared by an example's directions, and the mask
     (B, S, N) of accidental hits (a negative equal to that direction's true item); S = 2 for a
-    pair, 1 for a single interaction (`first=None`). The same draws either way."""
-    negatives = torch.randint(num_items, (second.shape[0], num_negatives), generator=generator)
+    pair, 1 for a single interaction (`first=None`). The same draws either way.
+
+    `shared`: one (1, N) draw for the whole batch (`RecModel.forward_shared` scores it in one
+    product). Each example still meets N uniform catalogue items, only no longer independent of
+    the other examples' draws: for plain training, never for per-example DP clipping."""
+    rows = 1 if shared else second.shape[0]
+    negatives = torch.randint(num_items, (rows, num_negatives), generator=generator)
     # slot 0 predicts second, slot 1 first
     targets = second[:, None] if first is None else torch.stack([second, first], dim=1)
     return negatives, negatives[:, None, :] == targets[:, :, None]

@@ -408,6 +408,7 @@ class SimulationConfig:
                 flat["text-encoder"] = value.text_encoder
                 flat["synthetic"] = ",".join(f"{k}={v}" for k, v in value.synthetic.items())
                 flat["columns"] = ",".join(f"{k}={v}" for k, v in value.columns.items())
+                flat["items-file"] = value.items_path or ""
             elif f.name == "model":
                 flat |= {
                     f"model-{k.replace('_', '-')}": v for k, v in dataclasses.asdict(value).items()
@@ -430,6 +431,7 @@ class SimulationConfig:
             dataset=dataset,
             path=str(values.pop("data_dir", "")) or None,
             columns=parse_key_values(str(values.pop("columns", "")), "columns"),
+            items_path=str(values.pop("items_file", "")) or None,
             synthetic=parse_key_values(str(values.pop("synthetic", "")), "synthetic"),
             text_encoder=encoder or ("hashing" if dataset == "synthetic" else "minilm"),
         )

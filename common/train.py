@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,6 +127,16 @@ def _examples_tensors(history: UserHistories, form: str) -> TensorDataset:
     return TensorDataset(*(torch.from_numpy(c) for c in columns))
 
 
+def _batches(
+    dataset: TensorDataset, batch_size: int, generator: torch.Generator
+) -> Iterator[list[torch.Tensor]]:
+    """A shuffled pass over the examples in slices of whole columns (no per-example indexing)."""
+    order = torch.randperm(len(dataset), generator=generator)
+    for lo in range(0, len(order), batch_size):
+        index = order[lo : lo + batch_size]
+        yield [column[index] for column in dataset.tensors]
+
+
 def train_centralized(
     split: Split,
     *,
@@ -198,21 +208,25 @@ def train_centralized(
         draw_noise_from(optimizer, randomness)
         loader = secure_poisson_loader(loader, randomness)
 
+    # Plain training: whole batches sliced from the example tensors, negatives shared by the
+    # batch and scored once (`forward_shared`); DP-SGD keeps Opacus's per-example path.
+    forward = trained if engine is not None else model.forward_shared
     valid_history = train_history
     best = (-math.inf, 0, copy.deepcopy(model.state_dict()))
     rows: list[Metrics] = []
     for epoch in range(1, config.epochs + 1):
         trained.train()
         total, count = 0.0, 0
-        for second, when, user, *first in loader:
+        batches = loader if engine is not None else _batches(dataset, config.batch_size, generator)
+        for second, when, user, *first in batches:
             first = first[0] if first else None  # None: single-interaction examples
             if len(second) == 0:  # Poisson sampling drew nothing: still a noised, counted step
                 step_on_empty_batch(optimizer)
                 continue
             negatives, hits = sample_negatives(
-                first, second, num_items, config.num_negatives, generator
+                first, second, num_items, config.num_negatives, generator, shared=engine is None
             )
-            logits = trained(
+            logits = forward(
                 first, second, negatives, when, user if config.model.user_embedding else None
             )
             loss = criterion(logits, hits)

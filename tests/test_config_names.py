@@ -19,12 +19,13 @@ from fedrec.common.run_config import DP_MODES, TRANSPORT_KEYS, SimulationConfig
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # options of `simulate` that are not settings of the run
-NOT_SETTINGS = {"config_file", "items_file", "in_process", "scenario"}
+NOT_SETTINGS = {"config_file", "in_process", "scenario"}
 # a value other than the default for each setting option, as typed on the command line
 VALUES = {
     "dataset": "synthetic",
     "data_dir": "some/events.csv",
     "columns": "user=u,item=i,time=t",
+    "items_file": "some/items.csv",
     "synthetic": "num_users=50,num_items=20",
     "text_encoder": "hashing",
     "rounds": "3",

@@ -86,6 +86,63 @@ def test_each_examples_loss_depends_only_on_its_own_inputs():
         assert torch.equal(a, b)
 
 
+SHARED_CASES = [
+    {},
+    {"user_embedding": True},
+    {"text_bias": True, "bias_scale": 3.0},
+    {"id_embeddings": False, "time_knots": 1},
+]
+
+
+def _logits_and_grads(model, forward, first, negatives, hits):
+    _, second, when, *_ = _batch(b=6, negatives=5, seed=1)
+    user = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = forward(first, second, negatives, when, user if model.config.user_embedding else None)
+    loss = PairSoftmaxLoss()(logits, hits)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    pairs = zip(named, grads, strict=True)
+    return logits, {n: torch.zeros_like(p) if g is None else g for (n, p), g in pairs}
+
+
+@pytest.mark.parametrize("overrides", SHARED_CASES)
+@pytest.mark.parametrize("pair", [True, False])
+def test_forward_shared_equals_forward_on_the_same_negatives(overrides, pair):
+    """The batched training path reproduces the per-example path's logits and gradients, with
+    per-example negatives and with one (1, N) draw broadcast to every example."""
+    model = make_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    first, second, _, negatives, _ = _batch(b=6, negatives=5, seed=1)
+    first = first if pair else None
+    shared = negatives[:1]
+    for own in (negatives, shared):
+        targets = second[:, None] if first is None else torch.stack([second, first], dim=1)
+        hits = own[:, None, :].expand(6, -1, -1) == targets[:, :, None]
+        expected, expected_grads = _logits_and_grads(
+            model, model.forward, first, own.expand(6, -1), hits
+        )
+        got, got_grads = _logits_and_grads(model, model.forward_shared, first, own, hits)
+        assert got.shape == expected.shape == (6, 1 if first is None else 2, 6)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5)
+    # negative control: other negatives give other logits
+    other = (negatives + 1) % NUM_ITEMS
+    hits = torch.zeros(6, 1 if first is None else 2, 5, dtype=torch.bool)
+    moved, _ = _logits_and_grads(model, model.forward_shared, first, other, hits)
+    assert not torch.allclose(moved[..., 1:], expected[..., 1:])
+
+
+def test_shared_negatives_are_one_draw_masked_per_example():
+    g = torch.Generator().manual_seed(0)
+    second = torch.tensor([0, 1, 2, 3])
+    negatives, hits = sample_negatives(None, second, 4, 50, g, shared=True)
+    assert negatives.shape == (1, 50) and hits.shape == (4, 1, 50)
+    assert torch.equal(hits[:, 0, :], negatives == second[:, None])  # each row's own target
+
+
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     model = make_model()
