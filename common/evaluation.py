@@ -160,6 +160,19 @@ def evaluate(
         seed=seed,
         batch_size=batch_size,
     )
+    return metrics_of_ranks(ranks, test=test, history=history, num_items=num_items, ks=ks)
+
+
+def metrics_of_ranks(
+    ranks: Ranks,
+    *,
+    test: Interactions,
+    history: UserHistories,
+    num_items: int,
+    ks: Sequence[int] = (10,),
+) -> Metrics:
+    """`evaluate`'s metrics from ranks already computed (one ranking pass serves several
+    reports: the run's metrics and the benign users' under an attack)."""
     out = metrics_from_ranks(ranks.full, ks=ks, sampled=ranks.sampled)
     for k, counts in ranks.top_k_counts.items():
         out[f"coverage@{k}"] = coverage(counts)

@@ -80,6 +80,66 @@ def shorten_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool:
     return True
 
 
+# --- TLS connections the SuperLink closes (ServerApp, SuperNode) ---------------------------
+
+# How a TLS connection closed by the peer mid-request reads in Python's ssl module: a
+# keep-alive connection the SuperLink dropped while a request was on its way.
+_DROPPED_TLS = ("unexpected_eof_while_reading", "eof occurred in violation of protocol")
+# A peer that drops every connection (a SuperLink on its way down) is given up on after this
+# many drops within DROPPED_TLS_WINDOW_S, as Flower gives up on a first one.
+DROPPED_TLS_RETRIES = 20
+DROPPED_TLS_WINDOW_S = 60.0
+
+
+def retry_dropped_tls(invoker: Any) -> Any:
+    """Flower 1.42 gives up on any transport error whose text names SSL or TLS, meaning a
+    failed handshake (a wrong certificate will not fix itself). A keep-alive connection the
+    SuperLink closes as a request is sent reads as `[SSL: UNEXPECTED_EOF_WHILE_READING]`
+    too: a ServerApp between two stages of a round then dies of it, and with it the whole
+    run. Retry that one (a new connection), up to DROPPED_TLS_RETRIES within
+    DROPPED_TLS_WINDOW_S; every other error is decided as Flower decides it."""
+    import time
+
+    giveup = invoker.should_giveup
+    drops: list[float] = []
+
+    def should_giveup(exc: Exception) -> bool:
+        text = str(exc).lower()
+        if any(marker in text for marker in _DROPPED_TLS):
+            now = time.monotonic()
+            drops[:] = [t for t in drops if now - t < DROPPED_TLS_WINDOW_S] + [now]
+            if len(drops) <= DROPPED_TLS_RETRIES:
+                log.debug("connection closed by the SuperLink (%s); retrying", exc)
+                return False
+        return giveup is not None and giveup(exc)
+
+    invoker.should_giveup = should_giveup
+    return invoker
+
+
+def retry_dropped_tls_of_grid(grid: Any) -> bool:
+    """`retry_dropped_tls` for the ServerApp's grid, made before fedrec's code runs (the
+    same invoker object serves its connection)."""
+    if not patches_apply():
+        return False
+    invoker = getattr(grid, "_retry_invoker", None)
+    if invoker is None:  # an in-memory grid (simulation): no connection to drop
+        return False
+    retry_dropped_tls(invoker)
+    return True
+
+
+def retry_dropped_tls_of_supernode() -> bool:
+    """`retry_dropped_tls` for the SuperNode's connections made from now on in this process."""
+    if not patches_apply():
+        return False
+    from flwr.supernode import fleet_http_connection as fleet
+
+    make = fleet.make_simple_http_retry_invoker
+    fleet.make_simple_http_retry_invoker = lambda: retry_dropped_tls(make())
+    return True
+
+
 # --- the SuperNode (fedrec.client.supernode) ------------------------------------------------
 
 

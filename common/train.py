@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedrec.common.data.history import UserHistories
 from fedrec.common.data.splits import Split
-from fedrec.common.evaluation import evaluate
+from fedrec.common.evaluation import Ranks, evaluate, metrics_of_ranks, rank_test_items
 from fedrec.common.examples import PairSoftmaxLoss, build_examples, sample_negatives
 from fedrec.common.model import ModelConfig, ModelScorer, RecModel, single_interaction_parameters
 from fedrec.common.privacy.dpsgd import (
@@ -276,11 +276,20 @@ def history_before_test(split: Split, num_users: int) -> UserHistories:
 
 def evaluate_model(model: RecModel, split: Split, num_users: int, seed: int = 0) -> Metrics:
     """Test metrics (full ranking and sampled) with the user's train+valid history."""
+    return rank_and_evaluate_model(model, split, num_users, seed)[0]
+
+
+def rank_and_evaluate_model(
+    model: RecModel, split: Split, num_users: int, seed: int = 0
+) -> tuple[Metrics, Ranks]:
+    """`evaluate_model`'s metrics with the per-row ranks they came from."""
     history = history_before_test(split, num_users)
-    return evaluate(
+    ranks = rank_test_items(
         ModelScorer(model, history),
         test=split.test,
         history=history,
         num_items=model.num_items,
         seed=seed,
     )
+    metrics = metrics_of_ranks(ranks, test=split.test, history=history, num_items=model.num_items)
+    return metrics, ranks

@@ -24,7 +24,7 @@ import numpy as np
 
 from fedrec.common.data.history import UserHistories
 from fedrec.common.data.stream import load_stream
-from fedrec.common.evaluation import evaluate
+from fedrec.common.evaluation import Ranks, evaluate
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer, served_bias_weights
 from fedrec.common.privacy.accounting import DiscreteGaussian
@@ -33,7 +33,7 @@ from fedrec.common.replies import DeviceReply
 from fedrec.common.run_config import SimulationConfig, format_dp
 from fedrec.common.run_model import build_model, global_parameters, load_parameters
 from fedrec.common.secagg.encoding import DDGParams
-from fedrec.common.train import evaluate_model
+from fedrec.common.train import rank_and_evaluate_model
 from fedrec.server.aggregation import (
     AggregationDiagnostics,
     ClientUpdate,
@@ -675,8 +675,12 @@ class FederatedRun:
     def evaluate(self) -> dict:
         """The protocol's test, comparable with `fedrec train --protocol` (simulation: the
         server knows the held-out interactions; on real devices each one would rank its own)."""
+        return self.rank_and_evaluate()[0]
+
+    def rank_and_evaluate(self) -> tuple[dict, Ranks]:
+        """`evaluate`'s metrics with the per-row ranks of the evaluated rows."""
         self.load_into_model()
-        return evaluate_model(self.model, self.stream.split, self.stream.dataset.num_users)
+        return rank_and_evaluate_model(self.model, self.stream.split, self.stream.dataset.num_users)
 
 
 def _json_safe(value):

@@ -10,7 +10,7 @@ import numpy as np
 from fedrec.client.ledger import GENESIS, PrivacyLedger
 from fedrec.common.baselines import popularity_scorer
 from fedrec.common.data.history import UserHistories
-from fedrec.common.evaluation import evaluate, exposure_ratio, metrics_from_ranks, rank_test_items
+from fedrec.common.evaluation import Ranks, evaluate, exposure_ratio, metrics_from_ranks
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer
 from fedrec.common.privacy.accounting import Guarantee, epsilons_of_rdp
@@ -243,7 +243,7 @@ def finalize(run: FederatedRun) -> dict:
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
     eps_dist, eps_local, retired, heads = client_epsilons(run)
     budgeted = eps_dist if config.distributed_holds else eps_local
-    test = run.evaluate()
+    test, ranks = run.rank_and_evaluate()
     baselines = baseline_metrics(
         run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
     )
@@ -301,7 +301,7 @@ def finalize(run: FederatedRun) -> dict:
         "prequential_baselines_ndcg@10": prequential_baselines(run),
         # forgetting: NDCG@10 on window 2 (from window-1 histories), re-measured every round
         "early_window_ndcg@10": [r.get("early_window_ndcg@10") for r in rows],
-        "robustness": robustness(run, rows),
+        "robustness": robustness(run, rows, ranks),
         "config": config.to_flat(),
     }
     # head hashes of the ledgers that hold entries, in their own file (an auditor compares
@@ -313,11 +313,12 @@ def finalize(run: FederatedRun) -> dict:
     return summary
 
 
-def robustness(run: FederatedRun, rows: list[dict]) -> dict:
+def robustness(run: FederatedRun, rows: list[dict], ranks: Ranks) -> dict:
     """The attack's measures, in every run (a clean run gives the values to compare with):
     ER@10 of the promotion targets over the benign users (those the attack's draw leaves
-    honest) and the benign users' NDCG@10 on the evaluated rows, with the rounds' refused
-    updates by kind and what bias damping flagged."""
+    honest) and the benign users' NDCG@10 on the evaluated rows (from `ranks`, the run's
+    ranking of those rows), with the rounds' refused updates by kind and what bias damping
+    flagged."""
     config, stream = run.config, run.stream
     benign = np.ones(stream.dataset.num_users, dtype=bool)
     benign[list(malicious_draw(config))] = False
@@ -325,13 +326,9 @@ def robustness(run: FederatedRun, rows: list[dict]) -> dict:
     history = history_before_test(stream.split, stream.dataset.num_users)
     scorer = ModelScorer(run.model, history)
     test = stream.split.test
-    rows_benign = test.select(benign[test.user])
-    ranks = rank_test_items(
-        scorer, test=rows_benign, history=history, num_items=run.model.num_items,
-        sampled_negatives=0,
-    )  # fmt: skip
+    benign_rows = benign[test.user]
     targets = run_targets(config)
-    users = np.unique(rows_benign.user)
+    users = np.unique(test.user[benign_rows])
     dropped: dict[str, int] = {}
     for row in rows:
         for kind, count in (row.get("dropped_kinds") or {}).items():
@@ -345,7 +342,7 @@ def robustness(run: FederatedRun, rows: list[dict]) -> dict:
             scorer, users=users, history=history, num_items=run.model.num_items, targets=targets
         ),
         "benign_users": len(users),
-        "benign_ndcg@10": metrics_from_ranks(ranks.full)["ndcg@10"],
+        "benign_ndcg@10": metrics_from_ranks(ranks.full[benign_rows])["ndcg@10"],
         "dropped_by_kind": dropped,
         "bias_flagged": int(sum(r.get("bias_flagged", 0) for r in rows)),
         "bias_capped": int(sum(r.get("bias_capped", 0) for r in rows)),

@@ -70,6 +70,7 @@ def apply_every_patch() -> list[bool]:
         flower_patches.set_heartbeat_interval(12.0),
         flower_patches.cap_retry_backoff(2.0),
         flower_patches.check_failed_requests(lambda exc: None),
+        flower_patches.retry_dropped_tls_of_supernode(),
     ]
 
 
@@ -110,6 +111,57 @@ def test_on_another_flower_release_nothing_is_patched_and_one_warning_says_so(
     (warning,) = own_records(caplog)
     assert warning.levelno == logging.WARNING
     assert "Flower 1.43.0" in warning.getMessage() and "1.42.x" in warning.getMessage()
+
+
+def flaky(failures: list[Exception]):
+    """A request that fails with each of `failures` in turn, then answers."""
+    calls = []
+
+    def request():
+        calls.append(1)
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
+        return "answered"
+
+    return request
+
+
+def test_a_dropped_tls_connection_is_retried_and_a_failed_handshake_is_not(monkeypatch):
+    """Flower's own retry invoker, as the ServerApp's grid and the SuperNode use it: a
+    connection the SuperLink closed mid-request (the error that ended a deployed run) is
+    retried on a new connection; a certificate that does not verify still ends it at once,
+    and so does a peer that drops every connection."""
+    import httpx
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    dropped = httpx.ReadError(
+        "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol (_ssl.c:1006)"
+    )
+    handshake = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+
+    def invoker(patched: bool):
+        made = make_simple_http_retry_invoker()
+        made.wait_function = lambda seconds: None
+        return flower_patches.retry_dropped_tls(made) if patched else made
+
+    with pytest.raises(httpx.ReadError):  # stock Flower: the run would end here
+        invoker(False).invoke(flaky([dropped]))
+    assert invoker(True).invoke(flaky([dropped, dropped])) == "answered"
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        invoker(True).invoke(flaky([handshake]))
+    always = [dropped] * (flower_patches.DROPPED_TLS_RETRIES + 1)
+    with pytest.raises(httpx.ReadError):
+        invoker(True).invoke(flaky(always))
+
+
+def test_the_serverapps_grid_retries_dropped_connections():
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    grid = HttpGrid(token="t")
+    stock = grid._retry_invoker.should_giveup
+    assert flower_patches.retry_dropped_tls_of_grid(grid)
+    assert grid._retry_invoker.should_giveup is not stock
+    assert not flower_patches.retry_dropped_tls_of_grid(object())  # in memory: nothing to drop
 
 
 def test_on_another_flower_release_the_device_runs_flowers_own_executor(

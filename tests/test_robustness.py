@@ -11,44 +11,33 @@ import pytest
 
 from fedrec.common.data.history import UserHistories
 from fedrec.common.data.schema import Interactions
-from fedrec.common.evaluation import exposure_ratio
-from fedrec.common.model import served_bias_weights
+from fedrec.common.evaluation import exposure_ratio, metrics_from_ranks, rank_test_items
+from fedrec.common.model import ModelScorer, served_bias_weights
 from fedrec.common.replies import DeviceReply
-from fedrec.common.run_config import SimulationConfig
+from fedrec.common.train import history_before_test
 from fedrec.server.federated_run import FederatedRun, SettingsError
 from fedrec.server.robustness import cap_bias_change, damp_bias_jumps, robust_delta
 from fedrec.server.secure_aggregation import secure_sum
-from fedrec.simulations.attacks import malicious_devices, malicious_reply, run_targets
+from fedrec.simulations.attacks import (
+    malicious_devices,
+    malicious_draw,
+    malicious_reply,
+    run_targets,
+)
 from fedrec.simulations.devices import run_in_process
 from fedrec.simulations.report import robustness
 from fedrec.simulations.scenario import builtin_scenarios, scenario_settings
 
-SMALL = {
-    "dataset": "synthetic",
-    "synthetic": "num_users=120,num_items=60,mean_interactions_per_user=12,seed=2",
-    "rounds": 3,
-    "clients-per-round": 40,
-    "min-survivors": 3,
-    "aggregate-noise-multiplier": 3.0,
-    "model-dim": 8,
-    "model-text-dim": 8,
-    "num-negatives": 10,
-    "local-steps": 2,
-    "seed": 1,
-    "reproducible-noise": True,
-}
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-def small(tmp_path, **overrides) -> SimulationConfig:
-    return SimulationConfig.from_flat(SMALL | {"out": str(tmp_path / "run")} | overrides)
+@pytest.fixture
+def small(small):
+    """The shared small run with its noise drawn from the seed: runs here are compared."""
+    return lambda folder, **overrides: small(folder, **{"reproducible-noise": True} | overrides)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def test_each_kind_of_bad_reply_is_refused_with_its_kind_counted(tmp_path):
+def test_each_kind_of_bad_reply_is_refused_with_its_kind_counted(small, tmp_path):
     run = FederatedRun(small(tmp_path, dp="user+local"))  # the server sees each update
     params = run.params
     config = run.config
@@ -89,6 +78,7 @@ def test_each_kind_of_bad_reply_is_refused_with_its_kind_counted(tmp_path):
 
 
 def test_the_secure_sums_input_check_refuses_bad_replies_and_the_server_counts_their_kind(
+    small,
     tmp_path,
 ):
     run = FederatedRun(small(tmp_path))  # user+distributed: the server sees only the sum
@@ -157,7 +147,7 @@ def test_a_bias_jump_beyond_what_the_items_bias_sustains_is_flagged_and_damped()
     np.testing.assert_allclose(damped, [0.0, 1.0, -1.0, 0.0, 0.0, 2.0, 2 * 1.4826])
 
 
-def test_the_server_damps_only_the_served_bias_of_the_published_aggregate(tmp_path):
+def test_the_server_damps_only_the_served_bias_of_the_published_aggregate(small, tmp_path):
     settings = {"bias-change-cap": 0.25, "server-bias-decay": 0.0, "server-lr": 1.0}
     run = FederatedRun(small(tmp_path, dp="off", **settings))
     params = run.params
@@ -173,7 +163,7 @@ def test_the_server_damps_only_the_served_bias_of_the_published_aggregate(tmp_pa
     np.testing.assert_allclose(run.params["year_table.weight"], params["year_table.weight"] + 1)
 
 
-def test_malicious_devices_and_targets_come_from_the_seed_and_scenarios_ship(tmp_path):
+def test_malicious_devices_and_targets_come_from_the_seed_and_scenarios_ship(small, tmp_path):
     config = small(tmp_path, attack="promote", **{"malicious-share": 0.1})
     chosen = malicious_devices(config)
     assert len(chosen) == 12 and chosen == malicious_devices(dataclasses.replace(config))
@@ -211,10 +201,20 @@ def test_exposure_ratio_counts_users_with_a_target_in_their_top_k():
 def measured(run: FederatedRun) -> dict:
     """The summary's robustness block of a finished run (`finalize` without its plots)."""
     lines = (run.out / "metrics.jsonl").read_text().splitlines()
-    return robustness(run, [json.loads(line) for line in lines])
+    _, ranks = run.rank_and_evaluate()
+    block = robustness(run, [json.loads(line) for line in lines], ranks)
+    # the benign users' NDCG@10, taken from the run's one ranking, is that of their rows alone
+    split, malicious = run.stream.split, list(malicious_draw(run.config))
+    history = history_before_test(split, run.stream.dataset.num_users)
+    alone = rank_test_items(
+        ModelScorer(run.model, history), test=split.test.select(~np.isin(split.test.user, malicious)),
+        history=history, num_items=run.model.num_items, sampled_negatives=0,
+    )  # fmt: skip
+    assert block["benign_ndcg@10"] == pytest.approx(metrics_from_ranks(alone.full)["ndcg@10"])
+    return block
 
 
-def test_a_promotion_attack_runs_end_to_end_and_the_bias_cap_lowers_its_exposure(tmp_path):
+def test_a_promotion_attack_runs_end_to_end_and_the_bias_cap_lowers_its_exposure(small, tmp_path):
     """Under the default calibration (the server sees only the secure sum): 6 of 120 devices
     promote two items; capping each item's per-round bias change lowers their ER@10."""
     attack = {"attack": "promote", "malicious-share": 0.05, "rounds": 2}

@@ -20,32 +20,11 @@ from fedrec.server.federated_run import FederatedRun, RunExistsError
 from fedrec.simulations.devices import run_in_process
 from fedrec.simulations.report import finalize
 
-SMALL = {
-    "dataset": "synthetic",
-    "synthetic": "num_users=120,num_items=60,mean_interactions_per_user=12,seed=2",
-    "rounds": 3,
-    "clients-per-round": 40,
-    "min-survivors": 3,
-    "aggregate-noise-multiplier": 3.0,
-    "model-dim": 8,
-    "model-text-dim": 8,
-    "num-negatives": 10,
-    "local-steps": 2,
-    "seed": 1,
-}
-
-
 # Tests that compare two runs' models opt in: DP noise and sampling derived from the seed.
 REPRODUCIBLE = {"reproducible-noise": True}
 
 
-def small(tmp_path, **overrides) -> SimulationConfig:
-    return SimulationConfig.from_flat(SMALL | {"out": str(tmp_path / "run")} | overrides)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_config_round_trips_and_rejects_unknown_settings():
@@ -83,7 +62,7 @@ def test_a_local_user_vector_without_user_level_dp_is_refused(dp):
         SimulationConfig.from_flat({"dp": dp, "model-user-embedding": "true"})
 
 
-def test_local_parameters_withdraw_every_per_interaction_guarantee(tmp_path):
+def test_local_parameters_withdraw_every_per_interaction_guarantee(small, tmp_path):
     """With a LOCAL user vector only user-level DP is stated: the per-interaction guarantees
     (distributed and local) are listed as not earned, with no ε, in summary.json."""
     assert SimulationConfig().per_interaction_holds
@@ -133,7 +112,7 @@ def test_csv_data_needs_its_columns():
         SimulationConfig.from_flat(partial).data.load()
 
 
-def test_a_run_writes_consistent_outputs(tmp_path):
+def test_a_run_writes_consistent_outputs(small, tmp_path):
     config = small(tmp_path)
     run = run_in_process(config)
     summary = finalize(run)
@@ -176,7 +155,7 @@ def test_a_run_writes_consistent_outputs(tmp_path):
     assert all(0 <= b["popularity"] <= 1 and 0 <= b["recent_popularity"] <= 1 for b in baselines)
 
 
-def test_resume_continues_with_the_same_rounds_ledgers_and_accountant(tmp_path, monkeypatch):
+def test_resume_continues_with_the_same_rounds_ledgers_and_accountant(small, tmp_path, monkeypatch):
     # equal models only where noise and sampling follow the seed (secret ones never repeat)
     full = run_in_process(small(tmp_path / "a", **REPRODUCIBLE))
     interrupted = small(tmp_path / "b", **REPRODUCIBLE)
@@ -201,7 +180,7 @@ def test_resume_continues_with_the_same_rounds_ledgers_and_accountant(tmp_path, 
         np.testing.assert_allclose(resumed.params[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(tmp_path):
+def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(small, tmp_path):
     run = FederatedRun(small(tmp_path, dp="off"))
     good = {k: v.copy() for k, v in run.params.items()}
     nan = {k: v.copy() for k, v in run.params.items()}
@@ -221,12 +200,12 @@ def test_bad_updates_are_dropped_with_a_reason_and_failures_counted(tmp_path):
     assert all(np.isfinite(v).all() for v in run.params.values())
 
 
-def test_fedrec_simulate_runs_through_flower(tmp_path):
+def test_fedrec_simulate_runs_through_flower(small, tmp_path):
     out = tmp_path / "flower-run"
     env = os.environ | {"FEDREC_CACHE_DIR": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "fedrec.cli", "simulate", "--out", str(out)]
     for key in ("dataset", "synthetic", "rounds", "clients-per-round", "min-survivors"):
-        args += [f"--{key}", str(SMALL[key])]
+        args += [f"--{key}", str(small.flat[key])]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -281,7 +260,7 @@ def test_experiment_files_parse():
         assert config.rounds >= 1
 
 
-def test_flwr_run_dot_uses_the_same_apps(tmp_path):
+def test_flwr_run_dot_uses_the_same_apps(small, tmp_path):
     """`flwr run . local` (Flower's own CLI, local simulation federation) runs fedrec's apps.
 
     Flower leaves a detached SuperLink behind; the test starts it on private ports and kills
@@ -306,7 +285,7 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path):
     }
     ray_tmp.mkdir(exist_ok=True)
     out = tmp_path / "run"
-    overrides = f"dataset='synthetic' synthetic='{SMALL['synthetic']}' rounds=2 "
+    overrides = f"dataset='synthetic' synthetic='{small.flat['synthetic']}' rounds=2 "
     overrides += f"clients-per-round=10 min-survivors=1 out='{out}' expected-nodes=15"
     try:
         proc = subprocess.run(
@@ -332,7 +311,7 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path):
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
 
 
-def test_rounds_with_fewer_survivors_than_k_min_reveal_nothing(tmp_path):
+def test_rounds_with_fewer_survivors_than_k_min_reveal_nothing(small, tmp_path):
     """Secure aggregation's threshold: below K_min the server learns nothing, the model stays,
     ledgers keep the planned (over-)charge and stay within budget, and user-level DP states
     a δ within the target (the discard rule's share was planned into it)."""
@@ -370,7 +349,7 @@ def test_discard_delta_is_negligible_when_many_more_devices_are_sampled_than_k_m
     assert discard_delta(registered_clients=5000, **{**args, "min_survivors": 1}) == 0.0
 
 
-def test_server_bias_decay_fades_item_biases_only(tmp_path):
+def test_server_bias_decay_fades_item_biases_only(small, tmp_path):
     run = FederatedRun(small(tmp_path, **{"server-bias-decay": 0.25, "dp": "off"}))
     table = run.params["item_table.weight"].copy()
     table[:] = 2.0
@@ -438,7 +417,7 @@ def test_the_run_folder_size_counts_every_file_with_the_summary_that_states_it(t
     assert human_bytes(size) == "5.2 kB" and human_bytes(12_300_000) == "12.3 MB"
 
 
-def test_user_level_noise_counts_the_devices_share_under_distributed(tmp_path):
+def test_user_level_noise_counts_the_devices_share_under_distributed(small, tmp_path):
     """Under user+distributed every published sum already carries the devices' noise (n >=
     K_min devices, each σ/√K_min in the lr·C/B unit): the server adds only the rest, and the
     accountant charges the total, which is what every published round carries."""
@@ -448,7 +427,7 @@ def test_user_level_noise_counts_the_devices_share_under_distributed(tmp_path):
     both = FederatedRun(small(tmp_path / "b", dp="user+distributed"))
     assert alone.server_noise_multiplier == alone.noise_multiplier > 0
     from_devices = both.config.user_noise_from_devices
-    # σ_agg / (B·√S): SMALL has B = 1 and S = 2 local steps (their mean carries σ/√S)
+    # σ_agg / (B·√S): the small run has B = 1 and S = 2 local steps (their mean carries σ/√S)
     assert from_devices == pytest.approx(3.0 / math.sqrt(2))
     assert both.noise_multiplier == pytest.approx(max(alone.noise_multiplier, from_devices))
     expected = math.sqrt(max(0.0, alone.noise_multiplier**2 - from_devices**2))
@@ -459,7 +438,7 @@ def test_user_level_noise_counts_the_devices_share_under_distributed(tmp_path):
     assert recorded == {run.noise_multiplier}
 
 
-def test_a_sampled_device_with_nothing_delivered_yet_sends_noise_without_a_store(tmp_path):
+def test_a_sampled_device_with_nothing_delivered_yet_sends_noise_without_a_store(small, tmp_path):
     from fedrec.common.data.stream import load_stream
     from fedrec.simulations.devices import client_dir, simulated_device_round
 
@@ -481,7 +460,7 @@ def test_a_sampled_device_with_nothing_delivered_yet_sends_noise_without_a_store
     assert any(not np.array_equal(result.params[k], run.params[k]) for k in run.params)
 
 
-def test_a_run_that_trains_only_some_parameters_sends_only_those(tmp_path):
+def test_a_run_that_trains_only_some_parameters_sends_only_those(small, tmp_path):
     config = small(
         tmp_path, dp="local", **{"model-text-bias": True, "model-train-only": "text_bias.weight"}
     )
@@ -494,7 +473,7 @@ def test_a_run_that_trains_only_some_parameters_sends_only_those(tmp_path):
     assert summary["rounds"] == config.rounds and summary["test"]["ndcg@10"] >= 0
 
 
-def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
+def test_the_idle_marker_gives_the_reply_the_store_would(small, tmp_path):
     """A device with nothing to train stays so until something new arrives; the marker that
     skips opening its store must give exactly the full path's reply, and is ignored once
     something new arrived."""
@@ -538,7 +517,9 @@ def test_the_idle_marker_gives_the_reply_the_store_would(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", ["loo", "temporal"])
-def test_the_stream_delivers_everything_before_the_test_and_never_the_test(tmp_path, protocol):
+def test_the_stream_delivers_everything_before_the_test_and_never_the_test(
+    small, tmp_path, protocol
+):
     """The yardsticks count every interaction before the test (validation rows included), so
     the devices receive exactly those too: the simulation selects no model on a validation
     set, and holding those rows back would compare the model on less data than popularity."""
@@ -564,7 +545,7 @@ def test_the_stream_delivers_everything_before_the_test_and_never_the_test(tmp_p
         assert delivered == {r for r in everything if r[2] < split.cutoff and r[0] in users}
 
 
-def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
+def test_the_temporal_protocol_streams_nothing_past_the_cutoff(small, tmp_path):
     """Protocol (b): the stream stops at the global cutoff T, no device ever holds an
     interaction from T on, and the summary ranks the first interaction after T for the model
     and for the popularity yardsticks alike."""
@@ -591,7 +572,7 @@ def test_the_temporal_protocol_streams_nothing_past_the_cutoff(tmp_path):
         small(tmp_path, protocol="random")
 
 
-def test_per_example_clipping_is_validated_and_reaches_the_devices(tmp_path):
+def test_per_example_clipping_is_validated_and_reaches_the_devices(small, tmp_path):
     from fedrec.client.runtime import local_config
 
     with pytest.raises(ValueError, match="per-example-clipping must be one of"):
@@ -601,7 +582,7 @@ def test_per_example_clipping_is_validated_and_reaches_the_devices(tmp_path):
     assert local_config(small(tmp_path), seed=0).clipping == "fused"
 
 
-def test_a_run_with_fused_clipping_equals_one_through_opacus(tmp_path):
+def test_a_run_with_fused_clipping_equals_one_through_opacus(small, tmp_path):
     """The same seeded run, its devices clipping with fedrec's fused path or through Opacus's
     own machinery: the same global model (to float rounding) and the same ledgers."""
     runs = {
@@ -625,7 +606,7 @@ def test_a_run_with_fused_clipping_equals_one_through_opacus(tmp_path):
     assert ledgers["fused"] and ledgers["fused"] == ledgers["opacus"]
 
 
-def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
+def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(small, tmp_path):
     """Under DISTRIBUTED what reaches the server is `secure_sum`'s output: per device only
     whether it failed; the update and every counter as one sum. Summed in parts (one per
     message) or at once, the round is the same, and its counters are those of the devices'
@@ -682,7 +663,7 @@ def test_the_server_learns_only_the_secure_sum_of_the_devices_replies(tmp_path):
     assert row["dropped"] == 1 and row["aggregated"] == half
 
 
-def test_idle_devices_noise_drawn_at_once_is_the_sum_of_their_shares(tmp_path):
+def test_idle_devices_noise_drawn_at_once_is_the_sum_of_their_shares(small, tmp_path):
     """`simulated_replies` draws the idle devices' noise shares as one vector. Neighbouring
     releases: the secure sum of k idle shares, one draw each or one draw for all. Both are
     N(0, k·s²) per coordinate, with the same members and counters; an idle device still
@@ -772,7 +753,7 @@ def test_the_sum_through_flower_records_counts_only_devices_whose_update_is_in_i
     assert run_row_survivors == 1
 
 
-def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered(tmp_path):
+def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered(small, tmp_path):
     """30 devices with the default K_min (2,350): every round would be discarded. The run is
     refused at construction, naming a flag that exists, and no device store is created; the
     CLI exits 2 with the same message before starting Flower."""
@@ -788,7 +769,7 @@ def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered
     result = CliRunner().invoke(
         app,
         [
-            "simulate", "--dataset", "synthetic", "--synthetic", SMALL["synthetic"],
+            "simulate", "--dataset", "synthetic", "--synthetic", small.flat["synthetic"],
             "--rounds", "2", "--min-survivors", "2350", "--out", str(tmp_path / "cli"),
         ],
     )  # fmt: skip
@@ -800,7 +781,7 @@ def test_settings_that_cannot_aggregate_are_refused_before_anything_is_delivered
     FederatedRun(small(tmp_path / "ok", **{"min-survivors": suggested, "clients-per-round": 2700}))
 
 
-def test_a_delta_not_below_one_over_n_is_refused(tmp_path):
+def test_a_delta_not_below_one_over_n_is_refused(small, tmp_path):
     from fedrec.server.federated_run import SettingsError
 
     with pytest.raises(SettingsError, match=r"--delta 0.01 .*user-level DP would be void"):
@@ -809,7 +790,7 @@ def test_a_delta_not_below_one_over_n_is_refused(tmp_path):
         FederatedRun(small(tmp_path, delta=0.001, dp="local"))  # ~1,400 interactions
 
 
-def test_a_void_guarantee_is_never_stated_as_held(tmp_path):
+def test_a_void_guarantee_is_never_stated_as_held(small, tmp_path):
     from fedrec.simulations.report import void_unless_delta_holds
 
     run = FederatedRun(small(tmp_path))
@@ -822,7 +803,7 @@ def test_a_void_guarantee_is_never_stated_as_held(tmp_path):
     assert loose["earned"] is False and "1/N" in loose["why_not"]
 
 
-def test_a_discarded_round_reveals_only_that_it_was_discarded(tmp_path):
+def test_a_discarded_round_reveals_only_that_it_was_discarded(small, tmp_path):
     """Fewer than K_min devices in the sum: the model stays, and the round's row in
     metrics.jsonl carries none of the sum's counters (losses, prequential hits, declines)."""
     from fedrec.server.secure_aggregation import secure_sum
@@ -843,7 +824,7 @@ def test_a_discarded_round_reveals_only_that_it_was_discarded(tmp_path):
     assert written["aggregated"] == 2 and written["sampled"] == 2
 
 
-def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(tmp_path):
+def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(small, tmp_path):
     """--evaluate-on validation: the stream stops before each user's validation row, the
     target is that row, and the summary says so; the test rows are in neither."""
     from fedrec.common.data.stream import load_stream
@@ -865,7 +846,7 @@ def test_a_validation_run_never_delivers_or_reads_the_validation_or_test_rows(tm
     assert 0 <= summary["validation"]["ndcg@10"] <= 1 and "validation_baselines" in summary
 
 
-def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tmp_path):
+def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(small, tmp_path):
     """A run stopped after round 1, resumed with a raised budget, --dp off or other rounds:
     each refused naming the setting; config.json is unchanged; an unchanged resume works.
     --resume on a folder that holds no run is an error."""
@@ -896,13 +877,13 @@ def test_resume_refuses_changed_settings_and_never_rewrites_the_recorded_ones(tm
         app,
         [
             "simulate", "--resume", "--out", str(config.out), "--dataset", "synthetic",
-            "--synthetic", SMALL["synthetic"], "--epsilon", "1000",
+            "--synthetic", small.flat["synthetic"], "--epsilon", "1000",
         ],
     )  # fmt: skip
     assert result.exit_code == 2 and "epsilon (recorded 8.0, now 1000.0)" in result.output
 
 
-def test_the_server_bounds_every_update_whatever_the_device_claims(tmp_path):
+def test_the_server_bounds_every_update_whatever_the_device_claims(small, tmp_path):
     """One device of several adds 1e30 (or scales its change by 1e4): its update is dropped
     with the reason counted, the honest ones are aggregated and the model stays finite.
     Honest devices, noise included, are never dropped; under secure aggregation the same
@@ -942,7 +923,9 @@ def test_the_server_bounds_every_update_whatever_the_device_claims(tmp_path):
     assert next(r for r in out if r.pooled).pooled == len(replies) - 1
 
 
-def test_a_run_whose_model_stops_being_finite_stops_without_publishing_it(tmp_path, monkeypatch):
+def test_a_run_whose_model_stops_being_finite_stops_without_publishing_it(
+    small, tmp_path, monkeypatch
+):
     """An aggregate that overflows (simulated: the server step returns inf) stops the run with
     an error naming the parameter; no checkpoint of that round is written."""
     from fedrec.server import federated_run
@@ -965,7 +948,7 @@ def test_a_run_whose_model_stops_being_finite_stops_without_publishing_it(tmp_pa
 
 
 # -- secret noise and sampling ---------------------------------------------------------------------
-def test_two_private_runs_with_the_same_seed_publish_different_models(tmp_path):
+def test_two_private_runs_with_the_same_seed_publish_different_models(small, tmp_path):
     """DP noise and sampling come from a CSPRNG under fresh keys, not from --seed: the same
     config and seed twice publish different models. Opting into reproducible noise makes
     them identical, and the summary then states that no guarantee holds."""
@@ -980,7 +963,7 @@ def test_two_private_runs_with_the_same_seed_publish_different_models(tmp_path):
     assert json.loads((same[0].out / "config.json").read_text())["reproducible-noise"] is True
 
 
-def test_the_servers_noise_cannot_be_regenerated_from_the_run_folder(tmp_path):
+def test_the_servers_noise_cannot_be_regenerated_from_the_run_folder(small, tmp_path):
     """A round with no device in it publishes the server's user-level noise alone (times the
     server learning rate). Regenerated from config.json's seed by the old recipe
     (numpy's generator seeded [seed, round, 1]), it must be unrelated to the published step;
@@ -1019,7 +1002,7 @@ def test_the_servers_noise_cannot_be_regenerated_from_the_run_folder(tmp_path):
     assert cosine(step, own) > 0.999
 
 
-def test_device_sampling_is_secret_and_poisson(tmp_path):
+def test_device_sampling_is_secret_and_poisson(small, tmp_path):
     """Who is sampled cannot be regenerated from the seed (the old recipe: numpy's generator
     seeded [seed, round]); the same round sampled twice differs; each device joins at rate q."""
     config = small(tmp_path)

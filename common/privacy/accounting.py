@@ -25,7 +25,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedrec.common.privacy.discrete import DiscreteGaussian, discrete_rdp
 
@@ -51,6 +50,14 @@ class Guarantee(StrEnum):
 
     LOCAL = "local"
     DISTRIBUTED = "distributed"
+
+
+def _opacus_rdp():
+    """Opacus's RDP analysis, imported when an ε is first computed: importing opacus imports
+    torch (seconds), which a device's `ingest` or `status` never needs."""
+    from opacus.accountants.analysis import rdp
+
+    return rdp
 
 
 def _check(ok: bool, message: str) -> None:
@@ -177,7 +184,9 @@ def parse_mechanism(data: Mapping[str, Any]) -> Mechanism:
 def _rdp_one_step(sample_rate: float, sigma: float) -> np.ndarray:
     """RDP of one step over ORDERS. The expensive part, hence cached per (q, σ)."""
     rdp = np.asarray(
-        compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=list(ORDERS)),
+        _opacus_rdp().compute_rdp(
+            q=sample_rate, noise_multiplier=sigma, steps=1, orders=list(ORDERS)
+        ),
         dtype=np.float64,
     )
     rdp.flags.writeable = False
@@ -209,7 +218,7 @@ def epsilon_from_rdp(rdp: np.ndarray, delta: float) -> tuple[float, float]:
     with warnings.catch_warnings():
         # "Optimal order is the smallest/largest alpha": the bound is still valid, just looser.
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        eps, order = get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
+        eps, order = _opacus_rdp().get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=delta)
     return max(float(eps), 0.0), float(order)  # ε < 0 can only come from δ near 1
 
 
