@@ -266,16 +266,7 @@ class RecModel(nn.Module):
         item is always column 0.
         """
         d = self.config.dim
-        if first is None:
-            q = torch.zeros(len(second), 1, d)  # (B, 1, d): no context item
-            targets = second[:, None]  # (B, 1)
-        else:
-            q = self.context_vectors(torch.stack([first, second], dim=1), taps)  # (B, 2, d)
-            targets = torch.stack([second, first], dim=1)  # (B, 2)
-        if self.config.user_embedding:
-            if user is None:
-                raise ValueError("this model has a local user embedding: pass `user`")
-            q = q + _lookup(self.user, user.unsqueeze(1), taps)  # (B, 1, d): batch-first
+        q, targets = self._queries(first, second, user, taps)
         s = targets.shape[1]
         candidates = torch.cat([targets, negatives], dim=1)  # (B, C=S+N)
         rows = _lookup(self.item_table, candidates, taps)  # (B, C, d+1+K)
@@ -315,17 +306,7 @@ class RecModel(nn.Module):
         the same negatives (tested). The batch shares work, so this is not the per-example
         clipping path: DP-SGD uses `forward`.
         """
-        d = self.config.dim
-        if first is None:
-            q = torch.zeros(len(second), 1, d)  # (B, 1, d): no context item
-            targets = second[:, None]  # (B, 1)
-        else:
-            q = self.context_vectors(torch.stack([first, second], dim=1))  # (B, 2, d)
-            targets = torch.stack([second, first], dim=1)  # (B, 2)
-        if self.config.user_embedding:
-            if user is None:
-                raise ValueError("this model has a local user embedding: pass `user`")
-            q = q + self.user(user)[:, None, :]
+        q, targets = self._queries(first, second, user)
         personal = self.config.user_embedding or self.learns_target_text or first is not None
         knots = self.knot_weights(time)  # (B, K)
         scale = self.config.bias_scale
@@ -348,6 +329,28 @@ class RecModel(nn.Module):
             scores = torch.einsum("bsd,bnd->bsn", q, vectors[inverse]) if personal else 0
         negative = (scores + bias[:, None, :]).expand(len(second), q.shape[1], -1)
         return torch.cat([target[..., None], negative], dim=-1)  # (B, S, 1+N)
+
+    def _queries(
+        self,
+        first: torch.Tensor | None,
+        second: torch.Tensor,
+        user: torch.Tensor | None,
+        taps: GradientTaps | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query vectors q (B, S, d) of an example and its targets (B, S): S = 2 for a
+        pair (each item the other's context), S = 1 with q = 0 for a single interaction;
+        plus the local user vector, if the model has one."""
+        if first is None:
+            q = torch.zeros(len(second), 1, self.config.dim)  # (B, 1, d): no context item
+            targets = second[:, None]  # (B, 1)
+        else:
+            q = self.context_vectors(torch.stack([first, second], dim=1), taps)  # (B, 2, d)
+            targets = torch.stack([second, first], dim=1)  # (B, 2)
+        if self.config.user_embedding:
+            if user is None:
+                raise ValueError("this model has a local user embedding: pass `user`")
+            q = q + _lookup(self.user, user.unsqueeze(1), taps)  # (B, 1, d): batch-first
+        return q, targets
 
     def _candidate_parts(
         self, items: torch.Tensor
