@@ -53,3 +53,14 @@ def test_the_check_fails_on_an_import_against_the_layers(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "BROKEN" in result.stdout
     assert "is not allowed to import fedrec.common" in result.stdout
+
+
+def test_the_privacy_ledger_and_accounting_load_without_torch():
+    """A device's `ingest` and `status` open its ledger and no model: importing the ledger
+    and the accountant must not import torch (through opacus: seconds per command)."""
+    probe = (
+        "import sys; import fedrec.client.ledger, fedrec.common.privacy.accounting; "
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
