@@ -228,7 +228,7 @@ def main() -> None:
     flower_patches.shorten_pull_backoff()
     flower_patches.set_heartbeat_interval(settings["heartbeat"])
     flower_patches.cap_retry_backoff(settings["retry_max"])
-    flower_patches.retry_dropped_tls_of_supernode()
+    flower_patches.retry_transient_errors_of_supernode()
     if os.environ.get(EXECUTOR_PIDFILE_ENV):
         wake_executor_on_message(Path(os.environ[EXECUTOR_PIDFILE_ENV]))
     args = sys.argv[1:]

@@ -80,36 +80,49 @@ def shorten_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool:
     return True
 
 
-# --- TLS connections the SuperLink closes (ServerApp, SuperNode) ---------------------------
+# --- transient SuperLink failures (ServerApp, SuperNode) ------------------------------------
 
 # How a TLS connection closed by the peer mid-request reads in Python's ssl module: a
 # keep-alive connection the SuperLink dropped while a request was on its way.
 _DROPPED_TLS = ("unexpected_eof_while_reading", "eof occurred in violation of protocol")
-# A peer that drops every connection (a SuperLink on its way down) is given up on after this
-# many drops within DROPPED_TLS_WINDOW_S, as Flower gives up on a first one.
-DROPPED_TLS_RETRIES = 20
-DROPPED_TLS_WINDOW_S = 60.0
+# A peer that keeps failing (a SuperLink on its way down, a bug answering 500 every time) is
+# given up on after this many such failures within TRANSIENT_WINDOW_S.
+TRANSIENT_RETRIES = 20
+TRANSIENT_WINDOW_S = 600.0
 
 
-def retry_dropped_tls(invoker: Any) -> Any:
-    """Flower 1.42 gives up on any transport error whose text names SSL or TLS, meaning a
-    failed handshake (a wrong certificate will not fix itself). A keep-alive connection the
-    SuperLink closes as a request is sent reads as `[SSL: UNEXPECTED_EOF_WHILE_READING]`
-    too: a ServerApp between two stages of a round then dies of it, and with it the whole
-    run. Retry that one (a new connection), up to DROPPED_TLS_RETRIES within
-    DROPPED_TLS_WINDOW_S; every other error is decided as Flower decides it."""
+def _is_transient(exc: Exception) -> bool:
+    """A dropped TLS connection, or an HTTP 500: the SuperLink answers 500 when its SQLite
+    state was locked by another request (`database is locked`, its log says; the client
+    sees only "internal server error"), and the failed request's transaction was rolled back,
+    so sending it again is safe."""
+    if any(marker in str(exc).lower() for marker in _DROPPED_TLS):
+        return True
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None) == 500
+
+
+def retry_transient_errors(invoker: Any) -> Any:
+    """Flower 1.42 gives up at once on an HTTP 500 and on any transport error whose text
+    names SSL or TLS (meaning a failed handshake: a wrong certificate will not fix itself).
+    Two transient failures read the same way: a keep-alive connection the SuperLink closes
+    as a request goes out (`[SSL: UNEXPECTED_EOF_WHILE_READING]`), and a 500 when its
+    SQLite state was locked under load. The first killed a ServerApp between two SecAgg+
+    stages, and the run with it; the second made a SuperNode drop a device's reply, and
+    its round wait out the timeout. Retry both (a new connection, Flower's backoff), up to
+    TRANSIENT_RETRIES within TRANSIENT_WINDOW_S; every other error is decided as Flower
+    decides it."""
     import time
 
     giveup = invoker.should_giveup
-    drops: list[float] = []
+    failures: list[float] = []
 
     def should_giveup(exc: Exception) -> bool:
-        text = str(exc).lower()
-        if any(marker in text for marker in _DROPPED_TLS):
+        if _is_transient(exc):
             now = time.monotonic()
-            drops[:] = [t for t in drops if now - t < DROPPED_TLS_WINDOW_S] + [now]
-            if len(drops) <= DROPPED_TLS_RETRIES:
-                log.debug("connection closed by the SuperLink (%s); retrying", exc)
+            failures[:] = [t for t in failures if now - t < TRANSIENT_WINDOW_S] + [now]
+            if len(failures) <= TRANSIENT_RETRIES:
+                log.debug("transient SuperLink failure (%s); retrying", exc)
                 return False
         return giveup is not None and giveup(exc)
 
@@ -117,26 +130,27 @@ def retry_dropped_tls(invoker: Any) -> Any:
     return invoker
 
 
-def retry_dropped_tls_of_grid(grid: Any) -> bool:
-    """`retry_dropped_tls` for the ServerApp's grid, made before fedrec's code runs (the
-    same invoker object serves its connection)."""
+def retry_transient_errors_of_grid(grid: Any) -> bool:
+    """`retry_transient_errors` for the ServerApp's grid, made before fedrec's code runs
+    (the same invoker object serves its connection)."""
     if not patches_apply():
         return False
     invoker = getattr(grid, "_retry_invoker", None)
     if invoker is None:  # an in-memory grid (simulation): no connection to drop
         return False
-    retry_dropped_tls(invoker)
+    retry_transient_errors(invoker)
     return True
 
 
-def retry_dropped_tls_of_supernode() -> bool:
-    """`retry_dropped_tls` for the SuperNode's connections made from now on in this process."""
+def retry_transient_errors_of_supernode() -> bool:
+    """`retry_transient_errors` for the SuperNode's connections made from now on in this
+    process."""
     if not patches_apply():
         return False
     from flwr.supernode import fleet_http_connection as fleet
 
     make = fleet.make_simple_http_retry_invoker
-    fleet.make_simple_http_retry_invoker = lambda: retry_dropped_tls(make())
+    fleet.make_simple_http_retry_invoker = lambda: retry_transient_errors(make())
     return True
 
 

@@ -81,11 +81,11 @@ def deploy(
     grid: Grid, config: SimulationConfig, settings: DeploymentSettings, guard: WriterGuard
 ) -> None:
     """A run over real devices: every connected SuperNode is one device."""
-    from fedrec.common.flower_patches import retry_dropped_tls_of_grid, shorten_pull_backoff
+    from fedrec.common.flower_patches import retry_transient_errors_of_grid, shorten_pull_backoff
     from fedrec.server.deployment import run_deployment
 
     shorten_pull_backoff()
-    retry_dropped_tls_of_grid(grid)
+    retry_transient_errors_of_grid(grid)
 
     traffic = {"to": 0, "from": 0}  # the round's message bytes, both ways
 

@@ -70,7 +70,7 @@ def apply_every_patch() -> list[bool]:
         flower_patches.set_heartbeat_interval(12.0),
         flower_patches.cap_retry_backoff(2.0),
         flower_patches.check_failed_requests(lambda exc: None),
-        flower_patches.retry_dropped_tls_of_supernode(),
+        flower_patches.retry_transient_errors_of_supernode(),
     ]
 
 
@@ -126,11 +126,12 @@ def flaky(failures: list[Exception]):
     return request
 
 
-def test_a_dropped_tls_connection_is_retried_and_a_failed_handshake_is_not(monkeypatch):
+def test_transient_superlink_failures_are_retried_and_a_failed_handshake_is_not(monkeypatch):
     """Flower's own retry invoker, as the ServerApp's grid and the SuperNode use it: a
-    connection the SuperLink closed mid-request (the error that ended a deployed run) is
-    retried on a new connection; a certificate that does not verify still ends it at once,
-    and so does a peer that drops every connection."""
+    connection the SuperLink closed mid-request (the error that ended a deployed run) and
+    an HTTP 500 (its SQLite state locked: the error that lost a device's reply) are retried;
+    a certificate that does not verify or a 4xx still end it at once, and so does a peer
+    that keeps failing."""
     import httpx
     from flwr.supercore.retry import make_simple_http_retry_invoker
 
@@ -142,16 +143,27 @@ def test_a_dropped_tls_connection_is_retried_and_a_failed_handshake_is_not(monke
     def invoker(patched: bool):
         made = make_simple_http_retry_invoker()
         made.wait_function = lambda seconds: None
-        return flower_patches.retry_dropped_tls(made) if patched else made
+        return flower_patches.retry_transient_errors(made) if patched else made
 
     with pytest.raises(httpx.ReadError):  # stock Flower: the run would end here
         invoker(False).invoke(flaky([dropped]))
     assert invoker(True).invoke(flaky([dropped, dropped])) == "answered"
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         invoker(True).invoke(flaky([handshake]))
-    always = [dropped] * (flower_patches.DROPPED_TLS_RETRIES + 1)
+    always = [dropped] * (flower_patches.TRANSIENT_RETRIES + 1)
     with pytest.raises(httpx.ReadError):
         invoker(True).invoke(flaky(always))
+
+    def status(code: int) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", "https://127.0.0.1:9092/v1/fleet/push-messages")
+        response = httpx.Response(code, json={"detail": "Internal server error"}, request=request)
+        return httpx.HTTPStatusError(f"Server error '{code}'", request=request, response=response)
+
+    with pytest.raises(httpx.HTTPStatusError):  # stock Flower: the device's reply is lost
+        invoker(False).invoke(flaky([status(500)]))
+    assert invoker(True).invoke(flaky([status(500), dropped, status(500)])) == "answered"
+    with pytest.raises(httpx.HTTPStatusError, match="400"):
+        invoker(True).invoke(flaky([status(400)]))
 
 
 def test_the_serverapps_grid_retries_dropped_connections():
@@ -159,9 +171,9 @@ def test_the_serverapps_grid_retries_dropped_connections():
 
     grid = HttpGrid(token="t")
     stock = grid._retry_invoker.should_giveup
-    assert flower_patches.retry_dropped_tls_of_grid(grid)
+    assert flower_patches.retry_transient_errors_of_grid(grid)
     assert grid._retry_invoker.should_giveup is not stock
-    assert not flower_patches.retry_dropped_tls_of_grid(object())  # in memory: nothing to drop
+    assert not flower_patches.retry_transient_errors_of_grid(object())  # in memory: nothing to drop
 
 
 def test_on_another_flower_release_the_device_runs_flowers_own_executor(
