@@ -55,9 +55,9 @@ from fedrec.common.data.schema import Interactions
 from fedrec.common.evaluation import rank_test_items
 from fedrec.common.examples import PairSoftmaxLoss, sample_negatives
 from fedrec.common.model import ModelScorer, RecModel, Scope, catalogue_vectors
+from fedrec.common.privacy import CLIPPING
 from fedrec.common.privacy.accounting import DiscreteGaussian, Guarantee, Mechanism
 from fedrec.common.privacy.dpsgd import (
-    CLIPPING,
     GRAD_SAMPLE_MODE,
     GradientTaps,
     clip_per_example,

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.common.config import DataConfig, parse_key_values
-from fedrec.common.model import ModelConfig, single_interaction_parameters
+from fedrec.common.model_config import ModelConfig, single_interaction_parameters
+from fedrec.common.privacy import CLIPPING
 from fedrec.common.privacy.accounting import DiscreteGaussian
-from fedrec.common.privacy.dpsgd import CLIPPING
 from fedrec.common.protocols import PROTOCOLS
 from fedrec.common.secagg.encoding import DDGParams
 from fedrec.common.secagg.round_params import ddg_round_params, max_devices, per_round_target

@@ -28,7 +28,8 @@ from fedrec.common.data.history import UserHistories
 from fedrec.common.data.splits import Split
 from fedrec.common.evaluation import Ranks, evaluate, metrics_of_ranks, rank_test_items
 from fedrec.common.examples import PairSoftmaxLoss, build_examples, sample_negatives
-from fedrec.common.model import ModelConfig, ModelScorer, RecModel, single_interaction_parameters
+from fedrec.common.model import ModelConfig, ModelScorer, RecModel
+from fedrec.common.model_config import single_interaction_parameters
 from fedrec.common.privacy.dpsgd import (
     GRAD_SAMPLE_MODE,
     draw_noise_from,

@@ -55,11 +55,13 @@ def test_the_check_fails_on_an_import_against_the_layers(tmp_path):
     assert "is not allowed to import fedrec.common" in result.stdout
 
 
-def test_the_privacy_ledger_and_accounting_load_without_torch():
-    """A device's `ingest` and `status` open its ledger and no model: importing the ledger
-    and the accountant must not import torch (through opacus: seconds per command)."""
+def test_settings_ledger_and_accounting_load_without_torch():
+    """A device's `ingest` and `status` open its ledger and no model, and every command
+    parses its settings before it runs anything: importing the run settings, the ledger and
+    the accountant must not import torch (seconds of every command, usage errors included)."""
     probe = (
-        "import sys; import fedrec.client.ledger, fedrec.common.privacy.accounting; "
+        "import sys; import fedrec.client.ledger, fedrec.common.privacy.accounting, "
+        "fedrec.common.run_config; "
         "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -304,7 +304,7 @@ def test_bias_scale_scales_item_biases_in_training_and_serving_alike():
 def test_a_model_trained_on_single_interactions_trains_and_serves_its_biases_alone():
     """Under DP-SGD examples are single interactions (q = 0): the run trains only what they
     reach, and serving leaves out the history term the untrained context tower would add."""
-    from fedrec.common.model import single_interaction_parameters
+    from fedrec.common.model_config import single_interaction_parameters
 
     trained = ",".join(single_interaction_parameters(ModelConfig()))
     model = make_model(time_knots=1, train_only=trained)

@@ -117,9 +117,6 @@ def noise_later_dp_optimizer(
     )
 
 
-# How a device clips per-example gradients: fedrec's fused path, or Opacus's own machinery.
-CLIPPING = ("fused", "opacus")
-
 # -- fused per-example clipping ---------------------------------------------------------------
 #
 # Opacus computes per-example gradients layer by layer, through hooks or ExpandedWeights, and

@@ -35,10 +35,13 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+if TYPE_CHECKING:
+    import torch
 
 _SCALE = 2.0**-53
 _KEY_DOMAIN = "fedrec reproducible privacy randomness v1"
@@ -79,15 +82,20 @@ class PrivacyRandomness:
     def _uniform(self, n: int) -> torch.Tensor:
         """(n,) float64 uniforms (k + 1)·2⁻⁵³ in (0, 1], k the top 53 bits of a keystream word
         (every step exact: k + 1 <= 2⁵³ is a float64)."""
+        import torch  # here, not at the top: parsing a run's settings must not import torch
+
         buffer = bytearray(8 * n + 16)  # update_into wants a block of slack
         self._stream.update_into(bytes(8 * n), buffer)
         words = torch.frombuffer(buffer, dtype=torch.int64, count=n)
         # the arithmetic shift leaves the top 53 bits as a signed k - 2⁵², uniform on [-2⁵², 2⁵²)
         return words.bitwise_right_shift_(11).add_((1 << 52) + 1).to(torch.float64).mul_(_SCALE)
 
-    def _normal(self, n: int, std: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def _normal(self, n: int, std: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(n,) N(0, std²) by Box-Muller, computed in float64 and rounded once to `dtype`
-        (torch's vectorised log/cos/sin: ~2x numpy's float64 ones here)."""
+        (default float64; torch's vectorised log/cos/sin: ~2x numpy's float64 ones here)."""
+        import torch
+
+        dtype = torch.float64 if dtype is None else dtype
         half = (n + 1) // 2
         u = self._uniform(2 * half)
         radius = u[:half].log_().mul_(-2.0).sqrt_().mul_(std)
@@ -118,10 +126,13 @@ class PrivacyRandomness:
 
     # -- torch ----------------------------------------------------------------------------------
     def normal_like(
-        self, tensors: Sequence, std: float, dtype: torch.dtype = torch.float32
+        self, tensors: Sequence, std: float, dtype: torch.dtype | None = None
     ) -> list[torch.Tensor]:
         """Independent N(0, std²) entries shaped like each of `tensors` (arrays or tensors):
-        one draw, split (the same distribution as one draw per tensor)."""
+        one draw, split (the same distribution as one draw per tensor), float32 by default."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         sizes = [math.prod(t.shape) for t in tensors]
         flat = self._normal(sum(sizes), std, dtype)
         return [
