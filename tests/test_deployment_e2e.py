@@ -182,23 +182,36 @@ class Deployment:
                 kill_tree(proc, signal.SIGTERM)
 
 
-@pytest.fixture()
-def deployment(tmp_path):
-    # the catalogue's text features are cached once here, not by four processes at once
+def certified_deployment(
+    root: Path, *, rounds: int, devices: list[str], registered: list[str]
+) -> tuple[Deployment, list[str]]:
+    """A Deployment in `root` with certificates for the server and `devices`, the public keys
+    of `registered` moved to root/registered (the server registers those), and the built-in
+    catalogue's item ids. The catalogue's text features are cached here, once, not by
+    several device processes at once."""
     from fedrec.client.runtime import template_for
     from fedrec.common.data.loaders import load_builtin
     from fedrec.common.run_config import SimulationConfig
 
-    template_for(SimulationConfig.from_flat({"rounds": 4}))
-    d = Deployment(tmp_path)
+    template_for(SimulationConfig.from_flat({"rounds": rounds}))
+    d = Deployment(root)
     items = [str(i) for i in load_builtin().catalogue.item_ids]
     d.fedrec("certs", "server", "--host", "127.0.0.1", "--out", "certs")
-    d.fedrec("certs", "device", "dev1", "dev2", "dev3", "dev4", "rogue", "--out", "certs")
-    (tmp_path / "registered").mkdir()
-    for name in ("dev1", "dev2", "dev3", "dev4"):  # the rogue device's key is never registered
-        (tmp_path / "certs" / "devices" / f"{name}.pub").rename(
-            tmp_path / "registered" / f"{name}.pub"
-        )
+    d.fedrec("certs", "device", *devices, "--out", "certs")
+    (root / "registered").mkdir()
+    for name in registered:
+        (root / "certs" / "devices" / f"{name}.pub").rename(root / "registered" / f"{name}.pub")
+    return d, items
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    d, items = certified_deployment(
+        tmp_path,
+        rounds=4,
+        devices=["dev1", "dev2", "dev3", "dev4", "rogue"],
+        registered=["dev1", "dev2", "dev3", "dev4"],  # the rogue device's key never is
+    )
     # the devices read the run's public catalogue file and no dataset: the one they name
     # does not exist (the server writes the same file into its run folder and checks its
     # digest against each device's copy every round)
@@ -335,20 +348,9 @@ def stages(d: Deployment, name: str) -> list[dict]:
 
 @pytest.fixture()
 def secagg_deployment(tmp_path):
-    from fedrec.client.runtime import template_for
-    from fedrec.common.data.loaders import load_builtin
-    from fedrec.common.run_config import SimulationConfig
-
-    template_for(SimulationConfig.from_flat({"rounds": 2}))
-    d = Deployment(tmp_path)
-    items = [str(i) for i in load_builtin().catalogue.item_ids]
-    d.fedrec("certs", "server", "--host", "127.0.0.1", "--out", "certs")
-    d.fedrec("certs", "device", *SECAGG_DEVICES, "--out", "certs")
-    (tmp_path / "registered").mkdir()
-    for name in SECAGG_DEVICES:
-        (tmp_path / "certs" / "devices" / f"{name}.pub").rename(
-            tmp_path / "registered" / f"{name}.pub"
-        )
+    d, items = certified_deployment(
+        tmp_path, rounds=2, devices=list(SECAGG_DEVICES), registered=list(SECAGG_DEVICES)
+    )
     for k, name in enumerate(SECAGG_DEVICES):
         (tmp_path / f"{name}.toml").write_text(
             f'[device]\nstore = "{name}"\n[policy]\nepsilon = 200.0\n'
