@@ -66,3 +66,25 @@ def test_settings_ledger_and_accounting_load_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_epsilon_is_computed_without_importing_torch():
+    """The server's calibration at start-up and the report's pass over thousands of ledgers
+    compute ε with Opacus's RDP analysis; importing it through the opacus package imports torch
+    and torch.distributed (seconds at every start). The same analysis, loaded on its own, gives
+    the same numbers."""
+    probe = (
+        "import sys, json; from fedrec.common.privacy import accounting as a; "
+        "rdp = a._rdp_one_step(0.3, 1.1); "
+        "print(json.dumps([sorted(m for m in ('torch', 'opacus') if m in sys.modules), "
+        "rdp.tolist()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded, rdp = json.loads(out.stdout)
+    assert loaded == [], out.stderr
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from fedrec.common.privacy.accounting import ORDERS
+
+    expected = opacus_rdp.compute_rdp(q=0.3, noise_multiplier=1.1, steps=1, orders=list(ORDERS))
+    assert rdp == list(expected)

@@ -16,12 +16,15 @@ auditor can feed parsed lines straight in. Fields read here:
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,12 +55,30 @@ class Guarantee(StrEnum):
     DISTRIBUTED = "distributed"
 
 
-def _opacus_rdp():
-    """Opacus's RDP analysis, imported when an ε is first computed: importing opacus imports
-    torch (seconds), which a device's `ingest` or `status` never needs."""
-    from opacus.accountants.analysis import rdp
+_RDP_MODULE = "opacus.accountants.analysis.rdp"
 
-    return rdp
+
+def _opacus_rdp():
+    """Opacus's RDP analysis, loaded when an ε is first computed. The module needs only numpy
+    and scipy, while importing it through the opacus package imports torch and
+    torch.distributed (seconds), which accounting never needs: a device's `ingest` or
+    `status`, the server's calibration at start-up and the report's pass over the ledgers.
+    In a process that already imported opacus (a training device), that module is used."""
+    module = sys.modules.get(_RDP_MODULE) or sys.modules.get(_STANDALONE_RDP)
+    if module is None:
+        package = importlib.util.find_spec("opacus")
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("opacus is not installed: it computes every ε")
+        path = Path(package.submodule_search_locations[0], "accountants", "analysis", "rdp.py")
+        spec = importlib.util.spec_from_file_location(_STANDALONE_RDP, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[_STANDALONE_RDP] = module
+    return module
+
+
+_STANDALONE_RDP = "fedrec._opacus_rdp_analysis"
 
 
 def _check(ok: bool, message: str) -> None:
