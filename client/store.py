@@ -77,11 +77,18 @@ class ClientStore:
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             if not durable:
+                # One process at a time opens a rebuildable store, and only for one round:
+                # holding SQLite's lock for the connection's life saves its lock calls around
+                # every statement and the shared-memory index (most of opening a small store).
                 self._db.execute("PRAGMA synchronous=OFF")
+                self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                # a new file, or a schema-1 one: its rows stay (and its `pair` column, unread)
+                # a new file, or a schema-1 one: its rows stay (and its `pair` column, unread);
+                # the schema is one transaction, not a commit per statement
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+                self._db.executescript(
+                    f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
             if verify:
                 check = self._db.execute("PRAGMA quick_check").fetchone()[0]
                 if check != "ok":
