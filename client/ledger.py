@@ -28,6 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -397,3 +398,37 @@ class PrivacyLedger:
     ) -> tuple[list[str], dict[str, float]]:
         """(trainable, {cohort to retire: ε it would reach}); see `accounting.plan`."""
         return accounting.plan(self._entries, mechanism, cohorts, budget, guarantee, delta)
+
+
+def ledgers_spent(paths: Iterable[str | Path]) -> LedgersSpent:
+    """Open (and verify) each ledger once and collect what its cohorts spent, as the report
+    over a whole run needs it; a corrupt ledger raises LedgerCorruptError naming it."""
+    distributed: list[np.ndarray] = []
+    local: list[np.ndarray] = []
+    retired, heads = 0, {}
+    for path in paths:
+        with PrivacyLedger.open(path) as ledger:
+            distributed.extend(ledger.cohort_rdp(Guarantee.DISTRIBUTED).values())
+            local.extend(ledger.cohort_rdp(Guarantee.LOCAL).values())
+            retired += len(ledger.retired_cohorts())
+            if ledger.head_hash != GENESIS:
+                heads[Path(path).parent.name] = ledger.head_hash
+    orders = len(accounting.ORDERS)
+    return LedgersSpent(
+        np.array(distributed).reshape(-1, orders),
+        np.array(local).reshape(-1, orders),
+        retired,
+        heads,
+    )
+
+
+@dataclass(frozen=True)
+class LedgersSpent:
+    """What many ledgers' cohorts spent: accumulated RDP (cohorts x orders) under each
+    guarantee, the number of retired cohorts, and each folder's head hash (ledgers with
+    entries; an auditor detects a truncated ledger against it)."""
+
+    distributed_rdp: np.ndarray
+    local_rdp: np.ndarray
+    retired: int
+    heads: dict[str, str]

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.ledger import GENESIS, PrivacyLedger
+from fedrec.client import ledger_pass
+from fedrec.client.ledger_pass import LedgerEpsilons, ledger_paths
 from fedrec.common.baselines import popularity_scorer
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import Ranks, evaluate, exposure_ratio, metrics_from_ranks
 from fedrec.common.io import atomic_write_json
 from fedrec.common.model import ModelScorer
-from fedrec.common.privacy.accounting import Guarantee, epsilons_of_rdp
 from fedrec.common.privacy.randomness import VOID_REASON
 from fedrec.common.reference import baseline_metrics
 from fedrec.common.run_config import format_dp
@@ -25,23 +26,22 @@ from fedrec.simulations.attacks import malicious_draw, run_targets
 LEDGER_HEADS_FILE = "ledger_heads.json"
 
 
-def client_epsilons(run: FederatedRun) -> tuple[np.ndarray, np.ndarray, int, dict[str, str]]:
-    """Per-cohort ε of every device ledger in the run under the distributed and the local
-    guarantee, the number of retired cohorts, and the ledgers' head hashes (so an auditor can
-    detect truncation later). Each ledger is opened (and verified) once, and the ε of all
-    cohorts are converted in one vectorised pass: most of the report's time."""
-    distributed: list[np.ndarray] = []
-    local: list[np.ndarray] = []
-    retired, heads = 0, {}
-    for path in sorted((run.out / "clients").glob("*/ledger.jsonl")):
-        with PrivacyLedger.open(path) as ledger:
-            distributed.extend(ledger.cohort_rdp(Guarantee.DISTRIBUTED).values())
-            local.extend(ledger.cohort_rdp(Guarantee.LOCAL).values())
-            retired += len(ledger.retired_cohorts())
-            if ledger.head_hash != GENESIS:
-                heads[path.parent.name] = ledger.head_hash
-    delta = run.config.delta
-    return epsilons_of_rdp(distributed, delta), epsilons_of_rdp(local, delta), retired, heads
+# A run with many device ledgers verifies them in a second process while this one evaluates
+# the model: the devices are done, so the second core is free, and the ledger pass was most of
+# the report's time. Below this many ledgers, starting a process costs more than it saves.
+LEDGERS_IN_OWN_PROCESS = 1000
+
+
+def client_epsilons(run: FederatedRun) -> Callable[[], LedgerEpsilons]:
+    """Start the pass over every device ledger of the run; the returned call gives each
+    cohort's ε under the distributed and the local guarantee, the number of retired cohorts
+    and the ledgers' head hashes (so an auditor can detect truncation later). Each ledger is
+    opened (and verified) once, and the ε of all cohorts converted in one vectorised pass."""
+    clients = run.out / "clients"
+    if len(ledger_paths(clients)) >= LEDGERS_IN_OWN_PROCESS:
+        return ledger_pass.start(clients, run.config.delta)
+    spent = ledger_pass.spent_epsilons(clients, run.config.delta)
+    return lambda: spent
 
 
 WHY_NOT_PER_INTERACTION = (
@@ -241,12 +241,16 @@ def finalize(run: FederatedRun) -> dict:
     """Evaluate, state the privacy guarantees, write summary.json and the plots."""
     config = run.config
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
-    eps_dist, eps_local, retired, heads = client_epsilons(run)
-    budgeted = eps_dist if config.distributed_holds else eps_local
+    ledgers = client_epsilons(run)
     test, ranks = run.rank_and_evaluate()
     baselines = baseline_metrics(
         run.stream.split, run.stream.dataset.num_users, run.stream.dataset.num_items
     )
+    preq_baselines = prequential_baselines(run)
+    robust = robustness(run, rows, ranks)
+    spent = ledgers()
+    eps_dist, eps_local, retired, heads = spent.distributed, spent.local, spent.retired, spent.heads
+    budgeted = eps_dist if config.distributed_holds else eps_local
     privacy = {
         "budget_epsilon": config.epsilon,
         "delta": config.delta,
@@ -298,10 +302,10 @@ def finalize(run: FederatedRun) -> dict:
             {"round": r["round"], "hr@10": r.get("preq_hr@10"), "ndcg@10": r.get("preq_ndcg@10")}
             for r in rows
         ],
-        "prequential_baselines_ndcg@10": prequential_baselines(run),
+        "prequential_baselines_ndcg@10": preq_baselines,
         # forgetting: NDCG@10 on window 2 (from window-1 histories), re-measured every round
         "early_window_ndcg@10": [r.get("early_window_ndcg@10") for r in rows],
-        "robustness": robustness(run, rows, ranks),
+        "robustness": robust,
         "config": config.to_flat(),
     }
     # head hashes of the ledgers that hold entries, in their own file (an auditor compares

@@ -383,3 +383,30 @@ def test_appends_are_durable_when_they_return_or_when_a_synced_block_exits(tmp_p
         assert synced == ["file", "dir", "file", "file"]
     with open_ledger(path) as led:
         assert [e["round"] for e in led.entries] == [1, 1, 2, 3]
+
+
+def test_the_ledger_pass_in_its_own_process_equals_the_one_in_this_process(tmp_path):
+    """The report verifies a large run's ledgers in a child process: the same ε, retired count
+    and heads as in this one, and a corrupt ledger still fails the report, named."""
+    from fedrec.client import ledger_pass
+
+    for name, cohorts in [("a", {"2024-01": 2}), ("b", {"2024-01": 1, "2024-02": 4})]:
+        with open_ledger(tmp_path / name / "ledger.jsonl") as led:
+            led.append_train(1, mech(k=4), cohorts)
+            led.append_survivors(1, 3)
+    filled(tmp_path / "c" / "ledger.jsonl")
+    (tmp_path / "empty").mkdir()
+    here = ledger_pass.spent_epsilons(tmp_path, DELTA)
+    there = ledger_pass.start(tmp_path, DELTA)()
+    assert len(here.distributed) == len(here.local) == 5 and here.retired == 1
+    assert set(here.heads) == {"a", "b", "c"}
+    assert there.heads == here.heads and there.retired == here.retired
+    assert there.distributed.tolist() == here.distributed.tolist()
+    assert there.local.tolist() == here.local.tolist()
+    with open_ledger(tmp_path / "a" / "ledger.jsonl") as led:
+        assert max(here.local[:1]) == pytest.approx(led.epsilons(LOCAL, DELTA)["2024-01"])
+
+    corrupt = tmp_path / "b" / "ledger.jsonl"
+    corrupt.write_bytes(corrupt.read_bytes().replace(b'"2024-02":4', b'"2024-02":1'))
+    with pytest.raises(LedgerCorruptError, match=str(corrupt)):
+        ledger_pass.start(tmp_path, DELTA)()
