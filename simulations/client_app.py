@@ -51,6 +51,24 @@ def train(msg: Message, context: Context) -> Message:
     return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
 
 
+@app.query()
+def warm_up(msg: Message, context: Context) -> Message:
+    """Load what every device round needs (torch, the data stream, the model template) while
+    the ServerApp prepares the run: the slot's first round then starts at once."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fedrec.client.runtime import template_for
+    from fedrec.common.data.stream import load_stream
+    from fedrec.common.run_config import SimulationConfig
+    from fedrec.simulations import devices  # noqa: F401 (imports the device round's modules)
+
+    config = SimulationConfig.from_flat(dict(context.run_config))
+    template_for(config)
+    load_stream(config.data, config.rounds, config.stream_protocol)
+    return Message(RecordDict({}), reply_to=msg)
+
+
 def pack_devices(
     users: list[int], replies: list, params: dict[str, np.ndarray], secure: bool
 ) -> RecordDict:

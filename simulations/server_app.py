@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,14 @@ def main(grid: Grid, context: Context) -> None:
 def simulate_rounds(
     grid: Grid, context: Context, config: SimulationConfig, guard: WriterGuard
 ) -> None:
-    run = FederatedRun(config)
-    slots = wait_for_nodes(grid, int(context.run_config.get("expected-nodes", 0)))
+    # The run is prepared (data, model, calibration: seconds) while the slots register and
+    # warm up (`warm_up`), instead of one after the other.
+    with ThreadPoolExecutor(1) as preparing:
+        prepared = preparing.submit(FederatedRun, config)
+        slots = wait_for_nodes(grid, int(context.run_config.get("expected-nodes", 0)))
+        warming = warm_up(grid, slots)
+        run = prepared.result()
+    wait_for_replies(grid, warming)
 
     def send_round(round_: int, users: list[int], params: dict[str, np.ndarray]):
         arrays = parameters_record(params)  # once per round
@@ -161,6 +168,24 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
             )
         )
     return out
+
+
+def warm_up(grid: Grid, slots: list[int]) -> list[str]:
+    """Ask every slot to load torch, the data and the model now (`client_app.warm_up`): a few
+    seconds per slot that then overlap the run's own preparation instead of delaying round 1."""
+    messages = [Message(RecordDict({}), dst_node_id=n, message_type="query") for n in slots]
+    return list(grid.push_messages(messages))
+
+
+def wait_for_replies(grid: Grid, message_ids: list[str], timeout: float = 120.0) -> None:
+    """Collect the replies to `message_ids` (errors included: a slot that failed to warm up
+    loads on its first round instead), at most `timeout` seconds."""
+    pending, deadline = set(message_ids), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(0.05)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 120.0) -> list[int]:
