@@ -123,6 +123,7 @@ def _run_flower(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     slots = slots_for(config)
+    summary_before = _file_identity(out / "summary.json")  # a resumed run's earlier one
     log = PlainLog(out / "flower.log")
     link = log.popen(
         ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
@@ -141,7 +142,11 @@ def _run_flower(
             return 2
         run_id = str(submitted["run-id"])
         logs = log.popen(["flwr", "log", run_id, "sim", "--stream"], env=env)
-        status = _follow(config, logs, timeout, progress)
+        status = _follow(config, logs, timeout, progress, summary_before)
+        if status == "summarized":
+            # The ServerApp wrote its report (its last act): Flower's shutdown of Ray and the
+            # run's final status would only add seconds, and nothing of theirs is kept.
+            return 0
         if status == "timeout":
             flwr_json(env, "stop", run_id, "sim")
         final = final_status(env, "sim", run_id, wait=60)
@@ -158,11 +163,24 @@ def _run_flower(
         log.close()
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _follow(
-    config: SimulationConfig, logs: subprocess.Popen, timeout: float, shown: ProgressMode
+    config: SimulationConfig,
+    logs: subprocess.Popen,
+    timeout: float,
+    shown: ProgressMode,
+    summary_before: tuple[int, int] | None,
 ) -> str:
-    """Show the rounds of the run's metrics.jsonl as they come until the log stream ends: a
-    progress bar, or one line per round (`round_line`)."""
+    """Show the rounds of the run's metrics.jsonl as they come until the ServerApp writes a
+    new summary.json ("summarized", atomically replaced: a new file) or the log stream ends
+    ("ended"): a progress bar, or one line per round (`round_line`)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     metrics = Path(config.out) / "metrics.jsonl"
@@ -188,6 +206,8 @@ def _follow(
                     if shown == "lines":
                         print(round_line(row, config.rounds), flush=True)
                 seen = max(seen, len(lines))
+            if _file_identity(Path(config.out) / "summary.json") != summary_before:
+                return "summarized"
             time.sleep(0.5)
     return "ended"
 

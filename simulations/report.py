@@ -311,9 +311,10 @@ def finalize(run: FederatedRun) -> dict:
     # head hashes of the ledgers that hold entries, in their own file (an auditor compares
     # them with the ledgers; most of a large run's summary was this list)
     atomic_write_json(run.out / LEDGER_HEADS_FILE, heads)
-    atomic_write_json(run.out / "summary.json", summary)
     plot_rounds(rows, run.out / "rounds.png")
     plot_epsilons(budgeted, config.epsilon, run.out / "epsilon.png")
+    # last: a new summary.json means the whole report is written (the launcher stops there)
+    atomic_write_json(run.out / "summary.json", summary)
     return summary
 
 
