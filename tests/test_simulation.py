@@ -119,6 +119,10 @@ def test_a_run_writes_consistent_outputs(small, tmp_path):
     out = config.out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3] and summary["rounds"] == 3
+    # summary.json is the report's last file: the launcher stops when it appears
+    last = (out / "summary.json").stat().st_mtime_ns
+    for name in ("ledger_heads.json", "rounds.png", "epsilon.png"):
+        assert (out / name).stat().st_mtime_ns <= last
     assert sorted(p.name for p in (out / "checkpoints").glob("round-*.npz")) == [
         "round-0001.npz",
         "round-0002.npz",
@@ -1015,3 +1019,33 @@ def test_device_sampling_is_secret_and_poisson(small, tmp_path):
     assert not np.array_equal(run.sample(1), run.sample(1))
     sizes = [len(run.sample(1)) for _ in range(300)]
     assert abs(np.mean(sizes) - q * n) < 5 * np.sqrt(q * (1 - q) * n / 300)
+
+
+def test_the_launcher_stops_following_once_a_new_summary_is_written(tmp_path):
+    """`fedrec simulate` returns when the ServerApp has replaced summary.json (its last
+    write), not after Flower's shutdown; a summary left by an earlier run does not count."""
+    import threading
+    import time
+
+    from fedrec.common.io import atomic_write_json
+    from fedrec.simulations import launcher
+
+    config = SimulationConfig.from_flat({"out": str(tmp_path)})
+    summary = tmp_path / "summary.json"
+    atomic_write_json(summary, {"run": "earlier"})
+    before = launcher._file_identity(summary)
+
+    logs = subprocess.Popen(["sleep", "1"])  # the log stream ends, no new summary
+    assert launcher._follow(config, logs, 30, "none", before) == "ended"
+
+    logs = subprocess.Popen(["sleep", "60"])  # still streaming when the report lands
+    writer = threading.Timer(1.0, atomic_write_json, (summary, {"run": "this one"}))
+    try:
+        writer.start()
+        started = time.monotonic()
+        assert launcher._follow(config, logs, 30, "none", before) == "summarized"
+        assert time.monotonic() - started < 10
+    finally:
+        writer.cancel()
+        logs.kill()
+        logs.wait()
