@@ -177,15 +177,36 @@ def ledger_commitment(key: bytes, device: str, round: int, head: str) -> str:
 def device_commitment(config: SimulationConfig, user: int, round: int) -> str:
     """What a simulated device reports with every reply: its commitment to its ledger's head
     after the round (the genesis hash while it has no entries)."""
-    stream = load_stream(config.data, config.rounds, config.protocol)
+    stream = load_stream(config.data, config.rounds, config.stream_protocol)
     name = str(stream.dataset.user_ids[user])
     head = _last_hash(client_dir(config, name) / "ledger.jsonl") or "0" * 64
     return ledger_commitment(_commit_key(Path(config.out) / "clients"), name, round, head)
 
 
+# Most replies come from devices whose ledger did not change since this process last read
+# it (idle ones): its head is known while the file is the same one, of the same size and time.
+_HEADS: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
+
+
 def _last_hash(path: Path) -> str | None:
     """The hash of a ledger's last entry, read from its last line (the ledger verified the
     chain when it appended it); None without entries."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    known = _HEADS.get(path)
+    if known is not None and known[0] == identity:
+        return known[1]
+    head = _read_last_hash(path)
+    if len(_HEADS) > 50_000:
+        _HEADS.clear()
+    _HEADS[path] = (identity, head)
+    return head
+
+
+def _read_last_hash(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             size = f.seek(0, 2)

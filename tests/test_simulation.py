@@ -1049,3 +1049,24 @@ def test_the_launcher_stops_following_once_a_new_summary_is_written(tmp_path):
         writer.cancel()
         logs.kill()
         logs.wait()
+
+
+def test_a_device_commitment_follows_its_ledger_after_every_append(tmp_path):
+    """The head behind a simulated device's commitment is cached while its ledger file stays
+    the same: any append (or a ledger made anew) gives the commitment of the new head."""
+    from fedrec.common.privacy.accounting import Mechanism
+    from fedrec.simulations.devices import _last_hash
+
+    path = tmp_path / "u1" / "ledger.jsonl"
+    assert _last_hash(path) is None
+    mechanism = Mechanism(noise_multiplier=1.0, sample_rate=0.5, steps=1, clip_norm=1.0, delta=1e-5)
+    for round_ in (1, 2, 3):
+        with PrivacyLedger.open(path) as ledger:
+            ledger.append_train(round_, mechanism, {f"w{round_:04d}": 1})
+            head = ledger.head_hash
+        assert _last_hash(path) == head
+        assert _last_hash(path) == head  # cached: the same answer
+    path.unlink()
+    with PrivacyLedger.open(path) as ledger:
+        ledger.append_train(1, mechanism, {"w0001": 2})
+        assert _last_hash(path) == ledger.head_hash
