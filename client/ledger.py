@@ -400,9 +400,10 @@ class PrivacyLedger:
         return accounting.plan(self._entries, mechanism, cohorts, budget, guarantee, delta)
 
 
-def ledgers_spent(paths: Iterable[str | Path]) -> LedgersSpent:
-    """Open (and verify) each ledger once and collect what its cohorts spent, as the report
-    over a whole run needs it; a corrupt ledger raises LedgerCorruptError naming it."""
+def ledgers_epsilons(paths: Iterable[str | Path], delta: float) -> LedgerEpsilons:
+    """Open (and verify) each ledger once and give each cohort's ε at `delta` under both
+    guarantees, as the report over a whole run needs them (all cohorts converted in one
+    vectorised pass); a corrupt ledger raises LedgerCorruptError naming it."""
     distributed: list[np.ndarray] = []
     local: list[np.ndarray] = []
     retired, heads = 0, {}
@@ -413,22 +414,21 @@ def ledgers_spent(paths: Iterable[str | Path]) -> LedgersSpent:
             retired += len(ledger.retired_cohorts())
             if ledger.head_hash != GENESIS:
                 heads[Path(path).parent.name] = ledger.head_hash
-    orders = len(accounting.ORDERS)
-    return LedgersSpent(
-        np.array(distributed).reshape(-1, orders),
-        np.array(local).reshape(-1, orders),
+    return LedgerEpsilons(
+        accounting.epsilons_of_rdp(distributed, delta),
+        accounting.epsilons_of_rdp(local, delta),
         retired,
         heads,
     )
 
 
 @dataclass(frozen=True)
-class LedgersSpent:
-    """What many ledgers' cohorts spent: accumulated RDP (cohorts x orders) under each
+class LedgerEpsilons:
+    """Over many ledgers: each cohort's ε at one δ under the distributed and the local
     guarantee, the number of retired cohorts, and each folder's head hash (ledgers with
     entries; an auditor detects a truncated ledger against it)."""
 
-    distributed_rdp: np.ndarray
-    local_rdp: np.ndarray
+    distributed: np.ndarray
+    local: np.ndarray
     retired: int
     heads: dict[str, str]

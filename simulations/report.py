@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.client import ledger_pass
-from fedrec.client.ledger_pass import LedgerEpsilons, ledger_paths
+from fedrec.client.ledger import LedgerEpsilons, ledgers_epsilons
 from fedrec.common.baselines import popularity_scorer
 from fedrec.common.data.history import UserHistories
 from fedrec.common.evaluation import Ranks, evaluate, exposure_ratio, metrics_from_ranks
@@ -38,9 +38,10 @@ def client_epsilons(run: FederatedRun) -> Callable[[], LedgerEpsilons]:
     and the ledgers' head hashes (so an auditor can detect truncation later). Each ledger is
     opened (and verified) once, and the ε of all cohorts converted in one vectorised pass."""
     clients = run.out / "clients"
-    if len(ledger_paths(clients)) >= LEDGERS_IN_OWN_PROCESS:
+    paths = ledger_pass.ledger_paths(clients)
+    if len(paths) >= LEDGERS_IN_OWN_PROCESS:
         return ledger_pass.start(clients, run.config.delta)
-    spent = ledger_pass.spent_epsilons(clients, run.config.delta)
+    spent = ledgers_epsilons(paths, run.config.delta)
     return lambda: spent
 
 

@@ -396,7 +396,7 @@ def test_the_ledger_pass_in_its_own_process_equals_the_one_in_this_process(tmp_p
             led.append_survivors(1, 3)
     filled(tmp_path / "c" / "ledger.jsonl")
     (tmp_path / "empty").mkdir()
-    here = ledger_pass.spent_epsilons(tmp_path, DELTA)
+    here = ledger_module.ledgers_epsilons(ledger_pass.ledger_paths(tmp_path), DELTA)
     there = ledger_pass.start(tmp_path, DELTA)()
     assert len(here.distributed) == len(here.local) == 5 and here.retired == 1
     assert set(here.heads) == {"a", "b", "c"}

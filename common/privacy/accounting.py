@@ -56,6 +56,7 @@ class Guarantee(StrEnum):
 
 
 _RDP_MODULE = "opacus.accountants.analysis.rdp"
+_STANDALONE_RDP = "fedrec._opacus_rdp_analysis"  # the same file, loaded without the package
 
 
 def _opacus_rdp():
@@ -76,9 +77,6 @@ def _opacus_rdp():
         spec.loader.exec_module(module)
         sys.modules[_STANDALONE_RDP] = module
     return module
-
-
-_STANDALONE_RDP = "fedrec._opacus_rdp_analysis"
 
 
 def _check(ok: bool, message: str) -> None:
