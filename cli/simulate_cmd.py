@@ -75,7 +75,7 @@ def simulate(
         str | None,
         typer.Option(
             help="clear (simulated sum, default) | secagg (SecAgg+ over discrete Gaussian "
-            "encodings; needs --in-process and distributed in --dp)"
+            "encodings, each execution slot one party; needs distributed in --dp)"
         ),
     ] = None,
     bias_change_cap: Annotated[
@@ -136,10 +136,6 @@ def simulate(
         "row_clip_norm": row_clip_norm,
     }  # fmt: skip
     config = simulation_config(config_file, settings, scenario)
-    if config.secagg and not in_process:
-        from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
-
-        raise typer.BadParameter(SECAGG_IN_PROCESS_ONLY)
     if config.reproducible_noise:
         from fedrec.common.privacy.randomness import VOID_REASON
 

@@ -97,8 +97,9 @@ class SimulationConfig:
     # How the devices of a round reach the server under `distributed`: "clear" simulates
     # secure aggregation (the devices' float updates, with their Gaussian noise, summed where
     # they run; fedrec.server.secure_aggregation.secure_sum); "secagg" runs SecAgg+ over their
-    # distributed-discrete-Gaussian encodings (fedrec.common.secagg; the in-process transport
-    # only, one local step at reference batch 1: see `check_secagg`)
+    # distributed-discrete-Gaussian encodings (fedrec.common.secagg; in the Flower simulation
+    # its execution slots are the parties, fedrec.simulations.secagg_slots; one local step at
+    # reference batch 1: see `check_secagg`)
     secure_aggregation_protocol: str = "clear"
     clip_norm: float = 1.0  # per-example clipping norm of DP-SGD
     # user-level privacy (server noise on clipped device updates)

@@ -77,15 +77,30 @@ def secagg_deployed_round(
     nodes: Sequence[int],
     params: dict[str, np.ndarray],
     round: int,
+    *,
+    masked_fields: Mapping[int, dict[str, Any]] | None = None,
+    members: Callable[[StageReply], int] | None = None,
 ) -> list[tuple[DeviceReply, str | None]]:
     """The round's replies as the server may see them: per device only whether it failed or
     declined (and its ledger head), and the pooled reply of the survivors' decoded sums
-    (none when the round was aborted)."""
+    (none when the round was aborted).
+
+    A party may be several devices (an execution slot of the simulation, which sums its
+    devices' encodings: `fedrec.simulations.secagg_slots`): `masked_fields` adds fields to a
+    node's masked-stage request (the users it plays), and `members(reply)` reads how many
+    devices a party's masked input holds. K_min then counts the survivors' members: the
+    server aborts below it, and the unmask request lists each survivor's members, so that a
+    party can check the total it is asked to reveal for."""
     index = {node: k + 1 for k, node in enumerate(sorted(nodes))}
     node_of = {k: node for node, k in index.items()}
     seed = round_public_seed(config.seed, round)
+    # the devices' own K_min check (SecAggDevice.unmask) counts parties; a party of several
+    # devices checks their total instead (`party_check`), so the parties' count only needs 1
     configs = secagg_configs(
-        ddg, devices=len(nodes), min_survivors=config.min_survivors, public_seed=seed
+        ddg,
+        devices=len(nodes),
+        min_survivors=config.min_survivors if members is None else 1,
+        public_seed=seed,
     )
     server = SecAggRound(ddg, configs, params)
     errors: dict[int, str] = {}
@@ -107,8 +122,8 @@ def secagg_deployed_round(
                 errors[node] = f"{stage}: {reply.error}"
             elif not reply.status.get("declined"):
                 try:
-                    answered[index[node]] = decode(reply)
-                except (wire.MalformedStage, KeyError) as err:
+                    answered[index[node]] = decode(reply, index[node])
+                except (wire.MalformedStage, KeyError, ValueError, TypeError) as err:
                     errors[node] = f"{stage}: malformed reply: {err}"
         return answered
 
@@ -118,21 +133,36 @@ def secagg_deployed_round(
         adverts = ask(
             "keys",
             {k: (common | {"index": k}, None) for k in node_of},
-            lambda r: wire.unpack_keys(r.fields),
+            lambda r, k: wire.unpack_keys(r.fields),
         )
         roster = wire.pack_roster(server.collect_keys(adverts))
         outgoing = ask(
             "shares",
             {k: (roster, None) for k in adverts},
-            lambda r: wire.unpack_pair("shares", r.fields),
+            lambda r, k: wire.unpack_pair("shares", r.fields),
         )
         routed = server.route_shares(outgoing)
+        extra = masked_fields or {}
+        weights: dict[int, int] = {}
+
+        def masked_input(reply: StageReply, k: int) -> tuple[np.ndarray, np.ndarray]:
+            inputs = masked_inputs(reply, configs)
+            if members is not None:
+                weights[k] = members(reply)
+            return inputs
+
         masked = ask(
             "masked",
-            {k: (wire.pack_pair("routed", routed[k]), params) for k in routed},
-            lambda r: masked_inputs(r, configs),
+            {
+                k: (wire.pack_pair("routed", routed[k]) | extra.get(node_of[k], {}), params)
+                for k in routed
+            },
+            masked_input,
         )
         survivors, dropouts = server.collect_masked(masked)
+        total = len(survivors) if members is None else sum(weights[k] for k in survivors)
+        if total < config.min_survivors:
+            raise SecAggAbort(f"{total} devices in the masked inputs, fewer than K_min")
         log.info(
             "round %d: %d masked inputs, %d dropped after sharing keys: unmasking",
             round,
@@ -140,12 +170,14 @@ def secagg_deployed_round(
             len(dropouts),
         )
         request = {"survivors": survivors, **({"dropouts": dropouts} if dropouts else {})}
+        if members is not None:
+            request["members"] = [weights[k] for k in survivors]
         responses = ask(
             "unmask",
             {k: (request, None) for k in survivors},
-            lambda r: wire.unpack_unmask(r.fields),
+            lambda r, k: wire.unpack_unmask(r.fields),
         )
-        pooled.append((server.unmask(responses), None))
+        pooled.append((server.unmask(responses, members=total), None))
     except (SecAggAbort, SecAggRefusal) as err:
         log.warning("round %d: secure aggregation aborted, nothing unmasked: %s", round, err)
     out = []

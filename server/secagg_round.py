@@ -62,12 +62,15 @@ class SecAggRound:
         self.survivors = survivors
         return survivors, dropouts
 
-    def unmask(self, responses: Mapping[DeviceId, tuple[dict, dict]]) -> DeviceReply:
+    def unmask(
+        self, responses: Mapping[DeviceId, tuple[dict, dict]], *, members: int | None = None
+    ) -> DeviceReply:
         """The survivors' modular totals, decoded: the round's sum of update changes from the
-        received parameters (float32) and its counters, as one pooled reply."""
+        received parameters (float32) and its counters, as one pooled reply. `members`: the
+        devices in the sum when a survivor may be several (default: one per survivor)."""
         update_total = self.updates.unmask({i: r[0] for i, r in responses.items()})
         counter_total = self.counters.unmask({i: r[1] for i, r in responses.items()})
-        n = len(self.survivors)
+        n = len(self.survivors) if members is None else members
         changes, at_risk = decode_sum(
             update_total, self.shapes, self.ddg, self.public_seed, survivors=n
         )

@@ -27,13 +27,14 @@ def train(msg: Message, context: Context) -> Message:
     apply_inherited_level()  # the `fedrec` command's --log-level
     torch.set_num_threads(1)  # one Ray actor per CPU: more threads only contend
     from fedrec.common.run_config import SimulationConfig
+    from fedrec.common.secagg.wire import STAGE_KEY
     from fedrec.simulations.devices import simulated_replies
-    from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
 
     config = SimulationConfig.from_flat(dict(context.run_config))
-    if config.secagg:  # its devices add no continuous noise: a clear sum would expose them
-        raise ValueError(SECAGG_IN_PROCESS_ONLY)
     instructions = msg.content["config"]
+    if STAGE_KEY in instructions or config.secagg:
+        # its devices add no continuous noise: only SecAgg+ may carry their sum
+        return secagg_stage(msg, context, config)
     users, round_ = [int(u) for u in instructions["users"]], int(instructions["round"])
     params = parameters_from(msg.content["arrays"])
     # Several devices per message: Flower's per-message cost is paid once for all of them.
@@ -49,6 +50,53 @@ def train(msg: Message, context: Context) -> Message:
     # failed. (At every device per round this is also most of a round's bytes saved.)
     replies = simulated_replies(config, users, round_, params)
     return Message(pack_devices(users, replies, params, config.secure_aggregation), reply_to=msg)
+
+
+SLOT_STATE = "fedrec-secagg-slot"  # context.state: the slot's SecAgg+ session of the round
+
+
+def secagg_stage(msg: Message, context: Context, config) -> Message:
+    """One SecAgg+ stage with this slot as a party (`fedrec.simulations.secagg_slots`). The
+    session stays in the slot's `context.state` between the round's messages. A failure is
+    the reply's "error": the server counts the slot as dropped at that stage."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedrec.client.runtime import model_update_dim, template_for
+    from fedrec.common.secagg.wire import MASKED_KEY, SECAGG_KEY, STAGE_KEY
+    from fedrec.simulations.secagg_slots import slot_stage
+
+    request = dict(msg.content["config"])
+    content, error = RecordDict(), ""
+    try:
+        if not config.secagg or STAGE_KEY not in request:
+            raise ValueError(
+                'a secure-aggregation stage needs secure-aggregation-protocol = "secagg", and '
+                "that protocol runs its rounds in stages"
+            )
+        received = parameters_from(msg.content["arrays"]) if "arrays" in msg.content else None
+        kept = dict(context.state[SLOT_STATE]) if SLOT_STATE in context.state else None
+        model, _ = template_for(config)
+        result = slot_stage(
+            config, request, received, kept, config.ddg_params(model_update_dim(model))
+        )
+        if result.replies:
+            users = [r.user for r in result.replies]
+            content = pack_devices(users, result.replies, received or {}, secure=True)
+        if result.fields:
+            content[SECAGG_KEY] = ConfigRecord(result.fields)
+        if result.arrays:
+            content[MASKED_KEY] = ArrayRecord({k: Array(v) for k, v in result.arrays.items()})
+        if result.kept is None:
+            del context.state[SLOT_STATE]  # answered the unmask stage: nothing more to reveal
+        else:
+            context.state[SLOT_STATE] = ConfigRecord(result.kept)
+    except Exception as err:  # the reply carries it; a failed stage ends the slot's round
+        error = f"{type(err).__name__}: {err}"
+        if SLOT_STATE in context.state:
+            del context.state[SLOT_STATE]
+    status = dict(content["status"]) if "status" in content else {}
+    content["status"] = ConfigRecord(status | {"error": error})
+    return Message(content, reply_to=msg)
 
 
 @app.query()

@@ -243,6 +243,29 @@ def device_reply(
     )
 
 
+def played_replies(
+    config: SimulationConfig,
+    users: list[int],
+    round: int,
+    params: dict[str, np.ndarray],
+    *,
+    draw_idle_noise: bool = True,
+) -> list[DeviceReply]:
+    """Each device of `users` plays round `round`: its own reply, or the attack's for a
+    malicious device (`fedrec.simulations.attacks`), before any secure sum."""
+    attackers = malicious_devices(config)
+
+    def reply(user: int) -> DeviceReply:
+        if user not in attackers:
+            return device_reply(config, user, round, params, draw_idle_noise=draw_idle_noise)
+        honest = None
+        if config.attack in ("scale", "sign-flip"):  # the update it distorts
+            honest = device_reply(config, user, round, params)
+        return malicious_reply(config, user, round, params, honest)
+
+    return [reply(user) for user in users]
+
+
 def simulated_replies(
     config: SimulationConfig, users: list[int], round: int, params: dict[str, np.ndarray]
 ) -> list[DeviceReply]:
@@ -255,19 +278,9 @@ def simulated_replies(
     server sees only the sum, so the idle devices' shares are drawn as one Gaussian vector
     (`secure_sum`'s `idle_noise`): the same distribution at a fraction of the cost. The
     draw is from the privacy randomness like each device's own (`privacy_source`)."""
-    attackers = malicious_devices(config)
-
-    def reply(user: int, draw_idle_noise: bool = True) -> DeviceReply:
-        if user not in attackers:
-            return device_reply(config, user, round, params, draw_idle_noise=draw_idle_noise)
-        honest = None
-        if config.attack in ("scale", "sign-flip"):  # the update it distorts
-            honest = device_reply(config, user, round, params)
-        return malicious_reply(config, user, round, params, honest)
-
     if not config.secure_aggregation:
-        return [reply(user) for user in users]
-    replies = [reply(u, draw_idle_noise=False) for u in users]
+        return played_replies(config, users, round, params)
+    replies = played_replies(config, users, round, params, draw_idle_noise=False)
     if config.secagg:  # SecAgg+ over the round's DDG encodings, in this process
         return secagg_round(config, replies, round, params)
     share_std = local_config(config, None).update_noise_std()

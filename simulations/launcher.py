@@ -93,10 +93,7 @@ def simulate(
     how rounds are shown (default: `fedrec.common.console.progress()`). `lock` is the run
     folder's, when the caller holds it (else taken here; RunLocked if held)."""
     from fedrec.common import console
-    from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
 
-    if config.secagg:
-        raise ValueError(SECAGG_IN_PROCESS_ONLY)
     out = Path(config.out).resolve()
     config = SimulationConfig(**{**config.__dict__, "out": out})
     with watched_run(out, "fedrec simulate", lock) as held:

@@ -11,10 +11,10 @@ or whose update cannot be encoded, drops out after the key stages (its pairwise 
 removed through its neighbours' shares: the protocol's dropout path). Fewer than K_min survivors
 at any stage: nothing is unmasked and the server's run discards the round.
 
-The Flower transport of the simulation runs a message's devices in separate slots, so one
-SecAgg+ instance over the whole round needs message rounds for the stages; not done there: it
-refuses "secagg" (`fedrec.simulations.launcher`). A deployment runs the stages over real
-devices (`fedrec.server.secagg_deployment`, `fedrec.client.secagg_device`).
+The Flower transport of the simulation runs the same stages with its execution slots as the
+parties, each the sum of the devices it plays (`fedrec.simulations.secagg_slots`). A
+deployment runs them over real devices (`fedrec.server.secagg_deployment`,
+`fedrec.client.secagg_device`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,6 @@ from fedrec.server.secagg_round import COUNTERS, SecAggRound, secagg_configs
 from fedrec.server.secure_aggregation import reply_counters
 
 log = logging.getLogger(__name__)
-
-SECAGG_IN_PROCESS_ONLY = (
-    'secure-aggregation-protocol = "secagg" runs only in the in-process transport '
-    "(fedrec simulate --in-process): the Flower transport spreads a round's devices over "
-    "messages, and one SecAgg+ instance over the whole round is not wired into it"
-)
 
 
 def public_seed(config: SimulationConfig, round: int) -> int:

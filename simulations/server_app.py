@@ -11,6 +11,7 @@ A deployment runs its own ServerApp (`fedrec.server.app`), one device per SuperN
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,6 @@ from fedrec.common.run_config import SimulationConfig
 from fedrec.common.run_lock import WriterGuard
 from fedrec.server.federated_run import FederatedRun, run_rounds
 from fedrec.simulations.report import finalize
-from fedrec.simulations.secagg_devices import SECAGG_IN_PROCESS_ONLY
 
 app = ServerApp()
 
@@ -47,8 +47,6 @@ def main(grid: Grid, context: Context) -> None:
             "runs fedrec.server.app:app, as `fedrec server start` submits it"
         )
     config = SimulationConfig.from_flat(flat)
-    if config.secagg:
-        raise ValueError(SECAGG_IN_PROCESS_ONLY)
     # An orphan of a killed launcher must not write a folder another run now owns.
     with WriterGuard(Path(config.out), str(context.run_config.get("run-token", ""))) as guard:
         simulate_rounds(grid, context, config, guard)
@@ -102,11 +100,19 @@ def simulate_rounds(
                 replies.append(DeviceReply(user, None, 0, {}, error=reason))
         return replies
 
+    def send_secagg_round(round_: int, users: list[int], params: dict[str, np.ndarray]):
+        return secagg_slot_round(grid, config, slots, round_, users, params)
+
     def on_round(row: dict) -> None:
         print(f"[fedrec] round {row['round']}: {row}", flush=True)
 
     # the run folder may have passed to another launch meanwhile: checked before every round
-    run_rounds(run, send_round, before_round=lambda _: guard.check(), on_round=on_round)
+    run_rounds(
+        run,
+        send_secagg_round if config.secagg else send_round,
+        before_round=lambda _: guard.check(),
+        on_round=on_round,
+    )
     finalize(run)
 
 
@@ -168,6 +174,96 @@ def unpack_devices(users: list[int], reply: Message) -> list[DeviceReply]:
             )
         )
     return out
+
+
+def secagg_slot_round(
+    grid: Grid,
+    config: SimulationConfig,
+    slots: list[int],
+    round_: int,
+    users: list[int],
+    params: dict[str, np.ndarray],
+) -> list[DeviceReply]:
+    """A round under SecAgg+ with the slots as parties (`fedrec.simulations.secagg_slots`): the
+    stages of `secagg_deployed_round`, each one message per slot; every slot plays an equal
+    share of `users` in the masked stage. Per device the reply says only whether it failed
+    (and its ledger commitment); the pooled reply is the unmasked total (none if aborted)."""
+    from fedrec.server.secagg_deployment import secagg_deployed_round
+    from fedrec.simulations.secagg_slots import MEMBERS
+
+    parties = slots[: max(1, min(len(slots), len(users)))]
+    chunks = {node: users[k :: len(parties)] for k, node in enumerate(parties)}
+    masked: dict[int, Message] = {}
+
+    def exchange(stage: str, requests: dict) -> dict:
+        replies = exchange_with_slots(grid, requests)
+        if stage == "masked":
+            masked.update(replies)
+        return {node: stage_reply(replies.get(node)) for node in requests}
+
+    ddg = config.ddg_params(sum(int(v.size) for v in params.values()))
+    results = secagg_deployed_round(
+        exchange,
+        config,
+        ddg,
+        parties,
+        params,
+        round_,
+        masked_fields={node: {"users": chunk} for node, chunk in chunks.items()},
+        members=lambda reply: int(reply.fields[MEMBERS]),
+    )
+    out = [reply for reply, _ in results if reply.pooled]
+    failed = {reply.user: reply.error for reply, _ in results if not reply.pooled}
+    for node, chunk in chunks.items():
+        reply, reason = masked.get(node), failed.get(node)
+        if reply is not None and "users" in reply.content.get("status", {}):
+            named = unpack_devices(chunk, reply)  # it played its devices
+        else:
+            named, reason = [DeviceReply(u, None, 0, {}) for u in chunk], reason or "no reply"
+        if reason:  # its devices' shares are not in the sum
+            why = f"its execution slot dropped out of secure aggregation: {reason}"
+            named = [dataclasses.replace(r, error=r.error or why) for r in named]
+        out.extend(named)
+    return out
+
+
+def exchange_with_slots(grid: Grid, requests: dict, timeout: float = 3600.0) -> dict[int, Message]:
+    """One message per node ({node: (fields, parameters or None)}), and the replies that came
+    back, by node (a message's id ties its reply to its node)."""
+    messages = []
+    for node, (fields, params) in requests.items():
+        content = RecordDict({"config": ConfigRecord(fields)})
+        if params is not None:
+            content["arrays"] = parameters_record(params)
+        messages.append(Message(content, dst_node_id=node, message_type="train"))
+    ids = list(grid.push_messages(messages))
+    node_of = dict(zip(ids, requests, strict=True))
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(ids) and time.monotonic() < deadline:
+        for reply in grid.pull_messages([i for i in ids if node_of[i] not in replies]):
+            replies[node_of[reply.metadata.reply_to_message_id]] = reply
+        if len(replies) < len(ids):
+            time.sleep(0.02)
+    return replies
+
+
+def stage_reply(reply: Message | None):
+    """A slot's reply to a stage as plain values (`StageReply`)."""
+    from fedrec.common.secagg.wire import MASKED_KEY, SECAGG_KEY
+    from fedrec.server.secagg_deployment import StageReply
+
+    if reply is None:
+        return StageReply(status={"error": "no reply"})
+    if reply.has_error():
+        return StageReply(status={"error": str(reply.error.reason)})
+    content = reply.content
+    error = str(dict(content["status"]).get("error", "")) if "status" in content else "no status"
+    fields = dict(content[SECAGG_KEY]) if SECAGG_KEY in content else {}
+    arrays = {}
+    if MASKED_KEY in content:
+        arrays = {k: np.asarray(v.numpy()) for k, v in content[MASKED_KEY].items()}
+    return StageReply(fields, arrays, {"error": error} if error else {})
 
 
 def warm_up(grid: Grid, slots: list[int]) -> list[str]:

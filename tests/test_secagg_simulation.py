@@ -65,18 +65,27 @@ def test_the_setting_defaults_to_clear_and_secagg_needs_distributed_and_one_step
         SimulationConfig.from_flat({"secure-aggregation-protocol": "secagg", "local-steps": 2})
 
 
-def test_the_flower_transport_refuses_secagg_naming_in_process(tmp_path):
+def test_the_flower_transport_runs_secagg_with_its_slots_as_parties_and_passes_the_audit(
+    tmp_path,
+):
+    """`fedrec simulate` without --in-process: real Flower simulation, its execution slots
+    the SecAgg+ parties (`fedrec.simulations.secagg_slots`); every round unmasks the sum of
+    all 20 devices and the run's records pass the audit."""
     from fedrec.simulations.launcher import simulate
 
-    with pytest.raises(ValueError, match="--in-process"):
-        simulate(tiny(tmp_path / "run"))
-    result = CliRunner().invoke(
-        app,
-        ["simulate", "--dataset", "synthetic", "--secure-aggregation-protocol", "secagg",
-         "--out", str(tmp_path / "cli")],
-    )  # fmt: skip
-    assert result.exit_code == 2 and "--in-process" in result.output
-    assert not (tmp_path / "cli").exists()
+    config = tiny(tmp_path / "run")
+    assert simulate(config) == 0
+    out = Path(config.out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["discarded"] for r in rows] == [False, False]
+    assert all(r["aggregated"] == 20 and r["failed"] == 0 for r in rows), rows
+    summary = json.loads((out / "summary.json").read_text())
+    held = {g["name"]: g for g in summary["privacy"]["guarantees"]}
+    secure = held["per-interaction DP against the server, with secure aggregation"]
+    assert "distributed discrete Gaussian under SecAgg+" in secure["mechanism"]
+    assert "execution slot" in secure["threat_model"]
+    result = audit(out)
+    assert result.findings == [], [f.line() for f in result.findings]
 
 
 def test_one_round_of_the_discrete_mechanism_costs_the_continuous_rounds_epsilon():

@@ -170,6 +170,25 @@ def clip(x: np.ndarray, clip_norm: float) -> np.ndarray:
     return x * (clip_norm / norm) if norm > clip_norm else x
 
 
+def rounded_update(
+    delta: Mapping[str, np.ndarray],
+    params: DDGParams,
+    public_seed: int,
+    randomness: PrivacyRandomness,
+) -> np.ndarray:
+    """(D',) int64: one device's clipped, scaled, rotated and rounded update (module docstring,
+    steps a-c), before its noise. ValueError for a change of the wrong size or not finite."""
+    x = flatten(delta)
+    if x.shape[0] != params.dim:
+        raise ValueError(f"update has {x.shape[0]} coordinates, params.dim is {params.dim}")
+    if not np.isfinite(x).all():
+        raise ValueError("update has non-finite values")
+    if not x.any():  # an idle device's zero change: rotating and rounding 0 give 0 exactly
+        return np.zeros(params.padded_dim, np.int64)
+    z = rotate(clip(x, params.clip_norm) / params.gamma, public_seed)
+    return conditional_round(z, params.rounded_norm_bound, randomness)
+
+
 def encode_update(
     delta: Mapping[str, np.ndarray],
     params: DDGParams,
@@ -178,17 +197,31 @@ def encode_update(
 ) -> np.ndarray:
     """(D',) uint64 residues mod 2^b: one device's clipped, scaled, rotated, rounded and
     noised update (module docstring, steps a-e)."""
-    x = flatten(delta)
-    if x.shape[0] != params.dim:
-        raise ValueError(f"update has {x.shape[0]} coordinates, params.dim is {params.dim}")
-    if not np.isfinite(x).all():
-        raise ValueError("update has non-finite values")
-    if x.any():
-        z = rotate(clip(x, params.clip_norm) / params.gamma, public_seed)
-        rounded = conditional_round(z, params.rounded_norm_bound, randomness)
-    else:  # an idle device's zero change: rotating and rounding 0 give 0 exactly
-        rounded = np.zeros(params.padded_dim, np.int64)
-    noised = rounded + sample_discrete_gaussian(params.sigma, rounded.shape[0], randomness)
+    rounded = rounded_update(delta, params, public_seed, randomness)
+    return noised_residues(rounded, params, shares=1, randomness=randomness)
+
+
+def noised_residues(
+    rounded: np.ndarray, params: DDGParams, *, shares: int, randomness: PrivacyRandomness
+) -> np.ndarray:
+    """(rounded + the noise shares of `shares` devices) mod 2^b, uint64 (steps d-e).
+
+    Several devices' shares are drawn as ONE N_Z(0, shares·σ²) (a party that sums the
+    encodings of several simulated devices, `fedrec.common.secagg.round_inputs.encode_members`).
+    Why the accountant's bound for n separate shares still holds: Kairouz et al. build it by
+    adding one share at a time to a running sum with their two-term bound, N_Z(0, aσ²) plus
+    N_Z(0, bσ²) being within 10·exp(-2π²σ²·ab/(a+b)) of N_Z(0, (a+b)σ²); the j-th of the n - 1
+    joins (a = j, b = 1) gives τ's term j/(j+1) (`fedrec.common.secagg.ddg_accounting.tau`).
+    Joining P ≤ n parties' draws takes P - 1 joins, the j-th with a ≥ j and b ≥ 1, so
+    ab/(a+b) ≥ j/(j+1): every term is at most the i.i.d. chain's, and there are fewer of them.
+    The summed noise is at least as close to N_Z(0, nσ²) as n separate shares.
+    """
+    if shares < 0:
+        raise ValueError("shares must be >= 0")
+    noised = np.asarray(rounded, np.int64)
+    if shares:
+        sigma = params.sigma * math.sqrt(shares)
+        noised = noised + sample_discrete_gaussian(sigma, noised.shape[0], randomness)
     return np.mod(noised, params.modulus).astype(np.uint64)
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fedrec.common.privacy.randomness import PrivacyRandomness
 from fedrec.common.secagg import counters
-from fedrec.common.secagg.encoding import DDGParams, encode_update
+from fedrec.common.secagg.encoding import DDGParams, encode_update, modular_sum, noised_residues
 from fedrec.common.secagg.protocol import SecAggConfig
 
 # What a device's reply may add to a secure sum besides its update (`reply_counters`):
@@ -108,3 +108,23 @@ def encode_inputs(
     its counters. ValueError when the change cannot be encoded."""
     encoded = encode_update(change, ddg, public_seed, randomness)
     return encoded, counters.encode_counters(reply_counters(metrics), COUNTERS)
+
+
+def encode_members(
+    rounded: Sequence[np.ndarray],
+    metrics: Sequence[Mapping[str, float]],
+    ddg: DDGParams,
+    randomness: PrivacyRandomness,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One SecAgg+ party's two inputs for several devices (an execution slot of the
+    simulation): Σ of the trained members' `rounded` updates (`encoding.rounded_update`, each
+    rounded on its own) plus every member's noise share, drawn as one (`noised_residues`: a
+    member per entry of `metrics`, idle ones included), and Σ of the members' counters. The
+    same modular sums the members' own `encode_inputs` would add up to, in distribution."""
+    total = np.zeros(ddg.padded_dim, np.int64)
+    for vector in rounded:
+        total += vector
+    update = noised_residues(total, ddg, shares=len(metrics), randomness=randomness)
+    tallies = [counters.encode_counters(reply_counters(m), COUNTERS) for m in metrics]
+    tally = modular_sum(tallies, counters.BITS) if tallies else np.zeros(len(COUNTERS), np.uint64)
+    return update, tally
